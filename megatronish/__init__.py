@@ -1,0 +1,3 @@
+"""megatronish: Megatron-style tensor-parallel GPT training on PyTorch."""
+
+__version__ = "0.1.0"
