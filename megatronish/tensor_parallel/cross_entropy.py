@@ -1,0 +1,79 @@
+"""Cross entropy over logits whose vocabulary dimension is split across TP ranks.
+
+Each rank reduces its own columns to four numbers per token (max, sum of exponentials
+relative to that max, the target's logit if it owns it, the sum of logits), and two
+all-reduces combine them:
+    M   = max_r m_r
+    S   = sum_r s_r exp(m_r - M)          log-sum-exp = M + log S
+    loss = (1 - eps) (lse - x_target) + eps (lse - sum_j x_j / V)
+The last term is label smoothing: the mean of -log p_j over the true vocabulary of size V.
+Summing it across ranks before dividing by the global V gives the same loss at every TP size
+(Megatron's own version averages per rank, which changes with TP).
+
+Columns past the true vocabulary (padding added so the vocabulary divides by TP) are
+excluded from the softmax, so TP=1 and TP=k compute identical losses.
+"""
+
+import torch
+import torch.distributed as dist
+
+from megatronish import ops, parallel_state
+from megatronish.tensor_parallel.utils import VocabUtility
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, vocab_parallel_logits, target, label_smoothing, vocab_size):
+        group = parallel_state.get_tensor_model_parallel_group()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        partition_vocab = vocab_parallel_logits.size(-1)
+        vocab_start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(partition_vocab, rank, tp)
+        vocab_size = partition_vocab * tp if vocab_size is None else vocab_size
+
+        logits_2d = vocab_parallel_logits.reshape(-1, partition_vocab)
+        target_1d = target.reshape(-1)
+        local_max, sum_exp, target_logit, sum_logits = ops.cross_entropy_stats(
+            logits_2d, target_1d, vocab_start, vocab_size)
+
+        global_max = local_max.clone()
+        if tp > 1:
+            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        # A rank with no valid columns has local_max = -inf and sum_exp = 0: contributes 0.
+        scaled = torch.where(sum_exp > 0, sum_exp * torch.exp(local_max - global_max), torch.zeros_like(sum_exp))
+        sums = torch.stack([scaled, target_logit, sum_logits])
+        if tp > 1:
+            dist.all_reduce(sums, group=group)
+        total_exp, target_logit, sum_logits = sums.unbind(0)
+        lse = global_max + torch.log(total_exp)
+
+        loss = lse - target_logit
+        if label_smoothing > 0:
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - sum_logits / vocab_size)
+
+        ctx.save_for_backward(logits_2d, target_1d, lse)
+        ctx.vocab_start, ctx.vocab_size, ctx.label_smoothing = vocab_start, vocab_size, label_smoothing
+        ctx.logits_shape = vocab_parallel_logits.shape
+        return loss.view(target.shape)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits_2d, target_1d, lse = ctx.saved_tensors
+        # The gradient is written over the saved logits: no second logits-sized buffer.
+        grad = ops.cross_entropy_backward_(
+            logits_2d, target_1d, ctx.vocab_start, ctx.vocab_size, lse,
+            grad_loss.reshape(-1).float(), ctx.label_smoothing)
+        return grad.view(ctx.logits_shape), None, None, None
+
+
+def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: torch.Tensor,
+                                 label_smoothing: float = 0.0, vocab_size: int | None = None) -> torch.Tensor:
+    """Per-token fp32 losses for logits [..., vocab / tp] and global target ids [...].
+
+    `vocab_size` is the true (unpadded) vocabulary; columns past it are ignored. It defaults
+    to the full padded width. Note: backward overwrites `vocab_parallel_logits` with its
+    gradient (as Megatron does) to save memory; clone the logits if you still need them.
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing {label_smoothing} must be in [0, 1)")
+    return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, float(label_smoothing), vocab_size)

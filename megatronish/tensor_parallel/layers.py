@@ -1,0 +1,267 @@
+"""Column- and row-parallel linear layers and the vocabulary-parallel embedding.
+
+A parallel parameter carries three attributes that say how its full (master) value is cut:
+    tensor_model_parallel  True if each TP rank holds a slice (False: replicated)
+    partition_dim          the dimension that is cut
+    partition_stride       the full dimension is `stride` stacked parts, each cut on its own
+                           (stride 2 keeps [gate; up] of a SwiGLU projection together per rank)
+A vocabulary weight also carries `unpadded_rows`: rows from there on are padding (zeros).
+Replicated parameters whose gradients are partial per rank (they act on a sequence shard
+under sequence parallelism) carry `sequence_parallel = True`; their gradients must be
+all-reduced across the TP group before the optimizer step.
+
+Initialization is TP-invariant: the full value is drawn on the CPU (from the default
+generator, or from a per-name generator by the model) and each rank keeps its slice, so a
+model built at TP=k holds exactly the slices of the one built at TP=1.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megatronish import parallel_state
+from megatronish.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from megatronish.tensor_parallel.utils import VocabUtility, divide, init_method_normal
+
+
+def set_tensor_model_parallel_attributes(param: torch.Tensor, is_parallel: bool, dim: int, stride: int = 1) -> None:
+    param.tensor_model_parallel = is_parallel
+    param.partition_dim = dim
+    param.partition_stride = stride
+
+
+def param_is_tensor_parallel(param: torch.Tensor) -> bool:
+    return getattr(param, "tensor_model_parallel", False)
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The shape of the full (unsharded) value of a parameter."""
+    if not param_is_tensor_parallel(param):
+        return param.shape
+    shape = list(param.shape)
+    shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+    return torch.Size(shape)
+
+
+def _shard_chunks(full_size: int, stride: int, tp: int, rank: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of the full dimension that make up `rank`'s shard, in order."""
+    part = divide(full_size, stride, "partitioned dimension")
+    chunk = divide(part, tp, "partitioned dimension")
+    return [(s * part + rank * chunk, s * part + (rank + 1) * chunk) for s in range(stride)]
+
+
+def shard_of_full(full: torch.Tensor, param: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+    """This rank's slice of a parameter's full value (the identity for replicated parameters)."""
+    if not param_is_tensor_parallel(param):
+        return full
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank() if rank is None else rank
+    dim = param.partition_dim
+    ranges = _shard_chunks(full.size(dim), param.partition_stride, tp, rank)
+    return torch.cat([full.narrow(dim, start, end - start) for start, end in ranges], dim=dim)
+
+
+def gather_full(tensor: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Reassemble the full value of a parameter (or of its gradient: pass the parameter as `like`)."""
+    like = tensor if like is None else like
+    if not param_is_tensor_parallel(like):
+        return tensor.detach().clone()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    shards = [torch.empty_like(tensor) for _ in range(tp)]
+    dist.all_gather(shards, tensor.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    dim, stride = like.partition_dim, like.partition_stride
+    full = torch.empty(full_shape(like), dtype=tensor.dtype, device=tensor.device)
+    for rank, shard in enumerate(shards):
+        ranges = _shard_chunks(full.size(dim), stride, tp, rank)
+        pieces = shard.split(ranges[0][1] - ranges[0][0], dim=dim)
+        for (start, end), piece in zip(ranges, pieces):
+            full.narrow(dim, start, end - start).copy_(piece)
+    return full
+
+
+@torch.no_grad()
+def initialize_parameter(param: torch.Tensor, init_method) -> None:
+    """Draw the full value with `init_method` on the CPU in fp32, then keep this rank's slice.
+
+    The draw uses the default CPU generator; callers that want a value that depends only on a
+    seed and a name wrap this in `torch.random.fork_rng()` + `torch.manual_seed(...)`.
+    """
+    shape = list(full_shape(param))
+    unpadded = getattr(param, "unpadded_rows", None)
+    if unpadded is not None:
+        full = torch.zeros(shape, dtype=torch.float32)
+        init_method(full[:unpadded])  # padding rows stay zero at every TP size
+    else:
+        full = torch.empty(shape, dtype=torch.float32)
+        init_method(full)
+    param.copy_(shard_of_full(full, param))
+
+
+def _new_parameter(shape, params_dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=params_dtype, device=parallel_state.get_device()))
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A + b with A split by columns: each rank computes Y_i = X A_i + b_i.
+
+    The weight is [output_size / tp, input_size]. Returns `(output, bias_or_None)`: the bias
+    comes back un-added when `skip_bias_add=True` so that a caller can fuse it into the next op.
+    With `gather_output=True` the output is all-gathered to the full width; otherwise each rank
+    keeps its slice (the usual case: a row-parallel layer follows). With `sequence_parallel`
+    the input is a sequence shard [s/tp, b, h], all-gathered along dim 0 first.
+    `stride` > 1 cuts the output dimension as `stride` stacked parts, each split on its own.
+    `skip_weight_param_allocation=True` makes a layer whose weight is passed to forward (a
+    tied output layer).
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = True, gather_output: bool = False,
+                 skip_bias_add: bool = False, sequence_parallel: bool = False, init_method=None,
+                 params_dtype: torch.dtype = torch.float32, stride: int = 1, perform_initialization: bool = True,
+                 skip_weight_param_allocation: bool = False):
+        super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if sequence_parallel and gather_output:
+            raise ValueError("ColumnParallelLinear: sequence_parallel=True needs gather_output=False")
+        self.input_size, self.output_size = input_size, output_size
+        self.output_size_per_partition = divide(output_size, tp, "ColumnParallelLinear output_size")
+        divide(self.output_size_per_partition * tp, stride * tp, "ColumnParallelLinear output_size / stride")
+        self.gather_output, self.skip_bias_add, self.sequence_parallel = gather_output, skip_bias_add, sequence_parallel
+        init_method = init_method or init_method_normal(0.02)
+
+        if skip_weight_param_allocation:
+            self.weight = None
+        else:
+            self.weight = _new_parameter((self.output_size_per_partition, input_size), params_dtype)
+            set_tensor_model_parallel_attributes(self.weight, True, 0, stride)
+            if perform_initialization:
+                initialize_parameter(self.weight, init_method)
+        if bias:
+            self.bias = _new_parameter((self.output_size_per_partition,), params_dtype)
+            set_tensor_model_parallel_attributes(self.bias, True, 0, stride)
+            with torch.no_grad():
+                self.bias.zero_()
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None):
+        if weight is None:
+            if self.weight is None:
+                raise ValueError("ColumnParallelLinear built with skip_weight_param_allocation=True needs `weight`")
+            weight = self.weight
+        if self.sequence_parallel:
+            input_ = gather_from_sequence_parallel_region(input_)
+        else:
+            input_ = copy_to_tensor_model_parallel_region(input_)
+        bias = None if self.skip_bias_add else self.bias
+        output = F.linear(input_, weight, bias)
+        if self.gather_output:
+            output = gather_from_tensor_model_parallel_region(output)
+        return output, (self.bias if self.skip_bias_add else None)
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, out={self.output_size} (per rank {self.output_size_per_partition})"
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A + b with A split by rows and X by columns: Y = sum_i X_i A_i, then + b.
+
+    The weight is [output_size, input_size / tp]; the bias is replicated and added after the
+    all-reduce (or reduce-scatter along the sequence with `sequence_parallel`). With
+    `input_is_parallel=False` the input is full width and split here first.
+    Returns `(output, bias_or_None)` as ColumnParallelLinear does.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = True, input_is_parallel: bool = False,
+                 skip_bias_add: bool = False, sequence_parallel: bool = False, init_method=None,
+                 params_dtype: torch.dtype = torch.float32, perform_initialization: bool = True):
+        super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("RowParallelLinear: sequence_parallel=True needs input_is_parallel=True")
+        self.input_size, self.output_size = input_size, output_size
+        self.input_size_per_partition = divide(input_size, tp, "RowParallelLinear input_size")
+        self.input_is_parallel, self.skip_bias_add, self.sequence_parallel = input_is_parallel, skip_bias_add, sequence_parallel
+        init_method = init_method or init_method_normal(0.02)
+
+        self.weight = _new_parameter((output_size, self.input_size_per_partition), params_dtype)
+        set_tensor_model_parallel_attributes(self.weight, True, 1)
+        if perform_initialization:
+            initialize_parameter(self.weight, init_method)
+        if bias:
+            self.bias = _new_parameter((output_size,), params_dtype)
+            set_tensor_model_parallel_attributes(self.bias, False, 0)
+            self.bias.sequence_parallel = sequence_parallel
+            with torch.no_grad():
+                self.bias.zero_()
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, input_: torch.Tensor):
+        if not self.input_is_parallel:
+            input_ = scatter_to_tensor_model_parallel_region(input_)
+        partial = F.linear(input_, self.weight)
+        if self.sequence_parallel:
+            output = reduce_scatter_to_sequence_parallel_region(partial)
+        else:
+            output = reduce_from_tensor_model_parallel_region(partial)
+        if self.skip_bias_add or self.bias is None:
+            return output, self.bias if self.skip_bias_add else None
+        return output + self.bias, None
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size} (per rank {self.input_size_per_partition}), out={self.output_size}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """An embedding whose rows (the vocabulary) are split across TP ranks.
+
+    Each rank looks up the ids it owns, writes zeros for the others, and an all-reduce sums
+    the ranks' contributions. Input ids [b, s] give [b, s, h]; with
+    `reduce_scatter_embeddings=True` the output is [s/tp, b, h] (sequence-first, sequence
+    parallel) through a reduce-scatter instead. `num_embeddings` is the padded vocabulary
+    size; rows from `unpadded_num_embeddings` on are padding, initialized to zero.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, init_method=None,
+                 params_dtype: torch.dtype = torch.float32, reduce_scatter_embeddings: bool = False,
+                 unpadded_num_embeddings: int | None = None, perform_initialization: bool = True):
+        super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.reduce_scatter_embeddings = reduce_scatter_embeddings
+        per_partition = divide(num_embeddings, tp, "VocabParallelEmbedding num_embeddings (padded vocabulary size)")
+        self.vocab_start_index, self.vocab_end_index = VocabUtility.vocab_range_from_per_partition_vocab_size(
+            per_partition, rank, tp)
+        init_method = init_method or init_method_normal(0.02)
+
+        self.weight = _new_parameter((per_partition, embedding_dim), params_dtype)
+        set_tensor_model_parallel_attributes(self.weight, True, 0)
+        if unpadded_num_embeddings is not None:
+            if not 0 < unpadded_num_embeddings <= num_embeddings:
+                raise ValueError(f"unpadded_num_embeddings {unpadded_num_embeddings} must be in [1, {num_embeddings}]")
+            self.weight.unpadded_rows = unpadded_num_embeddings
+        if perform_initialization:
+            initialize_parameter(self.weight, init_method)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if tp > 1:
+            outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)
+            local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)
+        else:
+            local_ids = input_ids
+        output = F.embedding(local_ids, self.weight)
+        if tp > 1:
+            output = output.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.reduce_scatter_embeddings:
+            return reduce_scatter_to_sequence_parallel_region(output.transpose(0, 1).contiguous())
+        return reduce_from_tensor_model_parallel_region(output)

@@ -1,0 +1,192 @@
+"""Communication between tensor-parallel ranks, as autograd functions.
+
+Each op is the adjoint of another: what one does in forward, its partner does in backward.
+
+    op                                    forward                 backward
+    copy_to_tensor_model_parallel_region  identity                all-reduce
+    reduce_from_tensor_model_parallel...  all-reduce              identity
+    scatter_to_tensor_model_parallel...   split last dim          all-gather last dim
+    gather_from_tensor_model_parallel...  all-gather last dim     split last dim
+    scatter_to_sequence_parallel_region   split dim 0             all-gather dim 0
+    gather_from_sequence_parallel_region  all-gather dim 0        reduce-scatter dim 0
+    reduce_scatter_to_sequence_parallel.. reduce-scatter dim 0    all-gather dim 0
+
+With a TP size of 1 every op is the identity and no collective is called.
+"""
+
+import torch
+import torch.distributed as dist
+
+from megatronish import parallel_state
+from megatronish.tensor_parallel.utils import divide
+
+# torch >= 2.12 renamed the single-tensor collectives; older releases only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _tp_group_and_size():
+    return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _reduce(x):
+    group, size = _tp_group_and_size()
+    if size == 1:
+        return x
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _split_along_last_dim(x):
+    _, size = _tp_group_and_size()
+    if size == 1:
+        return x
+    width = divide(x.size(-1), size, "last dimension")
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    return x[..., rank * width:(rank + 1) * width].contiguous()
+
+
+def _gather_along_last_dim(x):
+    group, size = _tp_group_and_size()
+    if size == 1:
+        return x
+    # Gather along dim 0 (contiguous chunks), then move the rank dimension next to the last one.
+    x = x.contiguous()
+    gathered = torch.empty((size, *x.shape), dtype=x.dtype, device=x.device)
+    _all_gather_single(gathered, x, group=group)
+    return torch.cat(gathered.unbind(0), dim=-1)
+
+
+def _split_along_first_dim(x):
+    _, size = _tp_group_and_size()
+    if size == 1:
+        return x
+    length = divide(x.size(0), size, "sequence length")
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    return x[rank * length:(rank + 1) * length].contiguous()
+
+
+def _gather_along_first_dim(x):
+    group, size = _tp_group_and_size()
+    if size == 1:
+        return x
+    x = x.contiguous()
+    out = torch.empty((size * x.size(0), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather_single(out, x, group=group)
+    return out
+
+
+def _reduce_scatter_along_first_dim(x):
+    group, size = _tp_group_and_size()
+    if size == 1:
+        return x
+    length = divide(x.size(0), size, "sequence length")
+    x = x.contiguous()
+    out = torch.empty((length, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _reduce_scatter_single(out, x, group=group)
+    return out
+
+
+class _CopyToModelParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce(grad)
+
+
+class _ReduceFromModelParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _reduce(x.clone())  # all-reduce is in place; never overwrite the caller's tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _ScatterToModelParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _split_along_last_dim(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_along_last_dim(grad)
+
+
+class _GatherFromModelParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _gather_along_last_dim(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_along_last_dim(grad)
+
+
+class _ScatterToSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _split_along_first_dim(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_along_first_dim(grad)
+
+
+class _GatherFromSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tensor_parallel_output_grad):
+        ctx.tensor_parallel_output_grad = tensor_parallel_output_grad
+        return _gather_along_first_dim(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # The gathered tensor feeds TP-partitioned work (each rank's grad is a partial sum):
+        # reduce-scatter. If it fed replicated work instead, every rank already holds the full
+        # gradient and only needs its own slice.
+        if ctx.tensor_parallel_output_grad:
+            return _reduce_scatter_along_first_dim(grad), None
+        return _split_along_first_dim(grad), None
+
+
+class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _reduce_scatter_along_first_dim(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_along_first_dim(grad)
+
+
+def copy_to_tensor_model_parallel_region(x):
+    return _CopyToModelParallelRegion.apply(x)
+
+
+def reduce_from_tensor_model_parallel_region(x):
+    return _ReduceFromModelParallelRegion.apply(x)
+
+
+def scatter_to_tensor_model_parallel_region(x):
+    return _ScatterToModelParallelRegion.apply(x)
+
+
+def gather_from_tensor_model_parallel_region(x):
+    return _GatherFromModelParallelRegion.apply(x)
+
+
+def scatter_to_sequence_parallel_region(x):
+    return _ScatterToSequenceParallelRegion.apply(x)
+
+
+def gather_from_sequence_parallel_region(x, tensor_parallel_output_grad: bool = True):
+    return _GatherFromSequenceParallelRegion.apply(x, tensor_parallel_output_grad)
+
+
+def reduce_scatter_to_sequence_parallel_region(x):
+    return _ReduceScatterToSequenceParallelRegion.apply(x)

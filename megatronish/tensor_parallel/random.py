@@ -1,0 +1,154 @@
+"""Random streams for tensor parallelism, and activation recompute that replays them.
+
+Two streams drive dropout:
+- the default generator, seeded with `seed` on every rank: dropout on replicated activations
+  (outside TP regions) draws the same mask on every TP rank;
+- the tracker's "model-parallel-rng" stream, seeded with `seed + 2718 + tp_rank`: dropout on
+  partitioned activations (attention heads split across ranks) draws a different mask on each
+  TP rank, as a single process would on different heads.
+
+The tracker keeps each named stream as a saved generator state and swaps it into the default
+generator of the compute device inside `fork()`. It works on CPU and CUDA alike.
+"""
+
+import contextlib
+
+import torch
+
+from megatronish import parallel_state
+
+_MODEL_PARALLEL_RNG_TRACKER_NAME = "model-parallel-rng"
+_TP_SEED_OFFSET = 2718
+
+
+def _device_type() -> str:
+    return parallel_state.get_device().type
+
+
+def _get_rng_state(device_type: str) -> torch.Tensor:
+    return torch.cuda.get_rng_state() if device_type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state: torch.Tensor, device_type: str) -> None:
+    if device_type == "cuda":
+        torch.cuda.set_rng_state(state)
+    else:
+        torch.set_rng_state(state)
+
+
+class RNGStatesTracker:
+    """Named random streams that can be entered with `fork(name)` and saved/restored as a dict."""
+
+    def __init__(self):
+        self.states: dict[str, torch.Tensor] = {}
+        self.seeds: set[int] = set()
+
+    def reset(self) -> None:
+        self.states, self.seeds = {}, set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {name: state.clone() for name, state in self.states.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self.states = {name: state.clone() for name, state in states.items()}
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds:
+            raise ValueError(f"seed {seed} is already used by another RNG stream; pick a different seed")
+        if name in self.states:
+            raise ValueError(f"RNG stream {name!r} already exists; call reset() first to re-seed it")
+        device_type = _device_type()
+        saved = _get_rng_state(device_type)
+        if device_type == "cuda":
+            torch.cuda.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
+        self.states[name] = _get_rng_state(device_type)
+        _set_rng_state(saved, device_type)
+        self.seeds.add(seed)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = _MODEL_PARALLEL_RNG_TRACKER_NAME):
+        """Draw from stream `name` inside the block; the default stream is left untouched."""
+        if name not in self.states:
+            raise KeyError(
+                f"RNG stream {name!r} is not set: call megatronish.tensor_parallel.model_parallel_manual_seed(seed) first"
+            )
+        device_type = _device_type()
+        saved = _get_rng_state(device_type)
+        _set_rng_state(self.states[name], device_type)
+        try:
+            yield
+        finally:
+            self.states[name] = _get_rng_state(device_type)
+            _set_rng_state(saved, device_type)
+
+
+_RNG_TRACKER = RNGStatesTracker()
+
+
+def get_cuda_rng_tracker() -> RNGStatesTracker:
+    """The process-wide tracker (named for Megatron compatibility; it works on CPU too)."""
+    return _RNG_TRACKER
+
+
+get_rng_tracker = get_cuda_rng_tracker
+
+
+def model_parallel_manual_seed(seed: int) -> None:
+    """Seed the default stream with `seed` and the per-TP-rank stream with seed + 2718 + tp_rank."""
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    tp_seed = seed + _TP_SEED_OFFSET + parallel_state.get_tensor_model_parallel_rank()
+    _RNG_TRACKER.reset()
+    _RNG_TRACKER.add(_MODEL_PARALLEL_RNG_TRACKER_NAME, tp_seed)
+
+
+def _capture_rng():
+    device_type = _device_type()
+    return device_type, _get_rng_state(device_type), torch.get_rng_state(), _RNG_TRACKER.get_states()
+
+
+def _restore_rng(captured):
+    device_type, device_state, cpu_state, tracker_states = captured
+    torch.set_rng_state(cpu_state)
+    if device_type == "cuda":
+        torch.cuda.set_rng_state(device_state)
+    _RNG_TRACKER.set_states(tracker_states)
+
+
+class CheckpointFunction(torch.autograd.Function):
+    """Run `fn` without keeping its activations; rerun it in backward with the same randomness."""
+
+    @staticmethod
+    def forward(ctx, fn, *args):
+        ctx.fn = fn
+        ctx.rng = _capture_rng()
+        ctx.tensor_positions = [i for i, a in enumerate(args) if torch.is_tensor(a)]
+        ctx.non_tensor_args = [None if torch.is_tensor(a) else a for a in args]
+        ctx.save_for_backward(*(a for a in args if torch.is_tensor(a)))
+        with torch.no_grad():
+            return fn(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        args = list(ctx.non_tensor_args)
+        for position, saved in zip(ctx.tensor_positions, ctx.saved_tensors):
+            args[position] = saved.detach().requires_grad_(saved.requires_grad)
+
+        after_forward = _capture_rng()
+        _restore_rng(ctx.rng)
+        with torch.enable_grad():
+            outputs = ctx.fn(*args)
+        _restore_rng(after_forward)
+
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        input_grads = tuple(a.grad if torch.is_tensor(a) else None for a in args)
+        return (None, *input_grads)
+
+
+def checkpoint(fn, *args):
+    """Activation recompute: `fn(*args)` whose dropout masks are replayed exactly in backward."""
+    return CheckpointFunction.apply(fn, *args)
