@@ -1,0 +1,90 @@
+"""Tensor-parallel causal self-attention, and the rotary position table it may use.
+
+The fused QKV projection is column-parallel with its output laid out per head,
+[head 0: q k v | head 1: q k v | ...], so the contiguous TP split of the output dimension
+gives each rank whole heads (np = heads / tp of them) and attention needs no communication.
+The output projection is row-parallel and sums the heads' contributions across ranks.
+"""
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatronish import ops, parallel_state
+from megatronish.model.config import TransformerConfig
+from megatronish.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    checkpoint,
+    divide,
+    get_cuda_rng_tracker,
+)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables [s, head_dim / 2] in fp32 for the rotate-half convention (as Hugging Face Llama)."""
+
+    def __init__(self, head_dim: int, max_positions: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        device = parallel_state.get_device()
+        # Buffers, not parameters: derived from the config, so not saved or trained.
+        self.register_buffer("cos", angles.cos().float().to(device), persistent=False)
+        self.register_buffer("sin", angles.sin().float().to(device), persistent=False)
+
+    def forward(self, seq_length: int):
+        return self.cos[:seq_length], self.sin[:seq_length]
+
+
+class ParallelAttention(nn.Module):
+    def __init__(self, config: TransformerConfig, layer_number: int):
+        super().__init__()
+        self.config = config
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.heads_per_rank = divide(config.num_attention_heads, tp, "num_attention_heads")
+        self.head_dim = config.head_dim
+        common = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel,
+                      params_dtype=config.params_dtype, perform_initialization=False)
+        self.linear_qkv = ColumnParallelLinear(config.hidden_size, 3 * config.hidden_size, gather_output=False, **common)
+        self.linear_proj = RowParallelLinear(config.hidden_size, config.hidden_size, input_is_parallel=True,
+                                             skip_bias_add=True, **common)
+
+    def forward(self, hidden_states: torch.Tensor, rotary=None):
+        """hidden_states [s, b, h] (or [s/tp, b, h] sequence parallel) -> (output, bias) of the same shape."""
+        mixed, _ = self.linear_qkv(hidden_states)  # [s, b, np * 3 * hn], full sequence
+        s, b = mixed.shape[:2]
+        query, key, value = mixed.view(s, b, self.heads_per_rank, 3, self.head_dim).unbind(dim=3)
+        if rotary is not None:
+            query, key = ops.apply_rotary_pos_emb(query, key, *rotary)
+        if self.config.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
+            context = checkpoint(self.core_attention, query, key, value)
+        else:
+            context = self.core_attention(query, key, value)
+        return self.linear_proj(context)
+
+    def core_attention(self, query, key, value):
+        """Causal attention of this rank's heads: q, k, v [s, b, np, hn] -> context [s, b, np * hn].
+
+        The heads are split across TP ranks, so attention dropout draws from the per-TP-rank
+        stream of the RNG tracker (a single process would draw different masks for them too);
+        activation recompute restores that stream and replays the masks exactly.
+        """
+        s, b = query.shape[:2]
+        # [s, b, np, hn] -> [b, np, s, hn], as views: both paths accept strided inputs.
+        query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        dropout = self.config.attention_dropout if self.training else 0.0
+        scale = 1.0 / math.sqrt(self.head_dim)
+        with get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
+            if self.config.attention_backend == "sdpa":
+                context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True,
+                                                         scale=scale)
+            else:
+                scores = torch.matmul(query, key.transpose(-2, -1))  # [b, np, s, s]
+                probs = ops.scaled_causal_softmax(scores, scale)
+                context = torch.matmul(F.dropout(probs, dropout, training=dropout > 0), value)
+        return context.permute(2, 0, 1, 3).reshape(s, b, -1)
+

@@ -1,0 +1,154 @@
+"""GPTModel: embeddings, the transformer block and the (tied) output layer, on TP layers.
+
+    token ids [b, s] -> word (+ learned position) embeddings -> dropout -> [s, b, h]
+    -> transformer block -> output layer -> vocab-parallel logits [b, s, V_padded / tp]
+                                         or per-token losses [b, s] (fp32) with labels
+
+Initialization is TP-invariant: every parameter's full value is drawn from a generator seeded
+by (seed, parameter name), then each rank keeps its slice. So the model does not depend on the
+TP size or on the order in which its parts are built.
+"""
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatronish import parallel_state
+from megatronish.model.attention import RotaryEmbedding
+from megatronish.model.config import TransformerConfig
+from megatronish.model.transformer import TransformerBlock, hidden_dropout_rng
+from megatronish.tensor_parallel import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    initialize_parameter,
+    init_method_normal,
+    scaled_init_method_normal,
+    set_tensor_model_parallel_attributes,
+    vocab_parallel_cross_entropy,
+)
+
+
+class Embedding(nn.Module):
+    """Word embeddings (vocabulary split across TP) plus learned position embeddings, then dropout.
+
+    Returns [s, b, h]; under sequence parallelism each rank gets its own sequence shard
+    [s/tp, b, h] (the word embeddings are reduce-scattered instead of all-reduced, and only the
+    shard's positions are looked up, so the position table's gradient is partial per rank).
+    """
+
+    def __init__(self, config: TransformerConfig, padded_vocab_size: int):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = VocabParallelEmbedding(
+            padded_vocab_size, config.hidden_size, params_dtype=config.params_dtype,
+            reduce_scatter_embeddings=config.sequence_parallel, unpadded_num_embeddings=config.vocab_size,
+            perform_initialization=False)
+        if config.position_embedding_type == "learned_absolute":
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size,
+                                                    dtype=config.params_dtype, device=parallel_state.get_device())
+            set_tensor_model_parallel_attributes(self.position_embeddings.weight, False, 0)
+            self.position_embeddings.weight.sequence_parallel = config.sequence_parallel
+        else:
+            self.position_embeddings = None
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        sequence_parallel = self.config.sequence_parallel
+        # Looking up the transposed ids gives [s, b, h] directly, without a copy of the activations.
+        embeddings = self.word_embeddings(input_ids if sequence_parallel else input_ids.t())
+        if self.position_embeddings is not None:
+            first, length = self._local_positions(input_ids.size(1))
+            if position_ids is None:  # positions 0..s-1 for every sample: a slice, broadcast over the batch
+                positions = self.position_embeddings.weight[first:first + length].unsqueeze(1)
+            else:
+                positions = self.position_embeddings(position_ids[:, first:first + length].t())
+            embeddings = embeddings + positions
+        with hidden_dropout_rng(self.config):
+            return F.dropout(embeddings, self.config.hidden_dropout, self.training)
+
+    def _local_positions(self, seq_length: int) -> tuple[int, int]:
+        """The [first, first + length) sequence positions this rank embeds."""
+        if not self.config.sequence_parallel:
+            return 0, seq_length
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        length = seq_length // tp
+        return parallel_state.get_tensor_model_parallel_rank() * length, length
+
+
+class GPTModel(nn.Module):
+    def __init__(self, config: TransformerConfig, seed: int = 1234):
+        """Build the model for the current TP size; `seed` (with each parameter's name) fixes the initial weights."""
+        super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        config.validate(tp)
+        self.config = config
+        self.padded_vocab_size = config.padded_vocab_size(tp)
+        self.embedding = Embedding(config, self.padded_vocab_size)
+        self.rotary = None
+        if config.position_embedding_type == "rope":
+            self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rotary_base)
+        self.decoder = TransformerBlock(config)
+        self.output_layer = ColumnParallelLinear(
+            config.hidden_size, self.padded_vocab_size, bias=False, gather_output=False,
+            sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
+            perform_initialization=False, skip_weight_param_allocation=config.tie_word_embeddings)
+        if not config.tie_word_embeddings:
+            self.output_layer.weight.unpadded_rows = config.vocab_size  # padding rows stay zero
+        initialize_weights(self, seed)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [b, s] -> vocab-parallel logits [b, s, V_padded / tp], or fp32 losses [b, s] given labels [b, s].
+
+        position_ids [b, s] (learned position embeddings only) default to 0..s-1. Logit columns
+        past config.vocab_size are padding; the loss excludes them.
+        """
+        self._check_inputs(input_ids, position_ids, labels)
+        hidden_states = self.embedding(input_ids, position_ids)
+        rotary = self.rotary(input_ids.size(1)) if self.rotary is not None else None
+        hidden_states = self.decoder(hidden_states, rotary)
+        output_weight = self.embedding.word_embeddings.weight if self.config.tie_word_embeddings else None
+        logits, _ = self.output_layer(hidden_states, output_weight)  # [s, b, V_padded / tp]
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        losses = vocab_parallel_cross_entropy(logits, labels.t(), vocab_size=self.config.vocab_size)
+        return losses.t().contiguous()
+
+    def _check_inputs(self, input_ids, position_ids, labels) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, sequence] token ids, got shape {list(input_ids.shape)}")
+        self.config.validate_sequence_length(input_ids.size(1), parallel_state.get_tensor_model_parallel_world_size())
+        for name, tensor in (("position_ids", position_ids), ("labels", labels)):
+            if tensor is not None and tensor.shape != input_ids.shape:
+                raise ValueError(f"{name} must have the shape of input_ids {list(input_ids.shape)}, "
+                                 f"got {list(tensor.shape)}")
+        if position_ids is not None and self.rotary is not None:
+            raise ValueError("position_ids are only used with learned position embeddings; rotary embeddings "
+                             "take positions 0..s-1: drop position_ids or use position_embedding_type "
+                             "'learned_absolute'")
+
+
+def _name_seed(seed: int, name: str) -> int:
+    """A generator seed that depends only on the model seed and the parameter name (stable across runs)."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def initialize_weights(model: GPTModel, seed: int) -> None:
+    """GPT-2 init: N(0, std) weights, N(0, std / sqrt(2 L)) for the two projections into the residual
+    stream, zero biases, unit norm weights. Each full value comes from its own (seed, name) generator."""
+    config = model.config
+    normal = init_method_normal(config.init_method_std)
+    scaled = scaled_init_method_normal(config.init_method_std, config.num_layers)
+    for name, param in model.named_parameters():
+        if name.endswith(".bias"):
+            param.zero_()
+        elif "layernorm" in name:
+            param.fill_(1.0)
+        else:
+            method = scaled if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else normal
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_name_seed(seed, name))
+                initialize_parameter(param, method)

@@ -1,0 +1,32 @@
+"""The tensor-parallel MLP: column-parallel h -> ffn, GeLU or SwiGLU, row-parallel ffn -> h."""
+
+import torch
+from torch import nn
+
+from megatronish import ops
+from megatronish.model.config import TransformerConfig
+from megatronish.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+
+class ParallelMLP(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.swiglu = config.activation == "swiglu"
+        common = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel,
+                      params_dtype=config.params_dtype, perform_initialization=False, skip_bias_add=True)
+        # SwiGLU's fc1 is [gate; up] stacked: stride 2 gives each rank its slice of both halves, so the
+        # full weight is the same at every TP size and each rank's output chunks into (gate, up).
+        width = 2 * config.ffn_hidden_size if self.swiglu else config.ffn_hidden_size
+        self.linear_fc1 = ColumnParallelLinear(config.hidden_size, width, gather_output=False,
+                                               stride=2 if self.swiglu else 1, **common)
+        self.linear_fc2 = RowParallelLinear(config.ffn_hidden_size, config.hidden_size, input_is_parallel=True,
+                                            **common)
+
+    def forward(self, hidden_states: torch.Tensor):
+        """[s, b, h] (or a sequence shard) -> (output, bias) with the bias left for bias_dropout_add."""
+        intermediate, bias = self.linear_fc1(hidden_states)
+        if self.swiglu:
+            intermediate = ops.bias_swiglu(intermediate, bias)
+        else:
+            intermediate = ops.bias_gelu(intermediate, bias)
+        return self.linear_fc2(intermediate)

@@ -1,0 +1,72 @@
+"""Pre-norm transformer layer and the block of layers with its final norm.
+
+    x = x + dropout(attention(norm(x)))
+    x = x + dropout(mlp(norm(x)))
+
+Residual branches end in `ops.bias_dropout_add`, which adds the (deferred) bias of the
+row-parallel projection, drops out and adds the residual in one op.
+"""
+
+import contextlib
+
+import torch
+from torch import nn
+
+from megatronish import ops
+from megatronish.model.attention import ParallelAttention
+from megatronish.model.config import TransformerConfig
+from megatronish.model.mlp import ParallelMLP
+from megatronish.model.norm import Norm
+from megatronish.tensor_parallel import checkpoint, get_cuda_rng_tracker
+
+
+def hidden_dropout_rng(config: TransformerConfig):
+    """The random stream for dropout on the residual stream.
+
+    Without sequence parallelism the residual stream is replicated across TP ranks and all
+    of them must draw the same mask (the default stream, seeded alike on every rank). With it,
+    each rank holds a different sequence shard and draws from its own per-TP-rank stream.
+    """
+    return get_cuda_rng_tracker().fork() if config.sequence_parallel else contextlib.nullcontext()
+
+
+def make_norm(config: TransformerConfig) -> Norm:
+    return Norm(config.hidden_size, config.normalization, config.layernorm_epsilon, config.params_dtype,
+                config.sequence_parallel)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, config: TransformerConfig, layer_number: int):
+        super().__init__()
+        self.config = config
+        self.input_layernorm = make_norm(config)
+        self.self_attention = ParallelAttention(config, layer_number)
+        self.pre_mlp_layernorm = make_norm(config)
+        self.mlp = ParallelMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, rotary=None) -> torch.Tensor:
+        dropout = self.config.hidden_dropout
+        attention_out, attention_bias = self.self_attention(self.input_layernorm(hidden_states), rotary)
+        with hidden_dropout_rng(self.config):
+            hidden_states = ops.bias_dropout_add(attention_out, attention_bias, hidden_states, dropout, self.training)
+        mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(hidden_states))
+        with hidden_dropout_rng(self.config):
+            return ops.bias_dropout_add(mlp_out, mlp_bias, hidden_states, dropout, self.training)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(TransformerLayer(config, i + 1) for i in range(config.num_layers))
+        self.final_layernorm = make_norm(config)
+
+    def forward(self, hidden_states: torch.Tensor, rotary=None) -> torch.Tensor:
+        full_recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if full_recompute:
+                # Keep only each layer's input; backward reruns the layer with the same dropout masks.
+                hidden_states = checkpoint(layer, hidden_states, rotary)
+            else:
+                hidden_states = layer(hidden_states, rotary)
+        return self.final_layernorm(hidden_states)
