@@ -33,7 +33,9 @@ def _reduce(x):
     group, size = _tp_group_and_size()
     if size == 1:
         return x
-    x = x.contiguous()
+    # all-reduce works in place: reduce a copy, never the caller's tensor (an incoming
+    # gradient may be shared with other consumers of the graph).
+    x = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(x, group=group)
     return x
 
@@ -51,11 +53,9 @@ def _gather_along_last_dim(x):
     group, size = _tp_group_and_size()
     if size == 1:
         return x
-    # Gather along dim 0 (contiguous chunks), then move the rank dimension next to the last one.
-    x = x.contiguous()
-    gathered = torch.empty((size, *x.shape), dtype=x.dtype, device=x.device)
-    _all_gather_single(gathered, x, group=group)
-    return torch.cat(gathered.unbind(0), dim=-1)
+    # Collectives gather contiguous chunks along dim 0; reassemble them along the last dim.
+    gathered = _gather_along_first_dim(x)
+    return torch.cat(gathered.chunk(size, dim=0), dim=-1)
 
 
 def _split_along_first_dim(x):
@@ -101,7 +101,7 @@ class _CopyToModelParallelRegion(torch.autograd.Function):
 class _ReduceFromModelParallelRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        return _reduce(x.clone())  # all-reduce is in place; never overwrite the caller's tensor
+        return _reduce(x)
 
     @staticmethod
     def backward(ctx, grad):
