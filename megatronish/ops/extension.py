@@ -1,0 +1,163 @@
+"""Finding the implementation a tensor should use: the CUDA extension built from kernels/, apex, or PyTorch.
+
+The extension is compiled with torch.utils.cpp_extension (ninja) the first time a CUDA tensor reaches
+an op, into a cache folder keyed by torch version, CUDA version, GPU architecture and a hash of the
+sources, under a file lock so that the ranks of one node build it once. Nothing here ever raises to
+the caller: a failed build is reported by one warning and every op falls back to PyTorch.
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+EXTENSION_NAME = "megatronish_kernels"
+ENV_SWITCH = "MEGATRONISH_KERNELS"  # "0" forces the PyTorch paths
+ENV_CACHE = "MEGATRONISH_KERNEL_CACHE"  # overrides the build cache folder
+
+_enabled = os.environ.get(ENV_SWITCH, "1") != "0"
+_build_tried = False
+_module = None
+_failure = None  # why the extension is not available, once a build was tried
+
+
+def set_kernels_enabled(enabled: bool) -> None:
+    """Turn the CUDA kernels (and apex) on or off for this process; off means every op runs its PyTorch path."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def kernels_enabled() -> bool:
+    return _enabled
+
+
+def cuda_module_for(tensor: torch.Tensor):
+    """The loaded extension if `tensor` should take the CUDA path, else None (CPU, switched off, build failed)."""
+    if not (tensor.is_cuda and _enabled):
+        return None
+    return load()
+
+
+def load():
+    """Build (once per process, once per node and source version) and import the extension; None on failure."""
+    global _build_tried, _module, _failure
+    if not _build_tried:
+        _build_tried = True
+        try:
+            _module = _build()
+        except Exception as error:  # a broken build must never break training: fall back, say why once
+            _failure = _summarize(error)
+            warnings.warn(
+                f"megatronish.ops: the CUDA kernels are not available ({_failure}); "
+                f"every op falls back to its PyTorch path. Set {ENV_SWITCH}=0 to choose that explicitly.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _module
+
+
+def build_failure():
+    """Why the extension could not be built, or None if it was built or not tried yet."""
+    return _failure
+
+
+def _summarize(error: Exception, max_chars: int = 600) -> str:
+    text = f"{type(error).__name__}: {error}".strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    summary = " | ".join((errors or lines)[:4])
+    return summary if len(summary) <= max_chars else summary[:max_chars] + " ..."
+
+
+def source_files():
+    return sorted(KERNEL_DIR.glob("*.cu")) + sorted(KERNEL_DIR.glob("*.cpp"))
+
+
+def build_dir_for(arch: str) -> Path:
+    """Cache folder of one build: a different torch, CUDA, GPU architecture or source gets its own."""
+    digest = hashlib.sha256()
+    for path in sorted(KERNEL_DIR.glob("*.cu")) + sorted(KERNEL_DIR.glob("*.cpp")) + sorted(KERNEL_DIR.glob("*.h")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    root = os.environ.get(ENV_CACHE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "megatronish", "kernels"
+    )
+    key = f"torch{torch.__version__}-cuda{torch.version.cuda}-sm{arch}-{digest.hexdigest()[:12]}"
+    return Path(root) / key
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    # flock, unlike a lock file that is created and deleted, is released by the kernel if a rank dies.
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    if not KERNEL_DIR.is_dir() or not any(KERNEL_DIR.glob("*.cu")):
+        raise RuntimeError(f"kernel sources not found in {KERNEL_DIR}; install megatronish from a source checkout")
+    if torch.version.cuda is None:
+        raise RuntimeError(f"this torch ({torch.__version__}) was built without CUDA")
+    if cpp_extension.CUDA_HOME is None:
+        raise RuntimeError("no CUDA toolkit found; set CUDA_HOME to the toolkit root (the folder holding bin/nvcc)")
+    major, minor = torch.cuda.get_device_capability()
+    build_dir = build_dir_for(f"{major}{minor}")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    previous_arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # only this GPU's architecture: one pass, less time
+    try:
+        with _file_lock(build_dir / "build.lock"):
+            return cpp_extension.load(
+                name=EXTENSION_NAME,
+                sources=[str(path) for path in source_files()],
+                extra_include_paths=[str(KERNEL_DIR)],
+                extra_cflags=["-O3"],
+                extra_cuda_cflags=["-O3", "-lineinfo"],
+                build_directory=str(build_dir),
+                verbose=os.environ.get("MEGATRONISH_KERNELS_VERBOSE") == "1",
+            )
+    finally:
+        if previous_arch_list is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = previous_arch_list
+
+
+# --- apex: used only when it is already installed, and only while the kernels are switched on ---
+
+def apex_installed() -> bool:
+    return importlib.util.find_spec("apex") is not None
+
+
+def apex_norms_for(tensor: torch.Tensor):
+    """apex.normalization.fused_layer_norm if a CUDA tensor could use it (our extension missing), else None."""
+    if not (tensor.is_cuda and _enabled and apex_installed()):
+        return None
+    try:
+        from apex.normalization import fused_layer_norm
+    except Exception:  # apex installed without its CUDA extensions
+        return None
+    return fused_layer_norm
+
+
+def apex_fused_adam_class():
+    """apex.optimizers.FusedAdam if apex is installed with its CUDA extensions and kernels are on, else None."""
+    if not (_enabled and apex_installed()):
+        return None
+    try:
+        from apex.optimizers import FusedAdam
+    except Exception:
+        return None
+    return FusedAdam

@@ -1,0 +1,194 @@
+"""The fused ops as the model calls them: check the inputs, then run the CUDA kernel or the PyTorch path.
+
+All take fp32 / fp16 / bf16 inputs, compute in fp32 and return the input dtype. A CPU tensor always
+takes the PyTorch path (torch_impl); a CUDA tensor takes the kernel unless the kernels are switched
+off or could not be built (see extension.py). Both paths have the same semantics and gradients.
+"""
+
+import torch
+
+from megatronish.ops import cuda_impl, extension, torch_impl
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _require_float(name: str, tensor: torch.Tensor) -> None:
+    _require(tensor.is_floating_point(), f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+
+
+def _kernel_for(*tensors):
+    """The extension when every tensor is a CUDA tensor of a kernel dtype and the kernels are available."""
+    present = [t for t in tensors if t is not None]
+    if any(t.dtype not in KERNEL_DTYPES for t in present):
+        return None  # float64 and friends: PyTorch only
+    return extension.cuda_module_for(present[0])
+
+
+def _require_vector(name: str, tensor, size: int) -> None:
+    if tensor is not None:
+        _require(tuple(tensor.shape) == (size,), f"{name} must have shape [{size}] (the last dim of the input), got {list(tensor.shape)}")
+        _require_float(name, tensor)
+
+
+# --- attention softmax ---
+
+def scaled_causal_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale * scores) over the last dim of scores [b, np, s, s], entries j > i (the future) excluded."""
+    _require(scores.dim() == 4, f"scores must be [b, np, sq, sk], got shape {list(scores.shape)}")
+    _require(scores.size(2) == scores.size(3), f"the causal softmax needs sq == sk, got scores shape {list(scores.shape)}; use scaled_masked_softmax with an explicit mask")
+    _require_float("scores", scores)
+    ext = _kernel_for(scores)
+    if ext is None:
+        return torch_impl.scaled_causal_softmax(scores, scale)
+    return cuda_impl.ScaledSoftmax.apply(scores, None, float(scale), True)
+
+
+def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale * scores) with mask (bool, broadcastable to scores, True = excluded); a fully masked row gives 0."""
+    _require(scores.dim() == 4, f"scores must be [b, np, sq, sk], got shape {list(scores.shape)}")
+    _require_float("scores", scores)
+    _require(mask.dtype == torch.bool, f"mask must be a bool tensor (True = excluded), got dtype {mask.dtype}; convert with mask.bool()")
+    try:
+        broadcast = torch.broadcast_shapes(mask.shape, scores.shape)
+    except RuntimeError:
+        broadcast = None
+    _require(broadcast == scores.shape, f"mask of shape {list(mask.shape)} does not broadcast to scores of shape {list(scores.shape)}")
+    ext = _kernel_for(scores)
+    if ext is None:
+        return torch_impl.scaled_masked_softmax(scores, mask, scale)
+    return cuda_impl.ScaledSoftmax.apply(scores, mask, float(scale), False)
+
+
+# --- normalization ---
+
+def _check_norm(x, weight, bias, eps) -> None:
+    _require(x.dim() >= 1 and x.size(-1) > 0, f"x must have a non-empty last dim to normalize, got shape {list(x.shape)}")
+    _require_float("x", x)
+    _require_vector("weight", weight, x.size(-1))
+    _require_vector("bias", bias, x.size(-1))
+    _require(eps >= 0, f"eps must be >= 0, got {eps}")
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim of x; weight/bias [h] in x's dtype or fp32; bias may be None."""
+    _check_norm(x, weight, bias, eps)
+    ext = _kernel_for(x, weight, bias)
+    if ext is not None:
+        return cuda_impl.Norm.apply(x, weight, bias, float(eps), False)
+    apex_norms = extension.apex_norms_for(x)
+    if apex_norms is not None and bias is not None and weight.dtype == x.dtype == bias.dtype:
+        return apex_norms.fused_layer_norm_affine(x, weight, bias, (x.size(-1),), eps)
+    return torch_impl.layer_norm(x, weight, bias, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of x: x / sqrt(mean(x^2) + eps) * weight."""
+    _check_norm(x, weight, None, eps)
+    ext = _kernel_for(x, weight)
+    if ext is not None:
+        return cuda_impl.Norm.apply(x, weight, None, float(eps), True)
+    apex_norms = extension.apex_norms_for(x)
+    if apex_norms is not None and weight.dtype == x.dtype:
+        return apex_norms.fused_rms_norm_affine(x, weight, (x.size(-1),), eps)
+    return torch_impl.rms_norm(x, weight, eps)
+
+
+# --- activations ---
+
+def bias_gelu(x: torch.Tensor, bias) -> torch.Tensor:
+    """GeLU (tanh form) of x + bias; bias [h] or None."""
+    _require_float("x", x)
+    _require_vector("bias", bias, x.size(-1))
+    ext = _kernel_for(x, bias)
+    if ext is None:
+        return torch_impl.bias_gelu(x, bias)
+    return cuda_impl.BiasGelu.apply(x, bias)
+
+
+def bias_swiglu(x: torch.Tensor, bias) -> torch.Tensor:
+    """With y = x + bias and (a, b) = y.chunk(2, dim=-1): silu(a) * b; the last dim halves."""
+    _require_float("x", x)
+    _require(x.dim() >= 1 and x.size(-1) % 2 == 0, f"bias_swiglu needs an even last dim (gate and up halves), got shape {list(x.shape)}")
+    _require_vector("bias", bias, x.size(-1))
+    ext = _kernel_for(x, bias)
+    if ext is None:
+        return torch_impl.bias_swiglu(x, bias)
+    return cuda_impl.BiasSwiglu.apply(x, bias)
+
+
+# --- residual ---
+
+def bias_dropout_add(x: torch.Tensor, bias, residual: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
+    """residual + dropout(x + bias, prob) (dropout only when training). The mask is drawn from the default
+    generator of x's device at call time, so restoring that generator's state replays it exactly."""
+    _require_float("x", x)
+    _require_float("residual", residual)
+    _require(residual.shape == x.shape, f"residual shape {list(residual.shape)} must equal x shape {list(x.shape)}")
+    _require_vector("bias", bias, x.size(-1))
+    _require(0.0 <= prob <= 1.0, f"dropout prob must be in [0, 1], got {prob}")
+    ext = _kernel_for(x, bias, residual)
+    if ext is None or x.dtype != residual.dtype:
+        return torch_impl.bias_dropout_add(x, bias, residual, prob, training)
+    return cuda_impl.BiasDropoutAdd.apply(x, bias, residual, float(prob) if training else 0.0)
+
+
+# --- rotary embedding ---
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate q [s, b, nq, d] and k [s, b, nk, d] by angles with cos/sin [s, d/2] (rotate-half convention,
+    as Hugging Face Llama): with x = [x1, x2], out = [x1*cos - x2*sin, x2*cos + x1*sin]."""
+    for name, t in (("q", q), ("k", k)):
+        _require(t.dim() == 4, f"{name} must be [s, b, heads, d], got shape {list(t.shape)}")
+        _require_float(name, t)
+    s, b, _, d = q.shape
+    _require(k.size(0) == s and k.size(1) == b and k.size(3) == d, f"k shape {list(k.shape)} must match q shape {list(q.shape)} except in heads")
+    _require(d % 2 == 0, f"rotary head dim must be even, got {d}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        _require(tuple(t.shape) == (s, d // 2), f"{name} must be [s, d/2] = [{s}, {d // 2}], got {list(t.shape)}; slice the table to the sequence")
+        _require_float(name, t)
+    ext = _kernel_for(q, k)
+    if ext is None:
+        return torch_impl.apply_rotary_pos_emb(q, k, cos, sin)
+    return cuda_impl.Rotary.apply(q, cos, sin), cuda_impl.Rotary.apply(k, cos, sin)
+
+
+# --- vocab-parallel cross entropy, local part ---
+
+def _check_cross_entropy(logits, target, vocab_start, vocab_size) -> None:
+    _require(logits.dim() == 2, f"logits must be [n, v_local], got shape {list(logits.shape)}")
+    _require_float("logits", logits)
+    _require(target.shape == logits.shape[:1], f"target must be [n] = [{logits.size(0)}], got {list(target.shape)}")
+    _require(target.dtype == torch.int64, f"target must be int64 token ids, got dtype {target.dtype}")
+    _require(vocab_start >= 0, f"vocab_start must be >= 0, got {vocab_start}")
+    _require(vocab_size > 0, f"vocab_size (the true, unpadded vocabulary) must be > 0, got {vocab_size}")
+
+
+def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab_size: int):
+    """One pass over this rank's logits [n, v_local] (global column vocab_start + j; columns >= vocab_size
+    are padding and excluded). Returns fp32 [n] tensors (local_max, sum_exp, target_logit, sum_logits):
+    max over valid columns (-inf if none), sum of exp(x - local_max) (0 if none), the target's logit if
+    this rank owns it (else 0), and the sum of the valid logits."""
+    _check_cross_entropy(logits, target, vocab_start, vocab_size)
+    ext = _kernel_for(logits)
+    if ext is None:
+        return torch_impl.cross_entropy_stats(logits, target, vocab_start, vocab_size)
+    return cuda_impl.cross_entropy_stats(ext, logits, target, vocab_start, vocab_size)
+
+
+def cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_loss, label_smoothing: float):
+    """Write in place into logits the gradient grad_loss[i] * (softmax - (1-eps)*onehot - eps/vocab_size)
+    for valid columns and 0 for padding columns; lse and grad_loss are fp32 [n]. Returns logits."""
+    _check_cross_entropy(logits, target, vocab_start, vocab_size)
+    n = logits.size(0)
+    for name, t in (("lse", lse), ("grad_loss", grad_loss)):
+        _require(tuple(t.shape) == (n,) and t.dtype == torch.float32, f"{name} must be fp32 [{n}], got {t.dtype} {list(t.shape)}")
+    _require(0.0 <= label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    ext = _kernel_for(logits)
+    if ext is None:
+        return torch_impl.cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_loss, label_smoothing)
+    return cuda_impl.cross_entropy_backward_(ext, logits, target, vocab_start, vocab_size, lse, grad_loss, label_smoothing)

@@ -1,0 +1,127 @@
+"""Plain PyTorch paths of the fused ops: the reference semantics, used on CPU and as the fallback.
+
+Every function computes in fp32 and returns the input dtype, and is differentiable through
+autograd (except the two cross-entropy helpers, which the caller wraps in its own Function).
+The CUDA kernels in kernels/ must match these functions; tests/ops checks them against float64.
+Inputs are validated in megatronish.ops.functional before either path runs.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def _masked_softmax_fp32(x: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim of fp32 `x` with `excluded` entries left out; an all-excluded row gives 0."""
+    x = x.masked_fill(excluded, float("-inf"))
+    # Softmax does not depend on the shift, so the max needs no gradient; a fully excluded row has
+    # max -inf, shifted by 0 instead so that exp(-inf) = 0 rather than exp(nan).
+    row_max = x.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    exp = torch.exp(x - row_max)
+    total = exp.sum(dim=-1, keepdim=True)
+    return exp / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def scaled_causal_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
+    sq, sk = scores.shape[-2:]
+    future = torch.ones(sq, sk, dtype=torch.bool, device=scores.device).triu(diagonal=1)
+    return _masked_softmax_fp32(scores.float() * scale, future).to(scores.dtype)
+
+
+def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    return _masked_softmax_fp32(scores.float() * scale, mask).to(scores.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias, eps: float) -> torch.Tensor:
+    bias32 = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), (x.size(-1),), weight.float(), bias32, eps).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    inv_rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (x32 * inv_rms * weight.float()).to(x.dtype)
+
+
+def _add_bias_fp32(x: torch.Tensor, bias) -> torch.Tensor:
+    return x.float() if bias is None else x.float() + bias.float()
+
+
+def bias_gelu(x: torch.Tensor, bias) -> torch.Tensor:
+    return F.gelu(_add_bias_fp32(x, bias), approximate="tanh").to(x.dtype)
+
+
+def bias_swiglu(x: torch.Tensor, bias) -> torch.Tensor:
+    gate, up = _add_bias_fp32(x, bias).chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
+
+
+def bias_dropout_add(x: torch.Tensor, bias, residual: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
+    out_dtype = torch.promote_types(x.dtype, residual.dtype)
+    y = _add_bias_fp32(x, bias)
+    if training and prob > 0:
+        if prob >= 1:
+            y = torch.zeros_like(y)
+        else:
+            # Drawn from the default generator of x's device, so restoring its state replays the mask.
+            keep = torch.empty(y.shape, dtype=torch.float32, device=y.device).bernoulli_(1.0 - prob)
+            y = y * keep * (1.0 / (1.0 - prob))
+    return (residual.float() + y).to(out_dtype)
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    # cos/sin [s, d/2] broadcast over batch and heads of [s, b, n, d/2].
+    cos = cos.float()[:, None, None, :]
+    sin = sin.float()[:, None, None, :]
+
+    def rotate(t):
+        t1, t2 = t.float().chunk(2, dim=-1)
+        return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], dim=-1).to(t.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def valid_columns(v_local: int, vocab_start: int, vocab_size: int) -> int:
+    """How many of this rank's columns hold real (unpadded) vocabulary entries."""
+    return max(0, min(v_local, vocab_size - vocab_start))
+
+
+@torch.no_grad()
+def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab_size: int):
+    n = logits.size(0)
+    n_valid = valid_columns(logits.size(1), vocab_start, vocab_size)
+    if n_valid == 0:
+        zeros = torch.zeros(n, dtype=torch.float32, device=logits.device)
+        return torch.full_like(zeros, float("-inf")), zeros, zeros.clone(), zeros.clone()
+    x = logits[:, :n_valid].float()
+    local_max = x.amax(dim=-1)
+    sum_exp = torch.exp(x - local_max[:, None]).sum(dim=-1)
+    local_target = target - vocab_start
+    owned = (local_target >= 0) & (local_target < n_valid)
+    picked = x.gather(1, local_target.clamp(0, n_valid - 1)[:, None]).squeeze(1)
+    target_logit = torch.where(owned, picked, torch.zeros_like(picked))
+    return local_max, sum_exp, target_logit, x.sum(dim=-1)
+
+
+# Rows per step of the PyTorch backward: bounds its fp32 temporary to about 64 MB at vocab 64k.
+_CE_BACKWARD_ROWS = 256
+
+
+@torch.no_grad()
+def cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_loss, label_smoothing):
+    n, v_local = logits.shape
+    n_valid = valid_columns(v_local, vocab_start, vocab_size)
+    logits[:, n_valid:].zero_()
+    if n_valid == 0:
+        return logits
+    columns = torch.arange(vocab_start, vocab_start + n_valid, device=logits.device)
+    for first in range(0, n, _CE_BACKWARD_ROWS):
+        rows = slice(first, min(n, first + _CE_BACKWARD_ROWS))
+        block = logits[rows, :n_valid]
+        grad = torch.exp(block.float() - lse[rows, None])
+        grad -= (1.0 - label_smoothing) * (columns[None, :] == target[rows, None]).float()
+        grad -= label_smoothing / vocab_size
+        grad *= grad_loss[rows, None]
+        block.copy_(grad)
+    return logits
+

@@ -1,0 +1,101 @@
+"""Path choice, the kernel switch, the one-warning fallback, the build cache key and input checks."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from megatronish import ops
+from megatronish.ops import extension
+
+
+@pytest.fixture
+def fresh_extension_state(monkeypatch):
+    """Forget any build attempt for the duration of a test."""
+    monkeypatch.setattr(extension, "_build_tried", False)
+    monkeypatch.setattr(extension, "_module", None)
+    monkeypatch.setattr(extension, "_failure", None)
+    monkeypatch.setattr(extension, "_enabled", True)
+
+
+def test_cpu_tensors_take_the_pytorch_path_without_building_or_warning(fresh_extension_state, monkeypatch):
+    monkeypatch.setattr(extension, "_build", lambda: pytest.fail("a CPU tensor must not trigger a build"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.layer_norm(torch.randn(2, 3), torch.ones(3), None, 1e-5)
+        ops.scaled_causal_softmax(torch.randn(1, 1, 2, 2), 1.0)
+
+
+def test_failed_build_warns_once_and_falls_back(fresh_extension_state, monkeypatch):
+    def broken_build():
+        raise RuntimeError("Error building extension 'megatronish_kernels':\nsoftmax.cu(3): error: expected a ';'")
+
+    monkeypatch.setattr(extension, "_build", broken_build)
+    with pytest.warns(RuntimeWarning, match="expected a ';'") as caught:
+        assert extension.load() is None
+        assert extension.load() is None
+    assert len(caught) == 1
+    assert "softmax.cu" in extension.build_failure()
+
+
+def test_switch_off_means_no_extension(fresh_extension_state, monkeypatch):
+    monkeypatch.setattr(extension, "_build", lambda: pytest.fail("switched off: nothing may be built"))
+
+    class FakeCudaTensor:
+        is_cuda = True
+
+    ops.set_kernels_enabled(False)
+    assert not ops.kernels_enabled()
+    assert extension.cuda_module_for(FakeCudaTensor()) is None
+
+
+def test_environment_variable_switches_kernels_off():
+    code = "from megatronish import ops; print(ops.kernels_enabled())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"MEGATRONISH_KERNELS": "0", "PATH": ""}, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_kernel_status_names_every_op_and_a_reason():
+    status = ops.kernel_status()
+    for op in ("scaled_causal_softmax", "layer_norm", "bias_dropout_add", "cross_entropy_backward_", "fused_adam"):
+        assert status[op]
+    if not torch.cuda.is_available():
+        assert status["layer_norm"].startswith("pytorch (no CUDA device")
+
+
+def test_python_dash_m_prints_the_status():
+    result = subprocess.run([sys.executable, "-m", "megatronish.ops"], capture_output=True, text=True, check=True)
+    assert "apply_rotary_pos_emb" in result.stdout and "kernels enabled" in result.stdout
+
+
+def test_build_cache_key_names_torch_cuda_arch_and_sources(monkeypatch, tmp_path):
+    monkeypatch.setenv(extension.ENV_CACHE, str(tmp_path))
+    folder = extension.build_dir_for("90")
+    assert folder.parent == tmp_path
+    assert f"torch{torch.__version__}" in folder.name and "sm90" in folder.name and f"cuda{torch.version.cuda}" in folder.name
+    assert extension.build_dir_for("80") != folder
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: ops.scaled_causal_softmax(torch.randn(1, 1, 2, 3), 1.0), "sq == sk"),
+        (lambda: ops.scaled_masked_softmax(torch.randn(1, 1, 2, 3), torch.zeros(2, 3), 1.0), "bool"),
+        (lambda: ops.scaled_masked_softmax(torch.randn(1, 1, 2, 3), torch.zeros(4, 3, dtype=torch.bool), 1.0), "does not broadcast"),
+        (lambda: ops.layer_norm(torch.randn(2, 4), torch.ones(5), None, 1e-5), r"weight must have shape \[4\]"),
+        (lambda: ops.rms_norm(torch.randint(0, 3, (2, 4)), torch.ones(4), 1e-5), "floating-point"),
+        (lambda: ops.bias_swiglu(torch.randn(2, 5), None), "even last dim"),
+        (lambda: ops.bias_dropout_add(torch.randn(2, 4), None, torch.randn(2, 4), 1.5, True), r"prob must be in \[0, 1\]"),
+        (lambda: ops.bias_dropout_add(torch.randn(2, 4), None, torch.randn(3, 4), 0.1, True), "residual shape"),
+        (lambda: ops.apply_rotary_pos_emb(torch.randn(3, 1, 1, 4), torch.randn(3, 1, 1, 4), torch.ones(4, 2), torch.ones(4, 2)), "cos must be"),
+        (lambda: ops.apply_rotary_pos_emb(torch.randn(3, 1, 1, 5), torch.randn(3, 1, 1, 5), torch.ones(3, 2), torch.ones(3, 2)), "even"),
+        (lambda: ops.cross_entropy_stats(torch.randn(3, 4), torch.zeros(3, dtype=torch.int32), 0, 4), "int64"),
+        (lambda: ops.cross_entropy_stats(torch.randn(3, 4), torch.zeros(3, dtype=torch.int64), 0, 0), "vocab_size"),
+        (lambda: ops.cross_entropy_backward_(torch.randn(3, 4), torch.zeros(3, dtype=torch.int64), 0, 4, torch.zeros(3), torch.zeros(2), 0.0), "grad_loss must be fp32"),
+    ],
+)
+def test_bad_input_is_named(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
