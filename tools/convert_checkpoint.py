@@ -1,0 +1,65 @@
+"""Convert GPT-2 checkpoints between Hugging Face transformers and megatronish.
+
+    python tools/convert_checkpoint.py --input-format hf --input gpt2-dir \\
+        --output-format megatronish --output ckpt-dir --tp 2
+    python tools/convert_checkpoint.py --input-format megatronish --input ckpt-dir \\
+        --output-format hf --output gpt2-out
+
+A Hugging Face directory is what GPT2LMHeadModel.save_pretrained writes (config.json and the
+weights); the output loads with GPT2LMHeadModel.from_pretrained. A megatronish directory holds
+config.json (TransformerConfig) and model.pt (full, unsharded weights without vocabulary
+padding), which GPTModel loads at any TP size: --tp checks that the model splits at that size.
+Tokenizer files of the input (vocab.json, merges.txt, ...) are copied to the output.
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from megatronish.model.full_state import load_full_checkpoint, save_full_checkpoint
+from megatronish.model.hf_gpt2 import load_hf_gpt2, save_hf_gpt2
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+FORMATS = ("hf", "megatronish")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input-format", required=True, choices=FORMATS)
+    p.add_argument("--input", required=True, type=Path, help="checkpoint directory to read")
+    p.add_argument("--output-format", required=True, choices=FORMATS)
+    p.add_argument("--output", required=True, type=Path, help="directory to write (created if missing)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size the model must split into (default 1)")
+    args = p.parse_args(argv)
+    if args.input_format == args.output_format:
+        p.error(f"--input-format and --output-format are both {args.input_format!r}: nothing to convert")
+    if not args.input.is_dir():
+        p.error(f"--input {args.input} is not a directory")
+    return args
+
+
+def convert(input_format: str, input_dir: Path, output_format: str, output_dir: Path, tp: int = 1) -> None:
+    if input_format == "hf":
+        config, state = load_hf_gpt2(input_dir)
+    else:
+        config, state = load_full_checkpoint(input_dir)
+    config.validate(tp)
+    if output_format == "hf":
+        save_hf_gpt2(output_dir, config, state)
+    else:
+        save_full_checkpoint(output_dir, config, state)
+    for name in TOKENIZER_FILES:
+        if (input_dir / name).is_file():
+            shutil.copyfile(input_dir / name, output_dir / name)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    convert(args.input_format, args.input, args.output_format, args.output, args.tp)
+    print(f"wrote {args.output_format} checkpoint to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
