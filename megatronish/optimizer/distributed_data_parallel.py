@@ -1,0 +1,163 @@
+"""Data-parallel wrapper: fp32 gradient buffers and bucketed reduction over the DP group.
+
+Every trainable parameter gets a `main_grad`: a view into one contiguous fp32 buffer. After
+each backward a hook adds the parameter's own `.grad` (in the model's dtype) into `main_grad`
+and frees it, so gradient accumulation over micro-batches happens in fp32 whatever the model
+dtype. `finish_grad_sync()` then, once per iteration:
+  1. all-reduces over the TP group the gradients of replicated parameters that only saw a
+     sequence shard (`param.sequence_parallel = True`, e.g. norm weights and row-parallel biases
+     under sequence parallelism), so every TP rank holds the full gradient;
+  2. averages the buffer over the DP group bucket by bucket: an all-reduce for the plain
+     optimizer, a reduce-scatter for the distributed optimizer (each DP rank then holds the
+     averaged gradient of its own slice of every bucket).
+Buckets are laid out in reverse parameter order (roughly the order backward produces them)
+and padded to a multiple of the DP size so that a bucket splits evenly across DP ranks.
+
+With `use_distributed_optimizer=True` the parameters are also moved into one contiguous
+buffer with the same layout, so that the updated slices can be all-gathered in place.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatronish import parallel_state
+
+# Recent torch names these *_single and deprecates the older *_tensor names (same semantics).
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass
+class Bucket:
+    start: int            # [start, end) in the flat buffers, padding included
+    end: int
+    params: list
+
+    def shard(self, dp_rank: int, dp_size: int) -> tuple[int, int]:
+        """The [start, end) of this bucket that DP rank `dp_rank` reduces and updates."""
+        size = (self.end - self.start) // dp_size
+        return self.start + dp_rank * size, self.start + (dp_rank + 1) * size
+
+
+class DistributedDataParallel(nn.Module):
+    """Wrap `module`; call `zero_grad_buffer()` before and `finish_grad_sync()` after the backward passes."""
+
+    def __init__(self, module: nn.Module, *, bucket_size: int = 40_000_000, use_distributed_optimizer: bool = False):
+        super().__init__()
+        self.module = module
+        self.use_distributed_optimizer = use_distributed_optimizer
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        device = parallel_state.get_device()
+
+        params = [p for p in module.parameters() if p.requires_grad]  # tied parameters appear once
+        if not params:
+            raise ValueError("DistributedDataParallel: the module has no trainable parameters")
+        self.buckets, self.param_range = self._layout(list(reversed(params)), bucket_size)
+        numel = self.buckets[-1].end
+
+        self.grad_buffer = torch.zeros(numel, dtype=torch.float32, device=device)
+        for param, (start, end) in self.param_range.items():
+            param.main_grad = self.grad_buffer[start:end].view_as(param)
+            param.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
+
+        self.param_buffer = None
+        if use_distributed_optimizer:
+            dtypes = {p.dtype for p in params}
+            if len(dtypes) != 1:
+                raise ValueError(f"the distributed optimizer needs one parameter dtype, found {sorted(map(str, dtypes))}")
+            self.param_buffer = torch.zeros(numel, dtype=dtypes.pop(), device=device)
+            for param, (start, end) in self.param_range.items():
+                view = self.param_buffer[start:end].view_as(param)
+                view.copy_(param.data)
+                param.data = view
+
+        self.sequence_parallel_params = [p for p in params if getattr(p, "sequence_parallel", False)]
+        self._broadcast_params()
+
+    def _layout(self, params, bucket_size):
+        buckets, param_range = [], {}
+        offset = bucket_start = 0
+        members = []
+        for i, param in enumerate(params):
+            param_range[param] = (offset, offset + param.numel())
+            offset += param.numel()
+            members.append(param)
+            if offset - bucket_start >= bucket_size or i == len(params) - 1:
+                offset = -(-offset // self.dp_size) * self.dp_size  # pad: the bucket splits evenly over DP
+                buckets.append(Bucket(bucket_start, offset, members))
+                bucket_start, members = offset, []
+        return buckets, param_range
+
+    @torch.no_grad()
+    def _broadcast_params(self):
+        """Start every DP replica from DP rank 0's values (they should already agree: init is seeded)."""
+        if self.dp_size == 1:
+            return
+        src = parallel_state.get_data_parallel_ranks()[0]
+        for param in self.param_range:
+            dist.broadcast(param.data, src, group=self.dp_group)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def zero_grad_buffer(self) -> None:
+        self.grad_buffer.zero_()
+        for param in self.param_range:
+            param.grad = None
+
+    @torch.no_grad()
+    def finish_grad_sync(self) -> None:
+        """Make `main_grad` hold the DP-averaged, TP-complete gradient (only the local shard with the
+        distributed optimizer). Call once per iteration, after the last micro-batch's backward."""
+        self._allreduce_sequence_parallel_grads()
+        if self.dp_size == 1:
+            return
+        self.grad_buffer.div_(self.dp_size)
+        handles = []
+        for bucket in self.buckets:
+            data = self.grad_buffer[bucket.start:bucket.end]
+            if self.use_distributed_optimizer:
+                start, end = bucket.shard(self.dp_rank, self.dp_size)
+                shard = self.grad_buffer[start:end]
+                handles.append(_reduce_scatter(shard, data, group=self.dp_group, async_op=True))
+            else:
+                handles.append(dist.all_reduce(data, group=self.dp_group, async_op=True))
+        for handle in handles:
+            handle.wait()
+
+    def _allreduce_sequence_parallel_grads(self) -> None:
+        if not self.sequence_parallel_params or parallel_state.get_tensor_model_parallel_world_size() == 1:
+            return
+        grads = [p.main_grad for p in self.sequence_parallel_params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
+        for grad, piece in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(piece.view_as(grad))
+
+    @torch.no_grad()
+    def all_gather_params(self) -> None:
+        """Distributed optimizer: after each DP rank updated its shard of `param_buffer`, share them."""
+        if self.dp_size == 1:
+            return
+        handles = []
+        for bucket in self.buckets:
+            start, end = bucket.shard(self.dp_rank, self.dp_size)
+            handles.append(_all_gather(
+                self.param_buffer[bucket.start:bucket.end], self.param_buffer[start:end],
+                group=self.dp_group, async_op=True))
+        for handle in handles:
+            handle.wait()
+
+
+def _accumulate_into_main_grad(param: torch.Tensor) -> None:
+    param.main_grad.add_(param.grad)
+    param.grad = None
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
