@@ -130,6 +130,14 @@ class MixedPrecisionOptimizer:
             if target.data_ptr() != e.main.data_ptr():
                 target.copy_(e.main)
 
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Reset the fp32 masters from the model's weights (after loading weights without optimizer state)."""
+        for e in self.main_params:
+            source = e.param.data.view(-1)[e.start:e.end]
+            if source.data_ptr() != e.main.data_ptr():
+                e.main.copy_(source)
+
     # -- state keyed by parameter name, in each parameter's TP-shard shape (for checkpoints) --
 
     def _gather_full(self, values: dict) -> dict:

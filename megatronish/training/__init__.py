@@ -1,0 +1,1 @@
+"""Arguments, the training loop, checkpointing and logging of pretrain_gpt.py."""

@@ -1,0 +1,46 @@
+"""Small helpers of the training loop: printing from one rank, RNG state capture."""
+
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatronish.tensor_parallel import get_cuda_rng_tracker
+
+
+def is_rank_0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def is_last_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+def print_rank_0(message: str) -> None:
+    if is_rank_0():
+        print(message, flush=True)
+
+
+def print_rank_last(message: str) -> None:
+    """Megatron logs training progress on the last rank (where the loss lives with pipelining)."""
+    if is_last_rank():
+        print(message, flush=True)
+
+
+def get_rng_state() -> dict:
+    """Every random stream this rank draws from: Python, NumPy, torch CPU/CUDA and the TP tracker."""
+    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
