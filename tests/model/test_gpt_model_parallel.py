@@ -68,16 +68,21 @@ def _full_logits(model, ids):
     return logits[..., :VOCAB].detach()
 
 
-def _train_step(config: TransformerConfig):
-    """Initial weights, losses and gradients (full shape) of one forward/backward; the model too."""
+def _train_step(config: TransformerConfig, full: bool = True):
+    """The model, its initial weights, losses and gradients after one forward/backward.
+
+    Weights and gradients are gathered to full shape, or with full=False left as this
+    rank's slices (enough to compare runs at the same TP size, and cheaper).
+    """
     model_parallel_manual_seed(SEED)
     model = GPTModel(config, seed=SEED)
-    initial = _numpy(full_state_dict(model))
+    initial = _numpy(full_state_dict(model)) if full else None
     ids, labels, weights = _batch()
     losses = model(ids, labels=labels)
     (losses * weights).sum().backward()
     allreduce_sequence_parallel_grads(model)
-    return model, initial, losses.detach().numpy(), _numpy(full_grad_dict(model))
+    grads = full_grad_dict(model) if full else {name: p.grad for name, p in model.named_parameters()}
+    return model, initial, losses.detach().numpy(), _numpy(grads)
 
 
 def _equality_checks():
@@ -96,7 +101,8 @@ def _recompute_checks():
     out = {}
     for case, options in RECOMPUTE_CASES.items():
         for granularity in GRANULARITIES:
-            model, _, losses, grads = _train_step(TransformerConfig(**options, recompute_granularity=granularity))
+            config = TransformerConfig(**options, recompute_granularity=granularity)
+            model, _, losses, grads = _train_step(config, full=False)
             out[case, granularity] = dict(losses=losses, grads=grads)
         # Dropout must really be on, or the comparison above proves nothing: a second draw differs.
         out[case, "second_draw"] = model(_batch()[0], labels=_batch()[1]).detach().numpy()
