@@ -16,6 +16,7 @@ reach) fails the call after `timeout` seconds instead of hanging the test suite.
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import time
 import traceback
@@ -48,7 +49,9 @@ def _rank_main(fn, args, kwargs, rank, world_size, port, collective_timeout, env
         finally:
             _reset_megatronish_state()
             dist.destroy_process_group()
-        results.put((rank, True, value))
+        # Plain pickle: the queue's pickler would share tensors through file descriptors
+        # of this process, which are gone once it exits.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - everything must reach the parent, SystemExit included
         results.put((rank, False, traceback.format_exc()))
 
@@ -93,7 +96,7 @@ def run_distributed(fn, world_size: int, args=(), kwargs=None, timeout: float = 
                 rank, ok, value = results.get()
                 if not ok:
                     raise RankFailed(f"rank {rank} of {world_size} failed:\n{value}")
-                collected[rank] = value
+                collected[rank] = pickle.loads(value)
                 continue
             dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in collected]
             if dead and results.empty():

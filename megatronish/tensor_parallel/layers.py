@@ -130,6 +130,9 @@ class ColumnParallelLinear(nn.Module):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if sequence_parallel and gather_output:
             raise ValueError("ColumnParallelLinear: sequence_parallel=True needs gather_output=False")
+        if stride > 1 and gather_output:
+            # The gathered columns would come in shard order, not in the order of the full weight.
+            raise ValueError(f"ColumnParallelLinear: stride={stride} needs gather_output=False")
         self.input_size, self.output_size = input_size, output_size
         self.output_size_per_partition = divide(output_size, tp, "ColumnParallelLinear output_size")
         divide(self.output_size_per_partition * tp, stride * tp, "ColumnParallelLinear output_size / stride")
@@ -162,9 +165,12 @@ class ColumnParallelLinear(nn.Module):
             input_ = copy_to_tensor_model_parallel_region(input_)
         bias = None if self.skip_bias_add else self.bias
         output = F.linear(input_, weight, bias)
+        returned_bias = self.bias if self.skip_bias_add else None
         if self.gather_output:
             output = gather_from_tensor_model_parallel_region(output)
-        return output, (self.bias if self.skip_bias_add else None)
+            if returned_bias is not None:  # match the gathered output's width
+                returned_bias = gather_from_tensor_model_parallel_region(returned_bias)
+        return output, returned_bias
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size} (per rank {self.output_size_per_partition})"
