@@ -54,6 +54,22 @@ def dataset_exists(prefix: str) -> bool:
     return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
 
 
+def write_index(path: str, dtype, sequence_lengths: np.ndarray, document_index: np.ndarray) -> None:
+    """Write an .idx file for sequences of the given lengths (tokens of `dtype`) grouped into
+    documents by `document_index` (leading 0 included)."""
+    dtype = np.dtype(dtype)
+    lengths = np.asarray(sequence_lengths, dtype=np.int32)
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
+    pointers *= dtype.itemsize
+    document_index = np.asarray(document_index, dtype=np.int64)
+    with open(path, "wb") as f:
+        f.write(_FIXED_HEADER.pack(HEADER, VERSION, _CODE_OF_DTYPE[dtype], len(lengths), len(document_index)))
+        f.write(lengths.tobytes(order="C"))
+        f.write(pointers.tobytes(order="C"))
+        f.write(document_index.tobytes(order="C"))
+
+
 class IndexedDatasetBuilder:
     """Writes `<prefix>.bin` and `<prefix>.idx`.
 
@@ -125,17 +141,9 @@ class IndexedDatasetBuilder:
     def finalize(self) -> None:
         """Write the .idx and publish both files under their final names."""
         self._bin.close()
-        lengths = np.concatenate([np.zeros(0, np.int32), *self._sequence_lengths])
-        document_index = np.concatenate([np.zeros(1, np.int64), *self._document_ends])
-        pointers = np.zeros(len(lengths), dtype=np.int64)
-        np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
-        pointers *= self.dtype.itemsize
         idx_tmp = partial_path(idx_path(self.prefix))
-        with open(idx_tmp, "wb") as f:
-            f.write(_FIXED_HEADER.pack(HEADER, VERSION, _CODE_OF_DTYPE[self.dtype], len(lengths), len(document_index)))
-            f.write(lengths.tobytes(order="C"))
-            f.write(pointers.tobytes(order="C"))
-            f.write(document_index.tobytes(order="C"))
+        write_index(idx_tmp, self.dtype, np.concatenate([np.zeros(0, np.int32), *self._sequence_lengths]),
+                    np.concatenate([np.zeros(1, np.int64), *self._document_ends]))
         os.replace(self._bin_tmp, bin_path(self.prefix))
         os.replace(idx_tmp, idx_path(self.prefix))
 
