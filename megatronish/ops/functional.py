@@ -29,6 +29,16 @@ def _kernel_for(*tensors):
     return extension.cuda_module_for(present[0])
 
 
+def _same_dtype(x: torch.Tensor, *others) -> bool:
+    """The kernels take bias / residual in the input's dtype; other mixes take the PyTorch path."""
+    return all(t is None or t.dtype == x.dtype for t in others)
+
+
+def _norm_params_fit_kernel(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+    """The norm kernels take weight (and bias) in x's dtype or in fp32, bias in the weight's dtype."""
+    return weight.dtype in (x.dtype, torch.float32) and (bias is None or bias.dtype == weight.dtype)
+
+
 def _require_vector(name: str, tensor, size: int) -> None:
     if tensor is not None:
         _require(tuple(tensor.shape) == (size,), f"{name} must have shape [{size}] (the last dim of the input), got {list(tensor.shape)}")
@@ -78,7 +88,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias, eps: float) -> torch
     """LayerNorm over the last dim of x; weight/bias [h] in x's dtype or fp32; bias may be None."""
     _check_norm(x, weight, bias, eps)
     ext = _kernel_for(x, weight, bias)
-    if ext is not None:
+    if ext is not None and _norm_params_fit_kernel(x, weight, bias):
         return cuda_impl.Norm.apply(x, weight, bias, float(eps), False)
     apex_norms = extension.apex_norms_for(x)
     if apex_norms is not None and bias is not None and weight.dtype == x.dtype == bias.dtype:
@@ -90,7 +100,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of x: x / sqrt(mean(x^2) + eps) * weight."""
     _check_norm(x, weight, None, eps)
     ext = _kernel_for(x, weight)
-    if ext is not None:
+    if ext is not None and _norm_params_fit_kernel(x, weight, None):
         return cuda_impl.Norm.apply(x, weight, None, float(eps), True)
     apex_norms = extension.apex_norms_for(x)
     if apex_norms is not None and weight.dtype == x.dtype:
@@ -105,7 +115,7 @@ def bias_gelu(x: torch.Tensor, bias) -> torch.Tensor:
     _require_float("x", x)
     _require_vector("bias", bias, x.size(-1))
     ext = _kernel_for(x, bias)
-    if ext is None:
+    if ext is None or not _same_dtype(x, bias):
         return torch_impl.bias_gelu(x, bias)
     return cuda_impl.BiasGelu.apply(x, bias)
 
@@ -116,7 +126,7 @@ def bias_swiglu(x: torch.Tensor, bias) -> torch.Tensor:
     _require(x.dim() >= 1 and x.size(-1) % 2 == 0, f"bias_swiglu needs an even last dim (gate and up halves), got shape {list(x.shape)}")
     _require_vector("bias", bias, x.size(-1))
     ext = _kernel_for(x, bias)
-    if ext is None:
+    if ext is None or not _same_dtype(x, bias):
         return torch_impl.bias_swiglu(x, bias)
     return cuda_impl.BiasSwiglu.apply(x, bias)
 
@@ -132,7 +142,7 @@ def bias_dropout_add(x: torch.Tensor, bias, residual: torch.Tensor, prob: float,
     _require_vector("bias", bias, x.size(-1))
     _require(0.0 <= prob <= 1.0, f"dropout prob must be in [0, 1], got {prob}")
     ext = _kernel_for(x, bias, residual)
-    if ext is None or x.dtype != residual.dtype:
+    if ext is None or not _same_dtype(x, bias, residual):
         return torch_impl.bias_dropout_add(x, bias, residual, prob, training)
     return cuda_impl.BiasDropoutAdd.apply(x, bias, residual, float(prob) if training else 0.0)
 
@@ -170,7 +180,7 @@ def _check_cross_entropy(logits, target, vocab_start, vocab_size) -> None:
 
 def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab_size: int):
     """One pass over this rank's logits [n, v_local] (global column vocab_start + j; columns >= vocab_size
-    are padding and excluded). Returns fp32 [n] tensors (local_max, sum_exp, target_logit, sum_logits):
+    are padding and excluded). Returns fp32 [n] tensors (float64 for float64 logits) (local_max, sum_exp, target_logit, sum_logits):
     max over valid columns (-inf if none), sum of exp(x - local_max) (0 if none), the target's logit if
     this rank owns it (else 0), and the sum of the valid logits."""
     _check_cross_entropy(logits, target, vocab_start, vocab_size)
@@ -186,7 +196,10 @@ def cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_l
     _check_cross_entropy(logits, target, vocab_start, vocab_size)
     n = logits.size(0)
     for name, t in (("lse", lse), ("grad_loss", grad_loss)):
-        _require(tuple(t.shape) == (n,) and t.dtype == torch.float32, f"{name} must be fp32 [{n}], got {t.dtype} {list(t.shape)}")
+        # fp32, or float64 alongside float64 logits (the dtype cross_entropy_stats returned)
+        accumulate = torch.promote_types(logits.dtype, torch.float32)
+        _require(tuple(t.shape) == (n,) and t.dtype == accumulate,
+                 f"{name} must be {accumulate} [{n}], got {t.dtype} {list(t.shape)}")
     _require(0.0 <= label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {label_smoothing}")
     ext = _kernel_for(logits)
     if ext is None:

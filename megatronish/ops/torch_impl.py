@@ -87,13 +87,19 @@ def valid_columns(v_local: int, vocab_start: int, vocab_size: int) -> int:
 
 
 @torch.no_grad()
+def _accumulate_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 inputs; float64 stays float64 (reference tests)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab_size: int):
     n = logits.size(0)
     n_valid = valid_columns(logits.size(1), vocab_start, vocab_size)
+    acc = _accumulate_dtype(logits)
     if n_valid == 0:
-        zeros = torch.zeros(n, dtype=torch.float32, device=logits.device)
+        zeros = torch.zeros(n, dtype=acc, device=logits.device)
         return torch.full_like(zeros, float("-inf")), zeros, zeros.clone(), zeros.clone()
-    x = logits[:, :n_valid].float()
+    x = logits[:, :n_valid].to(acc)
     local_max = x.amax(dim=-1)
     sum_exp = torch.exp(x - local_max[:, None]).sum(dim=-1)
     local_target = target - vocab_start
@@ -118,8 +124,8 @@ def cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_l
     for first in range(0, n, _CE_BACKWARD_ROWS):
         rows = slice(first, min(n, first + _CE_BACKWARD_ROWS))
         block = logits[rows, :n_valid]
-        grad = torch.exp(block.float() - lse[rows, None])
-        grad -= (1.0 - label_smoothing) * (columns[None, :] == target[rows, None]).float()
+        grad = torch.exp(block.to(lse.dtype) - lse[rows, None])
+        grad -= (1.0 - label_smoothing) * (columns[None, :] == target[rows, None]).to(lse.dtype)
         grad -= label_smoothing / vocab_size
         grad *= grad_loss[rows, None]
         block.copy_(grad)

@@ -62,7 +62,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # The gradient is written over the saved logits: no second logits-sized buffer.
         grad = ops.cross_entropy_backward_(
             logits_2d, target_1d, ctx.vocab_start, ctx.vocab_size, lse,
-            grad_loss.reshape(-1).float(), ctx.label_smoothing)
+            grad_loss.reshape(-1).to(lse.dtype), ctx.label_smoothing)
         return grad.view(ctx.logits_shape), None, None, None
 
 

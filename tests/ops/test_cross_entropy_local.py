@@ -79,7 +79,8 @@ def test_stats_exclude_padding_and_pick_owned_targets_only():
     target = torch.tensor([10, 2, 12])  # row 0: owned column 2; row 1: another rank; row 2: padding id range
     local_max, sum_exp, target_logit, sum_logits = ops.cross_entropy_stats(logits, target, 8, 12)
     valid = logits[:, :4]
-    torch.testing.assert_close(local_max, valid.amax(1).float())
-    torch.testing.assert_close(sum_exp, torch.exp(valid - valid.amax(1, keepdim=True)).sum(1).float())
-    torch.testing.assert_close(target_logit, torch.stack([valid[0, 2], torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)]).float())
-    torch.testing.assert_close(sum_logits, valid.sum(1).float())
+    # float64 logits keep float64 statistics (fp16/bf16/fp32 give fp32)
+    torch.testing.assert_close(local_max, valid.amax(1))
+    torch.testing.assert_close(sum_exp, torch.exp(valid - valid.amax(1, keepdim=True)).sum(1))
+    torch.testing.assert_close(target_logit, torch.stack([valid[0, 2], torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)]))
+    torch.testing.assert_close(sum_logits, valid.sum(1))

@@ -93,7 +93,7 @@ def test_build_cache_key_names_torch_cuda_arch_and_sources(monkeypatch, tmp_path
         (lambda: ops.apply_rotary_pos_emb(torch.randn(3, 1, 1, 5), torch.randn(3, 1, 1, 5), torch.ones(3, 2), torch.ones(3, 2)), "even"),
         (lambda: ops.cross_entropy_stats(torch.randn(3, 4), torch.zeros(3, dtype=torch.int32), 0, 4), "int64"),
         (lambda: ops.cross_entropy_stats(torch.randn(3, 4), torch.zeros(3, dtype=torch.int64), 0, 0), "vocab_size"),
-        (lambda: ops.cross_entropy_backward_(torch.randn(3, 4), torch.zeros(3, dtype=torch.int64), 0, 4, torch.zeros(3), torch.zeros(2), 0.0), "grad_loss must be fp32"),
+        (lambda: ops.cross_entropy_backward_(torch.randn(3, 4), torch.zeros(3, dtype=torch.int64), 0, 4, torch.zeros(3), torch.zeros(2), 0.0), "grad_loss must be torch.float32"),
     ],
 )
 def test_bad_input_is_named(call, message):
