@@ -92,7 +92,7 @@ class GPTDataset(torch.utils.data.Dataset):
                                        self.seq_length, self.seed)
             for path, array in zip(paths, arrays):  # each rename is atomic; a racing builder writes the same bytes
                 save_npy_atomic(path, array)
-        return [np.load(p, mmap_mode="r") for p in paths]
+        return [np.load(p, mmap_mode="r").view(np.ndarray) for p in paths]
 
 
 def build_gpt_indices(document_lengths: np.ndarray, document_range: tuple[int, int], num_samples: int,

@@ -206,7 +206,8 @@ class IndexedDataset:
         if d1 < 1:
             raise ValueError(f"{idx} declares an empty document index; it must hold at least the leading 0")
         self.dtype = np.dtype(DTYPE_CODES[code])
-        raw = np.memmap(idx, dtype=np.uint8, mode="r")
+        # Plain ndarray views of the maps: np.memmap's own slicing costs microseconds per call.
+        raw = np.memmap(idx, dtype=np.uint8, mode="r").view(np.ndarray)
         offset = _FIXED_HEADER.size
         self.sequence_lengths = raw[offset:offset + 4 * n].view(np.int32)
         offset += 4 * n
@@ -221,7 +222,10 @@ class IndexedDataset:
                 f"{bin_} holds {bin_size} bytes but {idx} describes {total_bytes} bytes "
                 f"({self._sequence_starts[-1]} {self.dtype} tokens): the pair is truncated or mismatched"
             )
-        self.tokens = np.memmap(bin_, dtype=self.dtype, mode="r") if bin_size else np.zeros(0, self.dtype)
+        if bin_size:
+            self.tokens = np.memmap(bin_, dtype=self.dtype, mode="r").view(np.ndarray)
+        else:  # np.memmap cannot map an empty file
+            self.tokens = np.zeros(0, self.dtype)
 
     def _check_index(self, idx: str) -> None:
         lengths, docs = self.sequence_lengths, self.document_indices
