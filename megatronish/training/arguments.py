@@ -51,7 +51,7 @@ DEFAULTS = {
     "eval_iters": (100, 10),
     "save": (None, "checkpoints/default"),
     "save_interval": (None, 100),
-    "split": ("969, 30, 1", "98, 1, 1"),
+    "split": ("969, 30, 1", "90, 5, 5"),
     "tokenizer_type": (None, "ByteTokenizer"),
     "sample_tokens": (0, 200),
     "num_workers": (2, 0),                  # the demo's batches are cheap to read: no worker processes
