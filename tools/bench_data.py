@@ -18,6 +18,7 @@
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -82,7 +83,8 @@ def tokenizer_for(args, jsonl: str) -> TokenizerSpec:
     return TokenizerSpec("GPT2BPETokenizer", os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
 
 
-def plain_loop_tokens_per_s(jsonl: str, spec: TokenizerSpec, output_prefix: str, limit_bytes: int = 8 << 20) -> float:
+def plain_loop(jsonl: str, spec: TokenizerSpec, output_prefix: str, limit_bytes: int = 8 << 20):
+    """-> (tokens/s, tokens) of the simplest preprocessing loop over the first `limit_bytes`."""
     tokenizer = spec.build()
     builder = IndexedDatasetBuilder(output_prefix, optimal_dtype(tokenizer.vocab_size))
     tokens, start = 0, time.perf_counter()
@@ -92,7 +94,7 @@ def plain_loop_tokens_per_s(jsonl: str, spec: TokenizerSpec, output_prefix: str,
             builder.add_document(ids)
             tokens += len(ids)
     builder.finalize()
-    return tokens / (time.perf_counter() - start)
+    return tokens / (time.perf_counter() - start), tokens
 
 
 def bench_preprocess(args) -> None:
@@ -104,15 +106,37 @@ def bench_preprocess(args) -> None:
     spec = tokenizer_for(args, jsonl)
     print(f"tokenizer: GPT2BPETokenizer, vocab {spec.build().vocab_size}, cores on this machine: {os.cpu_count()}")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core for the baseline too
-    baseline = plain_loop_tokens_per_s(jsonl, spec, os.path.join(args.work_dir, "plain"))
-    print(f"plain per-document loop (first 8 MB): {baseline / 1e6:.2f} M tokens/s")
+    cpu_before = cpu_seconds()
+    baseline, tokens = plain_loop(jsonl, spec, os.path.join(args.work_dir, "plain"))
+    print(
+        f"plain per-document loop (first 8 MB): {baseline / 1e6:.2f} M tokens/s, "
+        f"{tokens / (cpu_seconds() - cpu_before) / 1e6:.2f} M tokens per CPU-second"
+    )
     for workers in args.workers:
-        stats = preprocess_jsonl(jsonl, os.path.join(args.work_dir, f"out_w{workers}"), spec, append_eod=True,
-                                 workers=workers, log_interval=10**12)
+        cpu_before = cpu_seconds()
+        stats = preprocess_jsonl(
+            jsonl,
+            os.path.join(args.work_dir, f"out_w{workers}"),
+            spec,
+            append_eod=True,
+            workers=workers,
+            log_interval=10**12,
+        )
+        cpu = cpu_seconds() - cpu_before
         rate = stats.tokens / stats.seconds
-        print(f"preprocess_jsonl --workers {workers}: {stats.tokens / 1e6:.1f} M tokens, {stats.documents:,} docs in "
-              f"{stats.seconds:.1f} s = {rate / 1e6:.2f} M tokens/s, {stats.documents / stats.seconds:,.0f} docs/s, "
-              f"{os.path.getsize(jsonl) / 1e6 / stats.seconds:.1f} MB/s ({rate / baseline:.1f}x the plain loop)")
+        print(
+            f"preprocess_jsonl --workers {workers}: {stats.tokens / 1e6:.1f} M tokens, {stats.documents:,} docs in "
+            f"{stats.seconds:.1f} s = {rate / 1e6:.2f} M tokens/s, {stats.documents / stats.seconds:,.0f} docs/s, "
+            f"{os.path.getsize(jsonl) / 1e6 / stats.seconds:.1f} MB/s ({rate / baseline:.1f}x the plain loop); "
+            f"{cpu:.0f} CPU-s in all processes = {stats.tokens / cpu / 1e6:.2f} M tokens per CPU-second"
+        )
+    print(f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work shares these cores)")
+
+
+def cpu_seconds() -> float:
+    """User + system time of this process and of its finished children (the pool workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def write_synthetic_dataset(prefix: str, num_tokens: int, num_documents: int, seed: int = 0) -> None:
@@ -164,18 +188,28 @@ def bench_index(args) -> None:
     start = time.perf_counter()
     write_synthetic_dataset(prefix, num_tokens, num_documents)
     samples = (num_tokens - 1) // args.seq_length  # one epoch
-    print(f"synthetic dataset: {num_tokens:.0e} tokens in {num_documents:.0e} documents, .idx "
-          f"{os.path.getsize(idx_path(prefix)) / 1e6:.0f} MB, sparse .bin (written in {time.perf_counter() - start:.1f} s)")
-    done = subprocess.run([sys.executable, "-c", INDEX_CHILD, prefix, prefix + "_cache", str(args.seq_length),
-                           str(samples)], capture_output=True, text=True)
+    print(
+        f"synthetic dataset: {num_tokens:.0e} tokens in {num_documents:.0e} documents, .idx "
+        f"{os.path.getsize(idx_path(prefix)) / 1e6:.0f} MB, sparse .bin "
+        f"(written in {time.perf_counter() - start:.1f} s)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", INDEX_CHILD, prefix, prefix + "_cache", str(args.seq_length), str(samples)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         raise RuntimeError(f"the index benchmark process failed:\n{done.stderr}")
     r = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"sample index, seq_length {args.seq_length}, {r['samples']:,} samples (one epoch):")
     print(f"  cold build (sha256 of .idx + document/sample/shuffle index + cache write): {r['cold']:.2f} s")
-    print(f"  warm load from the cache: {r['warm']:.3f} s; reading a sample (after warm-up): {r['per_sample_us']:.0f} us")
-    print(f"  memory: peak RSS {r['rss_peak']:.0f} MB for the process ({r['rss_before']:.0f} MB before the build: "
-          f"interpreter, torch, numpy); peak numpy/Python allocations during the build {r['numpy_peak']:.0f} MB")
+    print(
+        f"  warm load from the cache: {r['warm']:.3f} s; reading a sample (after warm-up): {r['per_sample_us']:.0f} us"
+    )
+    print(
+        f"  memory: peak RSS {r['rss_peak']:.0f} MB for the process ({r['rss_before']:.0f} MB before the build: "
+        f"interpreter, torch, numpy); peak numpy/Python allocations during the build {r['numpy_peak']:.0f} MB"
+    )
 
 
 def main(argv=None) -> int:

@@ -21,8 +21,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="JSONL file, one JSON object per line")
-    source.add_argument("--hf-dataset", help="Hugging Face dataset: hub name, save_to_disk folder, or a local "
-                                             ".jsonl/.json/.parquet/.csv/.arrow/.txt file")
+    source.add_argument(
+        "--hf-dataset",
+        help="Hugging Face dataset: hub name, save_to_disk folder, or a local "
+        ".jsonl/.json/.parquet/.csv/.arrow/.txt file",
+    )
     p.add_argument("--hf-split", default="train", help="split of --hf-dataset (default: train)")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")
     p.add_argument("--output-prefix", required=True, help="writes <prefix>_<key>_document.bin/.idx")
@@ -32,8 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer-model", help="SentencePiece .model or HF tokenizer.json")
     p.add_argument("--append-eod", action="store_true", help="append the EOD token to every document")
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes (default: 1)")
-    p.add_argument("--log-interval", type=int, default=1000,
-                   help="documents between progress lines when stderr is not a terminal")
+    p.add_argument(
+        "--log-interval", type=int, default=1000, help="documents between progress lines when stderr is not a terminal"
+    )
     p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
     return p.parse_args(argv)
 
@@ -41,17 +45,25 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     tokenizer = TokenizerSpec(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
-    common = dict(output_prefix=args.output_prefix, tokenizer=tokenizer, json_keys=args.json_keys,
-                  append_eod=args.append_eod, workers=args.workers, strict=args.strict,
-                  log_interval=args.log_interval)
+    common = dict(
+        output_prefix=args.output_prefix,
+        tokenizer=tokenizer,
+        json_keys=args.json_keys,
+        append_eod=args.append_eod,
+        workers=args.workers,
+        strict=args.strict,
+        log_interval=args.log_interval,
+    )
     if args.input:
         stats = preprocess_jsonl(args.input, **common)
     else:
         stats = preprocess_hf_dataset(args.hf_dataset, args.hf_split, **common)
     seconds = max(stats.seconds, 1e-9)
-    print(f"wrote {', '.join(p + '.bin/.idx' for p in stats.outputs)}: {stats.documents:,} documents, "
-          f"{stats.tokens:,} tokens in {stats.seconds:.1f} s ({stats.documents / seconds:,.0f} docs/s, "
-          f"{stats.tokens / seconds:,.0f} tokens/s); {stats.bad_records} bad record(s) skipped")
+    print(
+        f"wrote {', '.join(p + '.bin/.idx' for p in stats.outputs)}: {stats.documents:,} documents, "
+        f"{stats.tokens:,} tokens in {stats.seconds:.1f} s ({stats.documents / seconds:,.0f} docs/s, "
+        f"{stats.tokens / seconds:,.0f} tokens/s); {stats.bad_records} bad record(s) skipped"
+    )
     return 0
 
 

@@ -36,8 +36,18 @@ class GPTDataset(torch.utils.data.Dataset):
     loss_mask float32 [s] (0 where the input token is EOD when `eod_mask_loss`), position_ids int64 [s].
     """
 
-    def __init__(self, indexed: IndexedDataset, document_range: tuple[int, int], num_samples: int, seq_length: int,
-                 seed: int, eod_id: int, eod_mask_loss: bool = False, cache_dir=None, name: str = "train"):
+    def __init__(
+        self,
+        indexed: IndexedDataset,
+        document_range: tuple[int, int],
+        num_samples: int,
+        seq_length: int,
+        seed: int,
+        eod_id: int,
+        eod_mask_loss: bool = False,
+        cache_dir=None,
+        name: str = "train",
+    ):
         if num_samples < 1 or seq_length < 1:
             raise ValueError(f"num_samples ({num_samples}) and seq_length ({seq_length}) must be positive")
         self.indexed = indexed
@@ -46,7 +56,8 @@ class GPTDataset(torch.utils.data.Dataset):
         self.eod_id, self.eod_mask_loss, self.name = eod_id, eod_mask_loss, name
         self._document_starts, self._document_lengths = indexed.document_offsets, indexed.document_lengths
         self.document_index, self.sample_index, self.shuffle_index = self._load_or_build_indices(
-            cache_dir or cache_root() / "gpt-indices")
+            cache_dir or cache_root() / "gpt-indices"
+        )
 
     def __len__(self) -> int:
         return self.num_samples
@@ -57,8 +68,12 @@ class GPTDataset(torch.utils.data.Dataset):
         loss_mask = torch.ones(self.seq_length, dtype=torch.float32)
         if self.eod_mask_loss:
             loss_mask[inputs == self.eod_id] = 0.0
-        return {"tokens": inputs, "labels": labels, "loss_mask": loss_mask,
-                "position_ids": torch.arange(self.seq_length, dtype=torch.int64)}
+        return {
+            "tokens": inputs,
+            "labels": labels,
+            "loss_mask": loss_mask,
+            "position_ids": torch.arange(self.seq_length, dtype=torch.int64),
+        }
 
     def sample_tokens(self, index: int) -> np.ndarray:
         """The seq_length + 1 tokens of the index-th sample served (after shuffling)."""
@@ -66,20 +81,23 @@ class GPTDataset(torch.utils.data.Dataset):
             raise IndexError(f"sample {index} out of range for the {self.num_samples}-sample {self.name} dataset")
         i = int(self.shuffle_index[index])
         (first, first_offset), (last, last_offset) = self.sample_index[i], self.sample_index[i + 1]
-        starts = self._document_starts[self.document_index[first:last + 1]]
+        starts = self._document_starts[self.document_index[first : last + 1]]
         if first == last:
-            return self.indexed.tokens[starts[0] + first_offset:starts[0] + last_offset + 1]
-        lengths = self._document_lengths[self.document_index[first:last + 1]]
-        pieces = [self.indexed.tokens[starts[0] + first_offset:starts[0] + lengths[0]]]
-        pieces += [self.indexed.tokens[start:start + length] for start, length in zip(starts[1:-1], lengths[1:-1])]
-        pieces.append(self.indexed.tokens[starts[-1]:starts[-1] + last_offset + 1])
+            return self.indexed.tokens[starts[0] + first_offset : starts[0] + last_offset + 1]
+        lengths = self._document_lengths[self.document_index[first : last + 1]]
+        pieces = [self.indexed.tokens[starts[0] + first_offset : starts[0] + lengths[0]]]
+        pieces += [self.indexed.tokens[start : start + length] for start, length in zip(starts[1:-1], lengths[1:-1])]
+        pieces.append(self.indexed.tokens[starts[-1] : starts[-1] + last_offset + 1])
         return np.concatenate(pieces)
 
     def _cache_key(self) -> str:
         description = {
-            "version": INDEX_FORMAT_VERSION, "idx_sha256": _file_sha256(idx_path(self.indexed.prefix)),
-            "document_range": self.document_range, "num_samples": self.num_samples,
-            "seq_length": self.seq_length, "seed": self.seed,
+            "version": INDEX_FORMAT_VERSION,
+            "idx_sha256": _file_sha256(idx_path(self.indexed.prefix)),
+            "document_range": self.document_range,
+            "num_samples": self.num_samples,
+            "seq_length": self.seq_length,
+            "seed": self.seed,
         }
         return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -88,15 +106,17 @@ class GPTDataset(torch.utils.data.Dataset):
         paths = [os.path.join(cache_dir, f"{key}-{part}.npy") for part in ("document", "sample", "shuffle")]
         if not all(os.path.exists(p) for p in paths):
             os.makedirs(cache_dir, exist_ok=True)
-            arrays = build_gpt_indices(self._document_lengths, self.document_range, self.num_samples,
-                                       self.seq_length, self.seed)
+            arrays = build_gpt_indices(
+                self._document_lengths, self.document_range, self.num_samples, self.seq_length, self.seed
+            )
             for path, array in zip(paths, arrays):  # each rename is atomic; a racing builder writes the same bytes
                 save_npy_atomic(path, array)
         return [np.load(p, mmap_mode="r").view(np.ndarray) for p in paths]
 
 
-def build_gpt_indices(document_lengths: np.ndarray, document_range: tuple[int, int], num_samples: int,
-                      seq_length: int, seed: int):
+def build_gpt_indices(
+    document_lengths: np.ndarray, document_range: tuple[int, int], num_samples: int, seq_length: int, seed: int
+):
     """The (document index, sample index, shuffle index) of a GPT dataset; see the module docstring.
 
     Works from document lengths alone (tokens per document of the whole dataset), so that the
@@ -163,8 +183,16 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
     return list(data_path), None
 
 
-def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: int,
-                       num_samples: tuple[int, int, int], eod_id: int, eod_mask_loss: bool = False, cache_dir=None):
+def build_gpt_datasets(
+    data_path: list[str],
+    split: str,
+    seq_length: int,
+    seed: int,
+    num_samples: tuple[int, int, int],
+    eod_id: int,
+    eod_mask_loss: bool = False,
+    cache_dir=None,
+):
     """(train, valid, test) datasets from Megatron's --data-path, --split, --seq-length, --seed.
 
     `num_samples[i]` samples are drawn for split i; a split with 0 samples requested, or no
@@ -192,8 +220,7 @@ def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: 
     return datasets
 
 
-def _build_split(indexed, weights, split, split_index, num_samples, seq_length, seed, eod_id, eod_mask_loss,
-                 cache_dir):
+def _build_split(indexed, weights, split, split_index, num_samples, seq_length, seed, eod_id, eod_mask_loss, cache_dir):
     if num_samples <= 0:
         return None
     name = SPLIT_NAMES[split_index]

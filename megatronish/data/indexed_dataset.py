@@ -29,8 +29,14 @@ from megatronish.data.cache import partial_path
 HEADER = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPE_CODES = {
-    1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32,
-    5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16,
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
 }
 _CODE_OF_DTYPE = {np.dtype(t): code for code, t in DTYPE_CODES.items()}
 # magic, version, dtype code, N, D + 1
@@ -88,7 +94,9 @@ class IndexedDatasetBuilder:
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
         if self.dtype not in _CODE_OF_DTYPE:
-            raise ValueError(f"token dtype {self.dtype} is not one of the MMIDIDX dtypes {sorted(map(str, _CODE_OF_DTYPE))}")
+            raise ValueError(
+                f"token dtype {self.dtype} is not one of the MMIDIDX dtypes {sorted(map(str, _CODE_OF_DTYPE))}"
+            )
         self._bin_tmp = partial_path(bin_path(prefix))
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         self._bin = open(self._bin_tmp, "wb")
@@ -114,7 +122,8 @@ class IndexedDatasetBuilder:
             raise ValueError(f"sequence lengths add up to {sequence_lengths.sum()} tokens but {len(tokens)} were given")
         if sequences_per_document.sum() != len(sequence_lengths):
             raise ValueError(
-                f"documents hold {sequences_per_document.sum()} sequences but {len(sequence_lengths)} lengths were given"
+                f"documents hold {sequences_per_document.sum()} sequences, "
+                f"but {len(sequence_lengths)} lengths were given"
             )
         if (sequence_lengths < 0).any() or (sequence_lengths > np.iinfo(np.int32).max).any():
             raise ValueError("sequence lengths must lie in [0, 2**31 - 1]")
@@ -142,8 +151,12 @@ class IndexedDatasetBuilder:
         """Write the .idx and publish both files under their final names."""
         self._bin.close()
         idx_tmp = partial_path(idx_path(self.prefix))
-        write_index(idx_tmp, self.dtype, np.concatenate([np.zeros(0, np.int32), *self._sequence_lengths]),
-                    np.concatenate([np.zeros(1, np.int64), *self._document_ends]))
+        write_index(
+            idx_tmp,
+            self.dtype,
+            np.concatenate([np.zeros(0, np.int32), *self._sequence_lengths]),
+            np.concatenate([np.zeros(1, np.int64), *self._document_ends]),
+        )
         os.replace(self._bin_tmp, bin_path(self.prefix))
         os.replace(idx_tmp, idx_path(self.prefix))
 
@@ -209,9 +222,9 @@ class IndexedDataset:
         # Plain ndarray views of the maps: np.memmap's own slicing costs microseconds per call.
         raw = np.memmap(idx, dtype=np.uint8, mode="r").view(np.ndarray)
         offset = _FIXED_HEADER.size
-        self.sequence_lengths = raw[offset:offset + 4 * n].view(np.int32)
+        self.sequence_lengths = raw[offset : offset + 4 * n].view(np.int32)
         offset += 4 * n
-        self.sequence_pointers = raw[offset:offset + 8 * n].view(np.int64)
+        self.sequence_pointers = raw[offset : offset + 8 * n].view(np.int64)
         offset += 8 * n
         self.document_indices = raw[offset:].view(np.int64)
         self._check_index(idx)
@@ -271,7 +284,7 @@ class IndexedDataset:
         if offset < 0 or length < 0 or offset + length > size:
             raise IndexError(f"tokens {offset}:{offset + length} out of range for sequence {index} of length {size}")
         start = int(self._sequence_starts[index]) + offset
-        return np.asarray(self.tokens[start:start + length])
+        return np.asarray(self.tokens[start : start + length])
 
     @property
     def num_documents(self) -> int:

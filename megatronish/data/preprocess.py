@@ -148,20 +148,48 @@ def _encode_in_worker(chunk: _Chunk) -> _EncodedChunk:
     return _worker_encoder.encode(chunk)
 
 
-def preprocess_jsonl(input_path: str, output_prefix: str, tokenizer: TokenizerSpec, json_keys=("text",),
-                     append_eod: bool = False, workers: int = 1, strict: bool = False, log_interval: int = 1000,
-                     chunk_records: int = 1024) -> PreprocessStats:
+def preprocess_jsonl(
+    input_path: str,
+    output_prefix: str,
+    tokenizer: TokenizerSpec,
+    json_keys=("text",),
+    append_eod: bool = False,
+    workers: int = 1,
+    strict: bool = False,
+    log_interval: int = 1000,
+    chunk_records: int = 1024,
+) -> PreprocessStats:
     """Tokenize a JSONL file (one JSON object per line) into `<output_prefix>_<key>_document`."""
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"--input {input_path} does not exist")
     chunks = _jsonl_chunks(input_path, chunk_records)
-    return _run(chunks, os.path.getsize(input_path), f"{input_path} line", output_prefix, tokenizer, json_keys,
-                append_eod, workers, strict, log_interval)
+    return _run(
+        chunks,
+        os.path.getsize(input_path),
+        f"{input_path} line",
+        output_prefix,
+        tokenizer,
+        json_keys,
+        append_eod,
+        workers,
+        strict,
+        log_interval,
+    )
 
 
-def preprocess_hf_dataset(name_or_path: str, split: str, output_prefix: str, tokenizer: TokenizerSpec,
-                          json_keys=("text",), append_eod: bool = False, workers: int = 1, strict: bool = False,
-                          log_interval: int = 1000, chunk_records: int = 1024, cache_dir=None) -> PreprocessStats:
+def preprocess_hf_dataset(
+    name_or_path: str,
+    split: str,
+    output_prefix: str,
+    tokenizer: TokenizerSpec,
+    json_keys=("text",),
+    append_eod: bool = False,
+    workers: int = 1,
+    strict: bool = False,
+    log_interval: int = 1000,
+    chunk_records: int = 1024,
+    cache_dir=None,
+) -> PreprocessStats:
     """Tokenize a Hugging Face dataset: a folder written by `save_to_disk`, a local .jsonl/.json/
     .parquet/.csv/.arrow/.txt file, or a hub name (`datasets.load_dataset(name, split=split)`)."""
     dataset = load_hf_dataset(name_or_path, split, cache_dir)
@@ -170,14 +198,32 @@ def preprocess_hf_dataset(name_or_path: str, split: str, output_prefix: str, tok
         raise ValueError(f"--json-keys {missing} not among the columns {dataset.column_names} of {name_or_path}")
     dataset = dataset.select_columns(list(json_keys))
     chunks = _dataset_chunks(dataset, json_keys, chunk_records)
-    return _run(chunks, len(dataset), f"{name_or_path} row", output_prefix, tokenizer, json_keys, append_eod,
-                workers, strict, log_interval, unit="rows")
+    return _run(
+        chunks,
+        len(dataset),
+        f"{name_or_path} row",
+        output_prefix,
+        tokenizer,
+        json_keys,
+        append_eod,
+        workers,
+        strict,
+        log_interval,
+        unit="rows",
+    )
 
 
 def load_hf_dataset(name_or_path: str, split: str, cache_dir=None):
     import datasets
 
-    builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}
+    builders = {
+        ".jsonl": "json",
+        ".json": "json",
+        ".parquet": "parquet",
+        ".csv": "csv",
+        ".arrow": "arrow",
+        ".txt": "text",
+    }
     if os.path.isdir(name_or_path) and any(
         os.path.exists(os.path.join(name_or_path, f)) for f in ("state.json", "dataset_dict.json")
     ):
@@ -190,12 +236,14 @@ def load_hf_dataset(name_or_path: str, split: str, cache_dir=None):
     if os.path.isfile(name_or_path):
         extension = os.path.splitext(name_or_path)[1].lower()
         if extension not in builders:
-            raise ValueError(f"--hf-dataset {name_or_path}: cannot read {extension!r} files; use one of {sorted(builders)}")
+            raise ValueError(
+                f"--hf-dataset {name_or_path}: cannot read {extension!r} files; use one of {sorted(builders)}"
+            )
         return datasets.load_dataset(builders[extension], data_files=name_or_path, split="train", cache_dir=cache_dir)
     return datasets.load_dataset(name_or_path, split=split, cache_dir=cache_dir)
 
 
-def _jsonl_chunks(path: str, chunk_records: int, chunk_bytes: int = 8 << 20):
+def _jsonl_chunks(path: str, chunk_records: int, chunk_bytes: int = 1 << 20):
     with open(path, "rb") as f:
         records, size, first = [], 0, 1
         for number, line in enumerate(f, start=1):
@@ -210,13 +258,14 @@ def _jsonl_chunks(path: str, chunk_records: int, chunk_bytes: int = 8 << 20):
 
 def _dataset_chunks(dataset, json_keys, chunk_records: int):
     for start in range(0, len(dataset), chunk_records):
-        batch = dataset[start:start + chunk_records]
+        batch = dataset[start : start + chunk_records]
         rows = [dict(zip(json_keys, values)) for values in zip(*(batch[k] for k in json_keys))]
         yield _Chunk(start, rows, len(rows))
 
 
-def _run(chunks, total, source, output_prefix, tokenizer_spec, json_keys, append_eod, workers, strict,
-         log_interval, unit="B") -> PreprocessStats:
+def _run(
+    chunks, total, source, output_prefix, tokenizer_spec, json_keys, append_eod, workers, strict, log_interval, unit="B"
+) -> PreprocessStats:
     json_keys = list(json_keys)
     if not json_keys:
         raise ValueError("--json-keys must name at least one key")
@@ -228,15 +277,21 @@ def _run(chunks, total, source, output_prefix, tokenizer_spec, json_keys, append
     builders = {k: IndexedDatasetBuilder(f"{output_prefix}_{k}_document", dtype) for k in json_keys}
     stats = PreprocessStats(outputs=[b.prefix for b in builders.values()])
     encoder_args = (tokenizer_spec, json_keys, append_eod, dtype)
-    pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(
-        workers, _init_worker, encoder_args) if workers > 1 else None
+    pool = (
+        mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(
+            workers, _init_worker, encoder_args
+        )
+        if workers > 1
+        else None
+    )
     progress = _Progress(total, unit, log_interval)  # after the fork: no progress thread in the workers
     try:
         for result in _encode_in_order(chunks, pool, workers, encoder_args):
             _report_bad_records(result.bad, stats, source, strict)
             for key, builder in builders.items():
-                builder.add_documents(result.tokens[key], result.sequence_lengths[key],
-                                      result.sequences_per_document[key])
+                builder.add_documents(
+                    result.tokens[key], result.sequence_lengths[key], result.sequences_per_document[key]
+                )
             tokens = sum(len(t) for t in result.tokens.values())
             stats.documents += result.num_documents
             stats.tokens += tokens
@@ -254,8 +309,11 @@ def _run(chunks, total, source, output_prefix, tokenizer_spec, json_keys, append
             pool.join()
     stats.seconds = progress.elapsed()
     if stats.bad_records:
-        print(f"skipped {stats.bad_records} bad record(s) of {source.rsplit(' ', 1)[0]} "
-              "(--strict makes the first one fatal)", file=sys.stderr)
+        print(
+            f"skipped {stats.bad_records} bad record(s) of {source.rsplit(' ', 1)[0]} "
+            "(--strict makes the first one fatal)",
+            file=sys.stderr,
+        )
     return stats
 
 
@@ -277,8 +335,10 @@ def _encode_in_order(chunks, pool, workers: int, encoder_args):
 def _report_bad_records(bad, stats: PreprocessStats, source: str, strict: bool) -> None:
     for number, reason in bad:
         if strict:
-            raise BadRecordError(f"{source} {number}: {reason} (--strict stops at the first bad record; "
-                                 "without it bad records are skipped and counted)")
+            raise BadRecordError(
+                f"{source} {number}: {reason} (--strict stops at the first bad record; "
+                "without it bad records are skipped and counted)"
+            )
         stats.bad_records += 1
         if stats.bad_records <= MAX_REPORTED_BAD_RECORDS:
             print(f"skipping {source} {number}: {reason}", file=sys.stderr)
@@ -296,7 +356,8 @@ class _Progress:
         self.start = time.perf_counter()
         self.bar = tqdm(total=total, unit=unit, unit_scale=unit == "B", dynamic_ncols=True, disable=None)
         self.log_interval = max(1, log_interval)
-        self.documents = self.tokens = self.next_log = 0
+        self.documents = self.tokens = 0
+        self.next_log = self.log_interval
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -310,8 +371,11 @@ class _Progress:
             self.bar.set_postfix(rates, refresh=False)
             self.bar.update(amount)
         elif self.documents >= self.next_log:
-            print(f"processed {self.documents:,} documents, {self.tokens:,} tokens in {seconds:.1f} s "
-                  f"({rates['docs/s']} docs/s, {rates['tok/s']} tok/s)", file=sys.stderr)
+            print(
+                f"processed {self.documents:,} documents, {self.tokens:,} tokens in {seconds:.1f} s "
+                f"({rates['docs/s']} docs/s, {rates['tok/s']} tok/s)",
+                file=sys.stderr,
+            )
             self.next_log = self.documents + self.log_interval
 
     def close(self) -> None:

@@ -16,18 +16,27 @@ class PretrainingSampler:
     """Yields lists of `micro_batch_size` dataset indices for one data-parallel rank; the last
     incomplete group of micro-batches is dropped, so every rank yields the same number."""
 
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
-                 data_parallel_rank: int, data_parallel_size: int):
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+    ):
         if micro_batch_size < 1 or data_parallel_size < 1:
-            raise ValueError(f"micro_batch_size ({micro_batch_size}) and data_parallel_size "
-                             f"({data_parallel_size}) must be positive")
+            raise ValueError(
+                f"micro_batch_size ({micro_batch_size}) and data_parallel_size ({data_parallel_size}) must be positive"
+            )
         if not 0 <= data_parallel_rank < data_parallel_size:
             raise ValueError(f"data_parallel_rank {data_parallel_rank} is not in [0, {data_parallel_size})")
         if total_samples < 1:
             raise ValueError(f"the dataset is empty (total_samples={total_samples})")
         if not 0 <= consumed_samples < total_samples:
-            raise ValueError(f"consumed_samples {consumed_samples} must lie in [0, {total_samples}): the dataset has "
-                             f"{total_samples} samples; build it with more samples to train further")
+            raise ValueError(
+                f"consumed_samples {consumed_samples} must lie in [0, {total_samples}): the dataset has "
+                f"{total_samples} samples; build it with more samples to train further"
+            )
         self.total_samples, self.consumed_samples = total_samples, consumed_samples
         self.micro_batch_size = micro_batch_size
         self.data_parallel_rank, self.data_parallel_size = data_parallel_rank, data_parallel_size
@@ -45,16 +54,26 @@ class PretrainingSampler:
             yield list(range(start + offset, start + offset + self.micro_batch_size))
 
 
-def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int,
-                                  data_parallel_size: int, num_workers: int = 0):
+def build_pretraining_data_loader(
+    dataset,
+    consumed_samples: int,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    num_workers: int = 0,
+):
     """A DataLoader yielding this rank's micro-batches as dicts of [micro_batch, s] tensors
     (tokens, labels, loss_mask, position_ids), starting after `consumed_samples`; None when
     `dataset` is None (an empty split)."""
     if dataset is None:
         return None
-    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, data_parallel_rank,
-                                 data_parallel_size)
+    sampler = PretrainingSampler(
+        len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size
+    )
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
     )

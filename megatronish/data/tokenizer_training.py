@@ -17,10 +17,21 @@ def train_sentencepiece(files: list[str], output_prefix: str, vocab_size: int) -
     _check_inputs(files, vocab_size)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     sentencepiece.SentencePieceTrainer.Train(
-        input=",".join(files), model_prefix=output_prefix, vocab_size=vocab_size, model_type="bpe",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, byte_fallback=True, character_coverage=1.0,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        hard_vocab_limit=False, minloglevel=2,
+        input=",".join(files),
+        model_prefix=output_prefix,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        hard_vocab_limit=False,
+        minloglevel=2,
     )
     return output_prefix + ".model"
 
@@ -35,8 +46,10 @@ def train_byte_level_bpe(files: list[str], output_dir: str, vocab_size: int) -> 
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train(files, trainer)
     os.makedirs(output_dir, exist_ok=True)
@@ -51,4 +64,6 @@ def _check_inputs(files: list[str], vocab_size: int) -> None:
     if missing:
         raise FileNotFoundError(f"input text file(s) do not exist: {', '.join(missing)}")
     if vocab_size < 260:
-        raise ValueError(f"vocab size {vocab_size} is too small: it must exceed the 256 byte tokens plus special tokens")
+        raise ValueError(
+            f"vocab size {vocab_size} is too small: it must exceed the 256 byte tokens plus special tokens"
+        )

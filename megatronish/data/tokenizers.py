@@ -105,7 +105,9 @@ class GPT2BPETokenizer(_HFTokenizersBase):
         try:
             model = models.BPE.from_file(vocab_file, merge_file)
         except Exception as e:  # the Rust error names neither the file nor the flag
-            raise ValueError(f"cannot read BPE merges from {merge_file} (--merge-file) with {vocab_file}: {e}") from None
+            raise ValueError(
+                f"cannot read BPE merges from {merge_file} (--merge-file) with {vocab_file}: {e}"
+            ) from None
         self._tokenizer = RustTokenizer(model)
         # Megatron's GPT-2 tokenizer has no special tokens: "<|endoftext|>" in text is plain text.
         self._tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -158,7 +160,9 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(f"{tokenizer_model} (--tokenizer-model) is not a SentencePiece model: {e}") from None
         self.vocab_size = self._sp.GetPieceSize()
         if self._sp.eos_id() < 0:
-            raise ValueError(f"SentencePiece model {tokenizer_model} (--tokenizer-model) has no eos (</s>) token for EOD")
+            raise ValueError(
+                f"SentencePiece model {tokenizer_model} (--tokenizer-model) has no eos (</s>) token for EOD"
+            )
         self.eod = self._sp.eos_id()
         self.pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eod
 

@@ -19,7 +19,7 @@ def test_built_from_the_interpreters_own_sources(tmp_path):
     ds, tok = IndexedDataset(prefix), build_tokenizer(TOKENIZER_TYPE)
     assert ds.num_documents == len(files) and ds.dtype == np.uint16
     for d in (0, len(files) // 2, len(files) - 1):
-        doc = ds.tokens[ds.document_offsets[d]:][:ds.document_lengths[d]]
+        doc = ds.tokens[ds.document_offsets[d] :][: ds.document_lengths[d]]
         assert doc[-1] == tok.eod
         assert bytes(doc[:-1].astype(np.uint8)) == files[d].read_bytes()
     stamp = os.stat(prefix + ".idx").st_mtime_ns

@@ -21,8 +21,16 @@ def dataset(tmp_path):
 
 
 def make(indexed, num_samples, seed=1234, seq=SEQ, cache=None, document_range=None, eod_id=7, **kwargs):
-    return GPTDataset(indexed, document_range or (0, indexed.num_documents), num_samples, seq, seed, eod_id=eod_id,
-                      cache_dir=cache or os.path.join(os.path.dirname(indexed.prefix), "cache"), **kwargs)
+    return GPTDataset(
+        indexed,
+        document_range or (0, indexed.num_documents),
+        num_samples,
+        seq,
+        seed,
+        eod_id=eod_id,
+        cache_dir=cache or os.path.join(os.path.dirname(indexed.prefix), "cache"),
+        **kwargs,
+    )
 
 
 def served(ds) -> list[list[int]]:
@@ -33,9 +41,10 @@ def stream_of(ds, epochs: slice) -> np.ndarray:
     """The token stream that the dataset's document order defines, over the given epochs."""
     first, stop = ds.document_range
     per_epoch = stop - first
-    order = ds.document_index[epochs.start * per_epoch:epochs.stop * per_epoch]
-    return np.concatenate([ds.indexed.tokens[ds.indexed.document_offsets[d]:][:ds.indexed.document_lengths[d]]
-                           for d in order])
+    order = ds.document_index[epochs.start * per_epoch : epochs.stop * per_epoch]
+    return np.concatenate(
+        [ds.indexed.tokens[ds.indexed.document_offsets[d] :][: ds.indexed.document_lengths[d]] for d in order]
+    )
 
 
 def test_every_token_of_an_epoch_is_in_exactly_one_sample(dataset):
@@ -46,11 +55,11 @@ def test_every_token_of_an_epoch_is_in_exactly_one_sample(dataset):
     # the first epoch visits every document once
     assert sorted(ds.document_index[:80].tolist()) == list(range(80))
     stream = stream_of(ds, slice(0, 1))
-    windows = {tuple(stream[k * SEQ:(k + 1) * SEQ + 1]): k for k in range(num_samples)}
+    windows = {tuple(stream[k * SEQ : (k + 1) * SEQ + 1]): k for k in range(num_samples)}
     assert len(windows) == num_samples  # ids drawn from 60000: windows are distinct
     hits = sorted(windows[tuple(s)] for s in served(ds))
     assert hits == list(range(num_samples))  # each window served once: each token once, boundary tokens twice
-    assert served(ds) != [stream[k * SEQ:(k + 1) * SEQ + 1].tolist() for k in range(num_samples)]  # shuffled
+    assert served(ds) != [stream[k * SEQ : (k + 1) * SEQ + 1].tolist() for k in range(num_samples)]  # shuffled
 
 
 def test_epochs_are_whole_and_served_in_turn(dataset):
@@ -61,12 +70,12 @@ def test_epochs_are_whole_and_served_in_turn(dataset):
     epochs = len(ds.document_index) // 80
     assert epochs == 3 and len(ds.document_index) == 3 * 80
     for e in range(epochs):
-        assert sorted(ds.document_index[80 * e:80 * (e + 1)].tolist()) == list(range(80))
+        assert sorted(ds.document_index[80 * e : 80 * (e + 1)].tolist()) == list(range(80))
     # samples that start in epoch 0 are all served before any sample of epoch 1
     starts = np.asarray(ds.shuffle_index) * SEQ // tokens_per_epoch
     assert (np.diff(starts) >= 0).all()
     stream = stream_of(ds, slice(0, 3))
-    assert [stream[k * SEQ:(k + 1) * SEQ + 1].tolist() for k in ds.shuffle_index[:50]] == served(ds)[:50]
+    assert [stream[k * SEQ : (k + 1) * SEQ + 1].tolist() for k in ds.shuffle_index[:50]] == served(ds)[:50]
 
 
 def test_sample_fields(dataset):
@@ -78,8 +87,11 @@ def test_sample_fields(dataset):
         raw = torch.from_numpy(plain.sample_tokens(i).astype(np.int64))
         item, item_masked = plain[i], masked[i]
         assert {k: (v.dtype, tuple(v.shape)) for k, v in item.items()} == {
-            "tokens": (torch.int64, (SEQ,)), "labels": (torch.int64, (SEQ,)),
-            "loss_mask": (torch.float32, (SEQ,)), "position_ids": (torch.int64, (SEQ,))}
+            "tokens": (torch.int64, (SEQ,)),
+            "labels": (torch.int64, (SEQ,)),
+            "loss_mask": (torch.float32, (SEQ,)),
+            "position_ids": (torch.int64, (SEQ,)),
+        }
         assert torch.equal(item["tokens"], raw[:-1]) and torch.equal(item["labels"], raw[1:])
         assert torch.equal(item["position_ids"], torch.arange(SEQ))
         assert torch.equal(item["loss_mask"], torch.ones(SEQ))
@@ -99,7 +111,7 @@ def test_dataset_shorter_than_a_sample(tmp_path):
     ds = make(indexed, 6, seq=8)
     assert all(len(ds.sample_tokens(i)) == 9 for i in range(6))
     stream = stream_of(ds, slice(0, len(ds.document_index) // 3))
-    assert sorted(tuple(s) for s in served(ds)) == sorted(tuple(stream[k * 8:k * 8 + 9]) for k in range(6))
+    assert sorted(tuple(s) for s in served(ds)) == sorted(tuple(stream[k * 8 : k * 8 + 9]) for k in range(6))
 
 
 def test_split_ranges_follow_megatron():
@@ -116,8 +128,9 @@ def test_split_ranges_follow_megatron():
 def test_build_datasets_splits_and_caches(dataset, tmp_path, monkeypatch):
     indexed, _ = dataset
     cache = tmp_path / "cache_b"
-    train, valid, test = build_gpt_datasets([indexed.prefix], "90,10,0", SEQ, 5, (50, 20, 10), eod_id=7,
-                                            cache_dir=cache)
+    train, valid, test = build_gpt_datasets(
+        [indexed.prefix], "90,10,0", SEQ, 5, (50, 20, 10), eod_id=7, cache_dir=cache
+    )
     assert test is None and (len(train), len(valid)) == (50, 20)
     assert train.document_range == (0, 72) and valid.document_range == (72, 80)
     assert set(np.asarray(valid.document_index)) <= set(range(72, 80))
@@ -140,8 +153,9 @@ def test_blending_proportions(tmp_path):
     a = write_dataset(tmp_path / "a", random_documents(rng, 50, 40, 30000))
     b = write_dataset(tmp_path / "b", [d + 30000 for d in random_documents(rng, 50, 40, 30000)])  # ids tell a from b
     n = 10_000
-    blend, _, _ = build_gpt_datasets(["0.3", a.prefix, "0.7", b.prefix], "1", SEQ, 9, (n, 0, 0), eod_id=7,
-                                     cache_dir=tmp_path / "cache")
+    blend, _, _ = build_gpt_datasets(
+        ["0.3", a.prefix, "0.7", b.prefix], "1", SEQ, 9, (n, 0, 0), eod_id=7, cache_dir=tmp_path / "cache"
+    )
     from_b = np.array([blend.datasets[0] is None or blend[i]["tokens"][0].item() >= 30000 for i in range(n)])
     for prefix in (100, 1000, n):
         assert abs(from_b[:prefix].mean() - 0.7) <= 0.01, prefix

@@ -58,7 +58,7 @@ def test_round_trip(tmp_path, dtype):
         assert tokens.tolist() == docs[d].tolist()
         assert lengths == sentences.get(d, [len(docs[d])] if len(docs[d]) else [])
         start = ds.document_offsets[d]
-        assert ds.tokens[start:start + ds.document_lengths[d]].tolist() == docs[d].tolist()
+        assert ds.tokens[start : start + ds.document_lengths[d]].tolist() == docs[d].tolist()
     assert os.path.getsize(tmp_path / "ds.bin") == sum(len(d) for d in docs) * np.dtype(dtype).itemsize
     seq = ds[4]
     assert ds.get(4, offset=2, length=3).tolist() == seq[2:5].tolist()

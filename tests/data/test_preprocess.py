@@ -50,8 +50,9 @@ def varied_records(rng, n: int) -> list[dict]:
     return records
 
 
-@pytest.mark.parametrize("corpus, reference", [("corpus.jsonl", "meg_text_document"),
-                                               ("corpus_sentences.jsonl", "meg_sent_text_document")])
+@pytest.mark.parametrize(
+    "corpus, reference", [("corpus.jsonl", "meg_text_document"), ("corpus_sentences.jsonl", "meg_sent_text_document")]
+)
 def test_same_bytes_as_megatron(tmp_path, expected, corpus, reference):
     stats = preprocess_jsonl(str(FIXTURES / corpus), str(tmp_path / "out"), GPT2, append_eod=True, workers=1)
     assert stats.outputs == [str(tmp_path / "out_text_document")] and stats.bad_records == 0
@@ -62,7 +63,9 @@ def test_same_bytes_as_megatron(tmp_path, expected, corpus, reference):
 def test_one_and_three_workers_write_identical_files(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", varied_records(np.random.default_rng(0), 300))
     outputs = [
-        preprocess_jsonl(str(path), str(tmp_path / f"w{w}"), GPT2, append_eod=True, workers=w, chunk_records=7).outputs[0]
+        preprocess_jsonl(str(path), str(tmp_path / f"w{w}"), GPT2, append_eod=True, workers=w, chunk_records=7).outputs[
+            0
+        ]
         for w in (1, 3)
     ]
     assert file_bytes(outputs[0]) == file_bytes(outputs[1])
@@ -74,13 +77,14 @@ def test_one_and_three_workers_write_identical_files(tmp_path):
 def test_decoding_gives_the_text_back(tmp_path, append_eod, spec):
     records = varied_records(np.random.default_rng(1), 120)
     path = write_jsonl(tmp_path / "in.jsonl", records)
-    prefix = preprocess_jsonl(str(path), str(tmp_path / "out"), spec, append_eod=append_eod, workers=2,
-                              chunk_records=16).outputs[0]
+    prefix = preprocess_jsonl(
+        str(path), str(tmp_path / "out"), spec, append_eod=append_eod, workers=2, chunk_records=16
+    ).outputs[0]
     ds, tok = IndexedDataset(prefix), spec.build()
     assert ds.num_documents == len(records)
     for d, record in enumerate(records):
         text = record["text"] if isinstance(record["text"], str) else "".join(record["text"])
-        ids = ds.tokens[ds.document_offsets[d]:ds.document_offsets[d] + ds.document_lengths[d]].tolist()
+        ids = ds.tokens[ds.document_offsets[d] : ds.document_offsets[d] + ds.document_lengths[d]].tolist()
         if append_eod and text:
             assert ids[-1] == tok.eod
             ids = ids[:-1]
@@ -91,13 +95,29 @@ def test_decoding_gives_the_text_back(tmp_path, append_eod, spec):
 
 
 def test_bad_lines_are_reported_and_counted(tmp_path, capsys):
-    lines = [{"text": "one"}, {"text": "two"}, '{"text": "broken', {"text": "four"}, {"other": "five"},
-             {"text": "six"}, {"text": 7}, {"text": "eight"}, "", "[1, 2]", {"text": "eleven"}]
+    lines = [
+        {"text": "one"},
+        {"text": "two"},
+        '{"text": "broken',
+        {"text": "four"},
+        {"other": "five"},
+        {"text": "six"},
+        {"text": 7},
+        {"text": "eight"},
+        "",
+        "[1, 2]",
+        {"text": "eleven"},
+    ]
     path = write_jsonl(tmp_path / "in.jsonl", lines)
     stats = preprocess_jsonl(str(path), str(tmp_path / "out"), BYTES, workers=2, chunk_records=3)
     err = capsys.readouterr().err
     assert stats.bad_records == 4 and stats.documents == 6
-    for line, reason in [(3, "invalid JSON"), (5, "missing key 'text'"), (7, "key 'text' holds int"), (10, "expected a JSON object, got list")]:
+    for line, reason in [
+        (3, "invalid JSON"),
+        (5, "missing key 'text'"),
+        (7, "key 'text' holds int"),
+        (10, "expected a JSON object, got list"),
+    ]:
         assert f"in.jsonl line {line}: {reason}" in err
     assert "skipped 4 bad record(s)" in err
     ds, tok = IndexedDataset(stats.outputs[0]), BYTES.build()
@@ -127,11 +147,23 @@ def test_hugging_face_datasets_offline(tmp_path):
     table.to_parquet(str(tmp_path / "in.parquet"))
     table.save_to_disk(str(tmp_path / "saved"))
     datasets.DatasetDict({"validation": table}).save_to_disk(str(tmp_path / "saved_dict"))
-    sources = [(str(jsonl), "train"), (str(tmp_path / "in.parquet"), "train"), (str(tmp_path / "saved"), "train"),
-               (str(tmp_path / "saved_dict"), "validation")]
+    sources = [
+        (str(jsonl), "train"),
+        (str(tmp_path / "in.parquet"), "train"),
+        (str(tmp_path / "saved"), "train"),
+        (str(tmp_path / "saved_dict"), "validation"),
+    ]
     for i, (source, split) in enumerate(sources):
-        out = preprocess_hf_dataset(source, split, str(tmp_path / f"hf{i}"), GPT2, append_eod=True, workers=1 + i % 2,
-                                    chunk_records=2, cache_dir=str(tmp_path / "hf_cache")).outputs[0]
+        out = preprocess_hf_dataset(
+            source,
+            split,
+            str(tmp_path / f"hf{i}"),
+            GPT2,
+            append_eod=True,
+            workers=1 + i % 2,
+            chunk_records=2,
+            cache_dir=str(tmp_path / "hf_cache"),
+        ).outputs[0]
         assert file_bytes(out) == file_bytes(reference), source
     with pytest.raises(ValueError, match="--hf-split 'test'"):
         preprocess_hf_dataset(str(tmp_path / "saved_dict"), "test", str(tmp_path / "x"), GPT2)
@@ -151,20 +183,54 @@ def test_command_line_tools(tmp_path, expected):
     lines = (FIXTURES / "corpus.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     for part, chunk in (("a", lines[:123]), ("b", lines[123:])):
         (tmp_path / f"{part}.jsonl").write_text("".join(chunk), encoding="utf-8")
-        run_tool("tools/preprocess_data.py", "--input", str(tmp_path / f"{part}.jsonl"), "--output-prefix",
-                 str(tmp_path / "parts" / part), "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file",
-                 gpt2_files()["vocab_file"], "--merge-file", gpt2_files()["merge_file"], "--append-eod",
-                 "--workers", "2")
-    run_tool("tools/merge_datasets.py", "--input-dir", str(tmp_path / "parts"), "--output-prefix", str(tmp_path / "all"))
+        run_tool(
+            "tools/preprocess_data.py",
+            "--input",
+            str(tmp_path / f"{part}.jsonl"),
+            "--output-prefix",
+            str(tmp_path / "parts" / part),
+            "--tokenizer-type",
+            "GPT2BPETokenizer",
+            "--vocab-file",
+            gpt2_files()["vocab_file"],
+            "--merge-file",
+            gpt2_files()["merge_file"],
+            "--append-eod",
+            "--workers",
+            "2",
+        )
+    run_tool(
+        "tools/merge_datasets.py", "--input-dir", str(tmp_path / "parts"), "--output-prefix", str(tmp_path / "all")
+    )
     reference = expected["meg_text_document"]["files"]
     assert sha256(tmp_path / "all.bin") == reference["meg_text_document.bin"]["sha256"]
     assert sha256(tmp_path / "all.idx") == reference["meg_text_document.idx"]["sha256"]
 
     (tmp_path / "train.txt").write_text("".join(json.loads(x)["text"] + "\n" for x in lines), encoding="utf-8")
-    run_tool("tools/train_tokenizer.py", "--type", "byte-level-bpe", "--input", str(tmp_path / "train.txt"),
-             "--vocab-size", "300", "--output-dir", str(tmp_path / "bpe"))
-    run_tool("tools/train_tokenizer.py", "--type", "sentencepiece", "--input", str(tmp_path / "train.txt"),
-             "--vocab-size", "600", "--output-prefix", str(tmp_path / "sp"))
-    for tok in (build_tokenizer("GPT2BPETokenizer", str(tmp_path / "bpe/vocab.json"), str(tmp_path / "bpe/merges.txt")),
-                build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / "sp.model"))):
+    run_tool(
+        "tools/train_tokenizer.py",
+        "--type",
+        "byte-level-bpe",
+        "--input",
+        str(tmp_path / "train.txt"),
+        "--vocab-size",
+        "300",
+        "--output-dir",
+        str(tmp_path / "bpe"),
+    )
+    run_tool(
+        "tools/train_tokenizer.py",
+        "--type",
+        "sentencepiece",
+        "--input",
+        str(tmp_path / "train.txt"),
+        "--vocab-size",
+        "600",
+        "--output-prefix",
+        str(tmp_path / "sp"),
+    )
+    for tok in (
+        build_tokenizer("GPT2BPETokenizer", str(tmp_path / "bpe/vocab.json"), str(tmp_path / "bpe/merges.txt")),
+        build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / "sp.model")),
+    ):
         assert tok.detokenize(tok.tokenize("tensor parallel")) == "tensor parallel"

@@ -27,7 +27,9 @@ class Numbered(torch.utils.data.Dataset):
 
 
 def micro_batches(dataset, consumed, mbs, rank, dp, workers=0):
-    return [b["tokens"][:, 0].tolist() for b in build_pretraining_data_loader(dataset, consumed, mbs, rank, dp, workers)]
+    return [
+        b["tokens"][:, 0].tolist() for b in build_pretraining_data_loader(dataset, consumed, mbs, rank, dp, workers)
+    ]
 
 
 @pytest.mark.parametrize("dp", [1, 2, 4])
@@ -39,7 +41,7 @@ def test_data_parallel_ranks_are_disjoint_and_cover_each_global_batch(dp):
     iterations = len(per_rank[0]) // accumulation
     assert iterations == total // global_batch
     for it in range(iterations):
-        seen = [i for r in range(dp) for b in per_rank[r][it * accumulation:(it + 1) * accumulation] for i in b]
+        seen = [i for r in range(dp) for b in per_rank[r][it * accumulation : (it + 1) * accumulation] for i in b]
         assert sorted(seen) == list(range(it * global_batch, (it + 1) * global_batch))
 
 
@@ -53,7 +55,7 @@ def test_resume_serves_what_an_uninterrupted_run_serves(tmp_path):
         full = list(build_pretraining_data_loader(dataset, 0, mbs, rank, dp))
         for k in (1, 4):
             resumed = list(build_pretraining_data_loader(dataset, k * global_batch, mbs, rank, dp))
-            tail = full[k * accumulation:]
+            tail = full[k * accumulation :]
             assert len(resumed) == len(tail)
             for got, want in zip(resumed, tail):
                 assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in got)
@@ -63,8 +65,12 @@ def test_resume_serves_what_an_uninterrupted_run_serves(tmp_path):
 
 
 def test_sampler_arguments_are_checked():
-    for args, match in [((10, 10, 1, 0, 1), "consumed_samples"), ((10, 0, 1, 2, 2), "data_parallel_rank"),
-                        ((10, 0, 0, 0, 1), "micro_batch_size"), ((0, 0, 1, 0, 1), "empty")]:
+    for args, match in [
+        ((10, 10, 1, 0, 1), "consumed_samples"),
+        ((10, 0, 1, 2, 2), "data_parallel_rank"),
+        ((10, 0, 0, 0, 1), "micro_batch_size"),
+        ((0, 0, 1, 0, 1), "empty"),
+    ]:
         with pytest.raises(ValueError, match=match):
             PretrainingSampler(*args)
     assert build_pretraining_data_loader(None, 0, 1, 0, 1) is None
@@ -85,8 +91,9 @@ def _distributed_batches(prefix, cache_dir, tp):
         train, valid, _ = build_gpt_datasets([prefix], "80,20,0", 8, 3, (64, 16, 0), eod_id=0, cache_dir=cache_dir)
     finally:
         gpt_dataset.build_gpt_indices = original
-    loader = build_pretraining_data_loader(train, 8, 2, parallel_state.get_data_parallel_rank(),
-                                           parallel_state.get_data_parallel_world_size())
+    loader = build_pretraining_data_loader(
+        train, 8, 2, parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    )
     batches = [b["tokens"].tolist() for _, b in zip(range(3), loader)]
     return {"builds": len(builds), "dp_rank": parallel_state.get_data_parallel_rank(), "batches": batches}
 

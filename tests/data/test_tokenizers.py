@@ -19,7 +19,9 @@ def corpus_texts() -> list[str]:
 def random_text(rng, words: int) -> str:
     letters = np.array(list("abcdefghijklmnopqrstuvwxyzé"))
     lengths = rng.integers(1, 8, size=words)
-    return " ".join("".join(w) for w in np.split(rng.choice(letters, size=lengths.sum()), np.cumsum(lengths)[:-1])) + "\n"
+    return (
+        " ".join("".join(w) for w in np.split(rng.choice(letters, size=lengths.sum()), np.cumsum(lengths)[:-1])) + "\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,9 @@ def trained(tmp_path_factory):
 def all_tokenizers(trained):
     bpe = trained["bpe"]
     return {
-        "GPT2BPETokenizer": build_tokenizer("GPT2BPETokenizer", vocab_file=bpe["vocab.json"], merge_file=bpe["merges.txt"]),
+        "GPT2BPETokenizer": build_tokenizer(
+            "GPT2BPETokenizer", vocab_file=bpe["vocab.json"], merge_file=bpe["merges.txt"]
+        ),
         "SentencePieceTokenizer": build_tokenizer("SentencePieceTokenizer", tokenizer_model=trained["spm"]),
         "HuggingFaceTokenizer": build_tokenizer("HuggingFaceTokenizer", tokenizer_model=bpe["tokenizer.json"]),
         "ByteTokenizer": build_tokenizer("ByteTokenizer"),
@@ -101,10 +105,14 @@ def test_errors_name_the_file_and_flag(tmp_path):
         build_tokenizer("GPT2BPETokenizer", vocab_file="nope.json", merge_file=str(FIXTURES / "merges.txt"))
     (tmp_path / "bad.json").write_text("not json")
     with pytest.raises(ValueError, match=r"bad\.json \(--vocab-file\)"):
-        build_tokenizer("GPT2BPETokenizer", vocab_file=str(tmp_path / "bad.json"), merge_file=str(FIXTURES / "merges.txt"))
+        build_tokenizer(
+            "GPT2BPETokenizer", vocab_file=str(tmp_path / "bad.json"), merge_file=str(FIXTURES / "merges.txt")
+        )
     (tmp_path / "noeod.json").write_text(json.dumps({"a": 0}))
     with pytest.raises(ValueError, match="<\\|endoftext\\|>"):
-        build_tokenizer("GPT2BPETokenizer", vocab_file=str(tmp_path / "noeod.json"), merge_file=str(FIXTURES / "merges.txt"))
+        build_tokenizer(
+            "GPT2BPETokenizer", vocab_file=str(tmp_path / "noeod.json"), merge_file=str(FIXTURES / "merges.txt")
+        )
     with pytest.raises(ValueError, match="--tokenizer-model"):
         build_tokenizer("SentencePieceTokenizer")
     with pytest.raises(FileNotFoundError, match=r"missing\.model \(--tokenizer-model\)"):
