@@ -24,7 +24,7 @@ compile_one() {
   local source="$1"
   local name
   name="$(basename "$source" .cu)"
-  if "$NVCC" -c -arch="$ARCH" -std=c++17 -O3 -I"$KERNELS_DIR" "$source" -o "$OUT_DIR/$name.o" >"$OUT_DIR/$name.log" 2>&1; then
+  if "$NVCC" -c -arch="$ARCH" -std=c++20 -O3 -I"$KERNELS_DIR" "$source" -o "$OUT_DIR/$name.o" >"$OUT_DIR/$name.log" 2>&1; then
     echo "ok      $name.cu"
   else
     echo "FAILED  $name.cu"
@@ -40,13 +40,14 @@ find "$KERNELS_DIR" -maxdepth 1 -name '*.cu' -print0 | sort -z \
   | xargs -0 -n 1 -P "$JOBS" bash -c 'compile_one "$0"' || status=1
 
 if [[ -n "${BINDING_PYTHON:-}" ]]; then
-  includes="$("$BINDING_PYTHON" - <<'PY'
+  export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+  includes="$("$BINDING_PYTHON" - 2>/dev/null <<'PY'
 import os, sysconfig
 import torch
 from torch.utils import cpp_extension
-paths = cpp_extension.include_paths(device_type="cuda") + [sysconfig.get_paths()["include"]]
-cuda_home = cpp_extension.CUDA_HOME or "/usr/local/cuda"
-paths.append(os.path.join(cuda_home, "include"))
+# The toolkit's own headers first: pip's nvidia/cu13/include lacks some (crt/host_defines.h).
+paths = [os.path.join(os.environ["CUDA_HOME"], "include")]
+paths += cpp_extension.include_paths(device_type="cuda") + [sysconfig.get_paths()["include"]]
 # pip's CUDA torch ships some CUDA headers (cusparse.h, ...) in site-packages/nvidia/*/include.
 nvidia = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
 for root, dirs, _ in os.walk(nvidia):
@@ -57,7 +58,7 @@ print(" ".join("-I" + p for p in paths))
 PY
 )"
   # shellcheck disable=SC2086
-  if g++ -std=c++17 -fsyntax-only -DTORCH_EXTENSION_NAME=megatronish_kernels -DTORCH_API_INCLUDE_EXTENSION_H \
+  if g++ -std=c++20 -fsyntax-only -DTORCH_EXTENSION_NAME=megatronish_kernels -DTORCH_API_INCLUDE_EXTENSION_H \
       $includes -I"$KERNELS_DIR" "$KERNELS_DIR/binding.cpp" >"$OUT_DIR/binding.log" 2>&1; then
     echo "ok      binding.cpp (syntax, against $("$BINDING_PYTHON" -c 'import torch; print(torch.__version__)'))"
   else
