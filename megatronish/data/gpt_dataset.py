@@ -23,7 +23,7 @@ import torch
 
 from megatronish.data.blended_dataset import BlendedDataset, build_blend_index
 from megatronish.data.cache import cache_root, save_npy_atomic
-from megatronish.data.indexed_dataset import IndexedDataset, idx_path
+from megatronish.data.indexed_dataset import IndexedDataset
 
 INDEX_FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "valid", "test")
@@ -93,7 +93,7 @@ class GPTDataset(torch.utils.data.Dataset):
     def _cache_key(self) -> str:
         description = {
             "version": INDEX_FORMAT_VERSION,
-            "idx_sha256": _file_sha256(idx_path(self.indexed.prefix)),
+            "idx_sha256": self.indexed.index_sha256,
             "document_range": self.document_range,
             "num_samples": self.num_samples,
             "seq_length": self.seq_length,
@@ -123,7 +123,8 @@ def build_gpt_indices(
     cost can be measured without the tokens themselves.
     """
     start, stop = document_range
-    documents = np.arange(start, stop, dtype=np.int64)
+    document_dtype = np.int32 if stop <= np.iinfo(np.int32).max else np.int64
+    documents = np.arange(start, stop, dtype=document_dtype)
     lengths = np.asarray(document_lengths[start:stop], dtype=np.int64)
     tokens_per_epoch = int(lengths.sum())
     if tokens_per_epoch == 0:
@@ -132,11 +133,10 @@ def build_gpt_indices(
     num_epochs = -(-(num_samples * seq_length + 1) // tokens_per_epoch)
     rng = np.random.default_rng(seed)
 
-    # Each row is one epoch's random permutation of the documents.
-    permutations = np.argsort(rng.random((num_epochs, len(documents))), axis=1)
-    document_index = documents[permutations].ravel()
-    document_dtype = np.int32 if stop <= np.iinfo(np.int32).max else np.int64
-    document_index = document_index.astype(document_dtype)
+    # Each row is one epoch's random permutation of the documents (shuffled in place, row by row).
+    document_index = np.tile(documents, (num_epochs, 1))
+    rng.permuted(document_index, axis=1, out=document_index)
+    document_index = document_index.ravel()
 
     stream_starts = np.zeros(len(document_index) + 1, dtype=np.int64)
     np.cumsum(np.asarray(document_lengths, dtype=np.int64)[document_index], out=stream_starts[1:])
@@ -242,14 +242,6 @@ def _build_split(indexed, weights, split, split_index, num_samples, seq_length, 
     # A dataset whose weight is too small to get a sample in this split is left out (None).
     members = [make(i, int(c)) if c > 0 else None for i, c in zip(present, counts)]
     return BlendedDataset(members, dataset_index, dataset_sample_index)
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(16 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _is_number(text: str) -> bool:

@@ -18,6 +18,8 @@ otherwise one); an empty document has no sequence but still its document-index e
 document index may repeat a value. A document's tokens are contiguous in .bin.
 """
 
+import functools
+import hashlib
 import os
 import shutil
 import struct
@@ -299,6 +301,15 @@ class IndexedDataset:
     def document_lengths(self) -> np.ndarray:
         """Number of tokens in each document (the sum of its sequences)."""
         return self._sequence_starts[self.document_indices[1:]] - self._sequence_starts[self.document_indices[:-1]]
+
+    @functools.cached_property
+    def index_sha256(self) -> str:
+        """sha256 of the .idx file: it fixes every document's length, so it keys caches of sample indices."""
+        digest = hashlib.sha256()
+        with open(idx_path(self.prefix), "rb") as f:
+            for block in iter(lambda: f.read(16 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
 
     @property
     def num_tokens(self) -> int:

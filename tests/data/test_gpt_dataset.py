@@ -1,4 +1,5 @@
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -97,6 +98,14 @@ def test_sample_fields(dataset):
         assert torch.equal(item["loss_mask"], torch.ones(SEQ))
         assert torch.equal(item_masked["loss_mask"], (raw[:-1] != eod).float())
     assert masked[0]["loss_mask"][3] == 0
+
+
+def test_pickles_for_spawned_loader_workers(dataset):
+    indexed, _ = dataset
+    ds = make(indexed, 30)
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy.indexed.tokens is not ds.indexed.tokens  # the .bin is mapped again, not copied
+    assert served(copy) == served(ds)
 
 
 def test_seed_decides_the_order(dataset):
