@@ -1,41 +1,65 @@
-"""Saving and loading training checkpoints (first version: same TP size on save and load).
+"""Training checkpoints that load at any TP x DP layout, saved atomically, optionally in the background.
 
-Layout, as Megatron's:
-    <dir>/latest_checkpointed_iteration.txt     the newest complete checkpoint's iteration
-    <dir>/iter_0000100/mp_rank_00/model_optim_rng.pt   one file per TP rank
-Each file holds the model's state dict (this TP rank's shards), the optimizer state by
-parameter name (`sharded_state_by_name`, gathered over DP when sharded, so DP rank 0's file
-has all of it), the LR scheduler, this rank's RNG streams, the training progress and the
-arguments. DP rank 0 of each TP group writes; every rank reads its TP rank's file and the
-optimizer takes its own DP slice. The tracker file is written last, after every rank has
-finished, so a crash mid-save leaves the previous checkpoint as the latest.
+On disk (Megatron's names for the folders):
+    <save>/latest_checkpointed_iteration.txt      the newest complete checkpoint's iteration
+    <save>/iter_0000100/checkpoint.json           iteration, consumed samples, arguments, model config
+                                                  (with the true vocab size), LR scheduler, loss scaler,
+                                                  Adam step, the layout it was saved at, tensor shapes
+    <save>/iter_0000100/.metadata                 DCP's index: every tensor's global shape and chunks
+    <save>/iter_0000100/__<rank>_0.distcp          DCP data files, one per writing rank
+Tensors (see checkpoint_format.py for how a TP shard becomes a block of a global tensor):
+    model.<param name>                            the weights (vocabulary rows unpadded)
+    optimizer.<param name>.{master,exp_avg,exp_avg_sq}   fp32, the parameter's layout
+    rng.rank<global rank>                         this rank's Python, NumPy, torch, CUDA, TP-tracker states
+The optimizer state comes from `sharded_state_by_name()` (the distributed optimizer gathers its
+DP shards into the TP-shard shape), so it reshards exactly like the parameters.
 
-The training loop calls only `save_checkpoint` and `load_checkpoint` with the signatures below.
+A save writes everything into `iter_XXXXXXX.tmp`, fsyncs it, and only then renames it to
+`iter_XXXXXXX` and rewrites the tracker file (write + rename): a crash at any point leaves the
+previous checkpoint as the latest, complete and loadable. `keep_last` prunes after that.
+With `async_save=True` the state is copied to CPU memory (staging) and written by a background
+thread over a process group of its own while training goes on; the next save, and the end of
+training (`wait_for_async_save`), wait for it.
+
+The training loop calls `save_checkpoint`, `load_checkpoint` and `wait_for_async_save`;
+evaluation and tools call `load_model_for_inference` / `read_checkpoint_config`.
 """
 
+import json
 import os
 import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
 
 from megatronish import parallel_state
+from megatronish.model import GPTModel, TransformerConfig
+from megatronish.training.checkpoint_format import (
+    Block,
+    check_against_metadata,
+    load_blocks,
+    parameter_block,
+    read_metadata,
+    save_blocks,
+)
 from megatronish.training.progress import TrainingProgress
 from megatronish.training.utils import get_rng_state, print_rank_0, set_rng_state
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+COMMON_FILENAME = "checkpoint.json"
+FORMAT_NAME = "megatronish-dcp"
+FORMAT_VERSION = 1
+OPTIMIZER_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def _rank_file(root: str, iteration: int, tp_rank: int) -> str:
-    return os.path.join(checkpoint_dir(root, iteration), f"mp_rank_{tp_rank:02d}", "model_optim_rng.pt")
-
-
 def read_latest_iteration(root: str) -> int | None:
-    """The iteration in the tracker file, or None when `root` holds no checkpoint yet."""
+    """The iteration in the tracker file, or None when `root` holds no checkpoint yet (or does not exist)."""
     tracker = os.path.join(root, TRACKER_FILENAME)
     if not os.path.isfile(tracker):
         return None
@@ -46,83 +70,357 @@ def read_latest_iteration(root: str) -> int | None:
     return int(text)
 
 
+# ----------------------------------------------------------------------------------------- saving
+
+_writer: ThreadPoolExecutor | None = None
+_pending: Future | None = None
+_async_group = None
+
+
 def save_checkpoint(save_dir: str, progress: TrainingProgress, model, optimizer, scheduler, args,
-                    keep_last: int | None = None) -> str:
+                    keep_last: int | None = None, async_save: bool = False) -> str:
     """Save everything needed to resume at `progress.iteration`; returns the checkpoint's folder.
 
     Collective: every rank calls it. `model` is the unwrapped GPTModel; `optimizer` has
     `sharded_state_by_name()`; `scheduler` has `state_dict()`; `args` is the argparse Namespace.
-    `keep_last` deletes all but the newest `keep_last` checkpoints.
+    `keep_last` deletes all but the newest `keep_last` complete checkpoints. With `async_save`
+    the files are written in the background; the folder appears when they are complete.
     """
-    optimizer_state = optimizer.sharded_state_by_name()  # collective with the distributed optimizer
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    path = _rank_file(save_dir, progress.iteration, tp_rank)
-    if parallel_state.get_data_parallel_rank() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        state = {
-            "progress": progress.to_dict(),
-            "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-            "model": model.state_dict(),
-            "optimizer": optimizer_state,
-            "opt_param_scheduler": scheduler.state_dict(),
-            "rng_state": get_rng_state(),
-            "args": vars(args),
-        }
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)  # a reader never sees a half-written file
-    _barrier()
+    wait_for_async_save()
+    start = time.perf_counter()
+    optimizer_state = optimizer.sharded_state_by_name()  # a collective with the distributed optimizer
+    state = _model_blocks(model, lambda name, param: param.detach())
+    state.update(_optimizer_blocks(model, lambda name, param, key: optimizer_state["params"][name][key]))
+    state[_rng_key(dist.get_rank())] = get_rng_state()
+    common = _common_metadata(progress, model, optimizer_state, scheduler, args)
+    final = checkpoint_dir(save_dir, progress.iteration)
+    temporary = final + ".tmp"
     if dist.get_rank() == 0:
-        with open(os.path.join(save_dir, TRACKER_FILENAME + ".tmp"), "w") as f:
-            f.write(str(progress.iteration))
-        os.replace(os.path.join(save_dir, TRACKER_FILENAME + ".tmp"), os.path.join(save_dir, TRACKER_FILENAME))
+        os.makedirs(save_dir, exist_ok=True)
+        _remove_stale_temporaries(save_dir)
+    dist.barrier()
+
+    if not async_save:
+        _write(state, common, temporary, final, save_dir, keep_last, group=None)
+        print_rank_0(f"saved checkpoint at iteration {progress.iteration} to {final} "
+                     f"({time.perf_counter() - start:.2f} s)")
+        return final
+    global _writer, _pending, _async_group
+    if _async_group is None:  # the writer thread's collectives must not interleave with training's
+        _async_group = dist.new_group(backend="gloo")
+        _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+    staged = {name: Block(v.local.detach().to("cpu", copy=True), v.global_shape, v.offsets)
+              if isinstance(v, Block) else v for name, v in state.items()}
+    _pending = _writer.submit(_write, staged, common, temporary, final, save_dir, keep_last, _async_group)
+    print_rank_0(f"staged checkpoint at iteration {progress.iteration} in {time.perf_counter() - start:.2f} s; "
+                 f"writing {final} in the background")
+    return final
+
+
+def wait_for_async_save() -> None:
+    """Block until a background save has finished (and raise its error, if it failed)."""
+    global _pending
+    if _pending is not None:
+        pending, _pending = _pending, None
+        pending.result()
+
+
+def _write(state, common, temporary, final, save_dir, keep_last, group) -> None:
+    save_blocks(state, temporary, process_group=group)  # DCP fsyncs every data file
+    if dist.get_rank() == 0:  # DCP returned on rank 0 only after every rank's files were written
+        _write_json_durably(os.path.join(temporary, COMMON_FILENAME), common)
+        _fsync_dir(temporary)
+        _publish(temporary, final)
+        _write_text_durably(os.path.join(save_dir, TRACKER_FILENAME), str(common["iteration"]))
         if keep_last:
             _delete_old_checkpoints(save_dir, keep_last)
-    _barrier()
-    folder = checkpoint_dir(save_dir, progress.iteration)
-    print_rank_0(f"saved checkpoint at iteration {progress.iteration} to {folder}")
-    return folder
+    dist.barrier(group=group)
 
+
+def _publish(temporary: str, final: str) -> None:
+    """Rename the finished folder into place (replacing an older save of the same iteration)."""
+    replaced = None
+    if os.path.exists(final):
+        replaced = final + ".replaced.tmp"
+        os.rename(final, replaced)
+    os.rename(temporary, final)
+    _fsync_dir(os.path.dirname(final) or ".")
+    if replaced:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _common_metadata(progress, model, optimizer_state, scheduler, args) -> dict:
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "iteration": progress.iteration, "progress": progress.to_dict(),
+        "layout": {"tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+                   "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+                   "world_size": dist.get_world_size()},
+        "model_config": model.config.to_dict(), "vocab_size": model.config.vocab_size,
+        "parameters": {name: {"stored_shape": list(_block(param, param).global_shape),
+                              "shape": _full_unpadded_shape(param)} for name, param in model.named_parameters()},
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "optimizer": ({"step": optimizer_state["step"], "grad_scaler": optimizer_state["grad_scaler"]}
+                      if optimizer_state is not None else None),
+        "args": {key: value for key, value in vars(args).items() if _is_json(value)} if args is not None else None,
+        "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+# ---------------------------------------------------------------------------------------- loading
 
 def load_checkpoint(load_dir: str, model, optimizer, scheduler, *, load_optim: bool = True,
-                    load_rng: bool = True) -> TrainingProgress | None:
-    """Restore the newest checkpoint under `load_dir` into model/optimizer/scheduler (in place).
+                    load_rng: bool = True, finetune: bool = False) -> TrainingProgress | None:
+    """Restore the newest checkpoint under `load_dir` into model/optimizer/scheduler, in place, at
+    whatever TP x DP layout this run has.
 
     Returns the saved TrainingProgress, or None when `load_dir` holds no checkpoint yet (a fresh
-    start: the run then saves its first checkpoint there). `load_optim=False` restores only the
-    model weights (optimizer and scheduler start fresh; the progress still comes back).
+    start: the same command line then works for the first run and every restart).
+    `load_optim=False` restores the weights only (optimizer and scheduler start fresh, the
+    progress still comes back). `finetune=True` loads the weights only and starts at iteration 0.
+    RNG states come back only when the layout is the one they were saved at.
     """
     iteration = read_latest_iteration(load_dir)
     if iteration is None:
-        print_rank_0(f"no checkpoint found in {load_dir} ({TRACKER_FILENAME} missing): starting from scratch")
+        print_rank_0(f"no checkpoint in {load_dir} ({TRACKER_FILENAME} absent): starting from scratch")
         return None
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    path = _rank_file(load_dir, iteration, parallel_state.get_tensor_model_parallel_rank())
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file {path} is missing: the checkpoint at iteration {iteration} is "
-                                "incomplete, or was saved at a larger TP size")
-    state = torch.load(path, map_location=parallel_state.get_device(), weights_only=False)
-    saved_tp = state["tensor_model_parallel_size"]
-    if saved_tp != tp:
-        raise ValueError(f"checkpoint {path} was saved at TP={saved_tp}, this run uses TP={tp}: "
-                         f"resume with --tp {saved_tp}")
-    model.load_state_dict(state["model"])
+    folder = checkpoint_dir(load_dir, iteration)
+    start = time.perf_counter()
+    common = read_common(folder)
+    metadata = read_metadata(folder)
+    load_optim = load_optim and not finetune
+    load_rng = load_rng and not finetune
+
+    state = _model_blocks(model, lambda name, param: param.data)
+    moments = {}
     if load_optim:
-        optimizer.load_state_by_name(state["optimizer"])  # also sets the model weights from the fp32 masters
-        scheduler.load_state_dict(state["opt_param_scheduler"])
+        if common["optimizer"] is None:
+            raise ValueError(f"{folder} holds no optimizer state (a model-only checkpoint): resume with "
+                             "--no-load-optim or --finetune")
+        moments = {name: {key: torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+                          for key in OPTIMIZER_KEYS} for name, param in model.named_parameters()}
+        state.update(_optimizer_blocks(model, lambda name, param, key: moments[name][key]))
+    rng_key = _rng_key(dist.get_rank())
+    saved_layout = common["layout"]
+    same_layout = (saved_layout["tensor_model_parallel_size"] == parallel_state.get_tensor_model_parallel_world_size()
+                   and saved_layout["world_size"] == dist.get_world_size())
+    if load_rng and same_layout:
+        state[rng_key] = None
+    check_against_metadata(state, metadata)
+    _zero_vocabulary_padding(model)
+    try:
+        load_blocks(state, folder)
+    except Exception as error:
+        raise RuntimeError(f"reading checkpoint {folder} failed: {error}") from error
+
+    if load_optim:
+        optimizer.load_state_by_name({"params": moments, "step": common["optimizer"]["step"],
+                                      "grad_scaler": common["optimizer"]["grad_scaler"]})
+        scheduler.load_state_dict(common["scheduler"])
     else:
         optimizer.reload_model_params()
-    if load_rng:
-        set_rng_state(state["rng_state"])
-    print_rank_0(f"loaded checkpoint from {checkpoint_dir(load_dir, iteration)} at iteration {iteration}")
-    return TrainingProgress.from_dict(state["progress"])
+    if load_rng and same_layout:
+        set_rng_state(state[rng_key])
+    elif load_rng:
+        print_rank_0(f"not restoring the RNG states: the checkpoint was saved at TP={saved_layout['tensor_model_parallel_size']}"
+                     f" x DP={saved_layout['data_parallel_size']}, this run is TP="
+                     f"{parallel_state.get_tensor_model_parallel_world_size()} x DP="
+                     f"{parallel_state.get_data_parallel_world_size()} (per-rank streams do not carry over); "
+                     "the streams continue from --seed")
+    progress = TrainingProgress() if finetune else TrainingProgress.from_dict(common["progress"])
+    what = "weights only (--finetune: starting at iteration 0)" if finetune else (
+        "weights only (--no-load-optim)" if not load_optim else "model, optimizer, scheduler" +
+        (", RNG" if load_rng and same_layout else ""))
+    print_rank_0(f"loaded checkpoint {folder} at iteration {iteration}: {what} "
+                 f"({time.perf_counter() - start:.2f} s)")
+    return progress
+
+
+def read_common(folder: str) -> dict:
+    """checkpoint.json of one checkpoint folder, checked to be ours."""
+    path = os.path.join(folder, COMMON_FILENAME)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint folder {folder} is missing (the tracker file names it): "
+                                "restore it, or fix latest_checkpointed_iteration.txt to name one that exists")
+    if not os.path.isfile(path):
+        legacy = os.path.join(folder, "mp_rank_00", "model_optim_rng.pt")
+        hint = (" It is in the old per-TP-rank torch.save format, which this version does not read."
+                if os.path.isfile(legacy) else " Was it written by another tool? Only megatronish training "
+                "checkpoints load here; convert others with tools/convert_checkpoint.py.")
+        raise FileNotFoundError(f"{path} is missing: {folder} is not a megatronish checkpoint.{hint}")
+    try:
+        with open(path) as f:
+            common = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): the checkpoint is truncated or corrupt") from error
+    if not isinstance(common, dict) or common.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path} is not a megatronish checkpoint description (format "
+                         f"{common.get('format') if isinstance(common, dict) else None!r}, expected {FORMAT_NAME!r})")
+    if common.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {common['format_version']}, newer than this megatronish "
+                         f"reads ({FORMAT_VERSION}): upgrade megatronish")
+    return common
+
+
+def _resolve_folder(load_dir: str) -> str:
+    """A checkpoint root (with the tracker file) or one iter_XXXXXXX folder -> the folder to read."""
+    if os.path.isfile(os.path.join(load_dir, COMMON_FILENAME)):
+        return load_dir
+    iteration = read_latest_iteration(load_dir)
+    if iteration is None:
+        raise FileNotFoundError(f"{load_dir} holds no checkpoint: neither {TRACKER_FILENAME} nor {COMMON_FILENAME}")
+    return checkpoint_dir(load_dir, iteration)
+
+
+def read_checkpoint_config(load_dir: str) -> TransformerConfig:
+    """The saved model's config (true vocab size included), without reading any weights."""
+    return TransformerConfig.from_dict(read_common(_resolve_folder(load_dir))["model_config"])
+
+
+def load_model_for_inference(load_dir: str) -> GPTModel:
+    """A GPTModel in eval mode, built for the current TP size from the saved config, with the saved
+    weights (the newest checkpoint under `load_dir`, or `load_dir` itself if it is an iter_ folder).
+    Collective over the world; model parallelism must be initialized. `model.config.vocab_size`
+    is the true (unpadded) vocabulary."""
+    folder = _resolve_folder(load_dir)
+    config = TransformerConfig.from_dict(read_common(folder)["model_config"])
+    model = GPTModel(config)
+    state = _model_blocks(model, lambda name, param: param.data)
+    check_against_metadata(state, read_metadata(folder))
+    _zero_vocabulary_padding(model)
+    load_blocks(state, folder)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------- full (unsharded) state
+
+def read_full_model_state(load_dir: str) -> tuple[TransformerConfig, dict, dict]:
+    """(config, {param name: full unpadded value on CPU}, checkpoint.json) in one process, no
+    process group needed (for tools/convert_checkpoint.py)."""
+    folder = _resolve_folder(load_dir)
+    common = read_common(folder)
+    metadata = read_metadata(folder)
+    state = {}
+    for name, shapes in common["parameters"].items():
+        stored = tuple(shapes["stored_shape"])
+        state["model." + name] = Block(torch.empty(stored, dtype=_stored_dtype(metadata, "model." + name)),
+                                       stored, (0,) * len(stored))
+    check_against_metadata(state, metadata)
+    load_blocks(state, folder, no_dist=True)
+    full = {name: state["model." + name].local.reshape(shapes["shape"])
+            for name, shapes in common["parameters"].items()}
+    return TransformerConfig.from_dict(common["model_config"]), full, common
+
+
+def save_model_only(save_dir: str, model, iteration: int = 0) -> str:
+    """Save only the weights of `model` (at this run's layout) as a checkpoint of this format: it
+    loads at any TP size with --finetune or --no-load-optim, and for inference. Collective."""
+    progress = TrainingProgress(iteration=iteration)
+    final = checkpoint_dir(save_dir, iteration)
+    if dist.get_rank() == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        _remove_stale_temporaries(save_dir)
+    dist.barrier()
+    state = _model_blocks(model, lambda name, param: param.detach())
+    _write(state, _common_metadata(progress, model, None, None, None), final + ".tmp", final, save_dir, None, None)
+    return final
+
+
+# ------------------------------------------------------------------------------------ state maps
+
+def _block(tensor: torch.Tensor, param: torch.Tensor) -> Block | None:
+    return parameter_block(tensor, param)
+
+
+def _model_blocks(model, tensor_of) -> dict:
+    blocks = {}
+    for name, param in model.named_parameters():
+        block = _block(tensor_of(name, param), param)
+        if block is not None:
+            blocks["model." + name] = block
+    return blocks
+
+
+def _optimizer_blocks(model, tensor_of) -> dict:
+    blocks = {}
+    for name, param in model.named_parameters():
+        for key in OPTIMIZER_KEYS:
+            block = _block(tensor_of(name, param, key), param)
+            if block is not None:
+                blocks[f"optimizer.{name}.{key}"] = block
+    return blocks
+
+
+def _rng_key(rank: int) -> str:
+    return f"rng.rank{rank:05d}"
+
+
+@torch.no_grad()
+def _zero_vocabulary_padding(model) -> None:
+    """Rows past the true vocabulary are not stored: they must be zero, whatever was there."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for param in model.parameters():
+        rows = getattr(param, "unpadded_rows", None)
+        if rows is not None:
+            real = min(max(rows - tp_rank * param.size(0), 0), param.size(0))
+            param.data[real:].zero_()
+
+
+def _full_unpadded_shape(param) -> list[int]:
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+    if getattr(param, "unpadded_rows", None) is not None:
+        shape[0] = param.unpadded_rows
+    return shape
+
+
+def _stored_dtype(metadata, name: str) -> torch.dtype:
+    return metadata.state_dict_metadata[name].properties.dtype
+
+
+def _is_json(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# ------------------------------------------------------------------------------------ file system
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text_durably(path: str, text: str) -> None:
+    """Write to a temporary name, fsync, rename over `path`, fsync the folder: readers see old or new."""
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _write_json_durably(path: str, value: dict) -> None:
+    _write_text_durably(path, json.dumps(value, indent=1) + "\n")
+
+
+def _remove_stale_temporaries(root: str) -> None:
+    """Folders left by saves that were killed midway (never loaded: only renamed folders count)."""
+    for name in os.listdir(root):
+        if name.startswith("iter_") and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def _delete_old_checkpoints(root: str, keep_last: int) -> None:
-    iterations = sorted(int(name[5:]) for name in os.listdir(root) if name.startswith("iter_") and name[5:].isdigit())
+    iterations = sorted(int(name[5:]) for name in os.listdir(root)
+                        if name.startswith("iter_") and name[5:].isdigit())
     for old in iterations[:-keep_last]:
         shutil.rmtree(checkpoint_dir(root, old), ignore_errors=True)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
