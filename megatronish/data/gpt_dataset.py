@@ -204,20 +204,26 @@ def build_gpt_datasets(
     them (and build them themselves if their node sees no cache, e.g. without LOCAL_RANK).
     """
     prefixes, weights = parse_data_path(data_path)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    local_rank = int(os.environ.get("LOCAL_RANK", torch.distributed.get_rank())) if distributed else 0
-    if distributed and local_rank != 0:
-        torch.distributed.barrier()
-    indexed = [IndexedDataset(p) for p in prefixes]
-    if weights is None:
-        weights = [float(d.num_tokens) for d in indexed]
-    datasets = tuple(
-        _build_split(indexed, weights, split, i, num_samples[i], seq_length, seed, eod_id, eod_mask_loss, cache_dir)
-        for i in range(3)
-    )
-    if distributed and local_rank == 0:
-        torch.distributed.barrier()
-    return datasets
+    if len(num_samples) != 3:
+        raise ValueError(f"num_samples {num_samples} must give three counts: (train, valid, test)")
+
+    def build():
+        indexed = [IndexedDataset(p) for p in prefixes]
+        blend_weights = weights or [float(d.num_tokens) for d in indexed]
+        return tuple(
+            _build_split(indexed, blend_weights, split, i, n, seq_length, seed, eod_id, eod_mask_loss, cache_dir)
+            for i, n in enumerate(num_samples)
+        )
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return build()
+    if int(os.environ.get("LOCAL_RANK", torch.distributed.get_rank())) == 0:
+        try:
+            return build()
+        finally:  # reached even when building fails, so that the others go on to fail the same way
+            torch.distributed.barrier()
+    torch.distributed.barrier()
+    return build()
 
 
 def _build_split(indexed, weights, split, split_index, num_samples, seq_length, seed, eod_id, eod_mask_loss, cache_dir):

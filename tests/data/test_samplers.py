@@ -110,3 +110,17 @@ def test_distributed_build_once_per_node_and_loader(tmp_path):
     samples = [tuple(s) for batches in by_dp.values() for b in batches for s in b]
     assert len(set(samples)) == len(samples) == 2 * 3 * 2  # DP ranks read disjoint samples
     assert not [f for f in os.listdir(cache) if "partial" in f]
+
+
+def _distributed_build_error(prefix, cache_dir):
+    try:
+        build_gpt_datasets([prefix], "1", 8, 3, (4, 0, 0), eod_id=0, cache_dir=cache_dir)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_a_failing_build_fails_every_rank_instead_of_hanging(tmp_path):
+    indexed = write_dataset(tmp_path / "empty_docs", [[], []])
+    errors = run_distributed(_distributed_build_error, world_size=2, args=(indexed.prefix, str(tmp_path)), timeout=60)
+    assert all(e is not None and "hold no tokens" in e for e in errors)
