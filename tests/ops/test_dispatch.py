@@ -78,6 +78,11 @@ def test_build_cache_key_names_torch_cuda_arch_and_sources(monkeypatch, tmp_path
     assert extension.build_dir_for("80") != folder
 
 
+def test_kernel_sources_are_where_the_build_looks():
+    names = {path.name for path in extension.source_files()}
+    assert "binding.cpp" in names and any(name.endswith(".cu") for name in names)
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
