@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "micro-batch x DP); gradients are accumulated over the micro-batches"))
     g.add_argument("--train-iters", type=int, help=d("train_iters", "optimizer steps"))
     g.add_argument("--exit-interval", type=int, help="stop (after saving) when the iteration is a multiple of this")
+    g.add_argument("--exit-duration-in-mins", type=float,
+                   help="stop (after saving) at the first iteration boundary after this many minutes")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="accepted for Megatron scripts: SIGTERM and SIGUSR1 always make every rank save and exit 0")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true", help="bf16 model, fp32 master weights and gradients")
     g.add_argument("--fp16", action="store_true", help="fp16 model with loss scaling, fp32 master weights")
@@ -177,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-optim", action="store_true", help="load only the model weights")
     g.add_argument("--no-load-rng", action="store_true", help="do not restore the random streams")
     g.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints")
+    g.add_argument("--finetune", action="store_true",
+                   help="load only the model weights from --load and start at iteration 0 (new optimizer, data, RNG)")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in a background thread while training goes on")
     g.add_argument("--sample-tokens", type=int, help=d("sample_tokens", "tokens to generate after training"))
     g.add_argument("--sample-prompt", default="def ", help="prompt of the generated sample (default: 'def ')")
     return p
@@ -280,6 +288,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         fail(f"--clip-grad ({args.clip_grad}) and --eval-iters ({args.eval_iters}) must be >= 0")
     if args.save_interval is not None and args.save_interval < 1:
         fail(f"--save-interval {args.save_interval} must be positive")
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        fail(f"--exit-duration-in-mins {args.exit_duration_in_mins} must be positive")
     if args.keep_last is not None and args.keep_last < 1:
         fail(f"--keep-last {args.keep_last} must be positive")
     if args.distributed_backend == "nccl" and not torch.cuda.is_available():

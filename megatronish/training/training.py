@@ -33,7 +33,9 @@ from megatronish.optimizer import (
 )
 from megatronish.tensor_parallel import model_parallel_manual_seed
 from megatronish.training.arguments import transformer_config_from_args, validate_args, warmup_iters
-from megatronish.training.checkpointing import load_checkpoint, save_checkpoint
+from megatronish.training.checkpointing import load_checkpoint, save_checkpoint, wait_for_async_save
+from megatronish.training.collective_errors import named_collective
+from megatronish.training.preemption import ExitConditions
 from megatronish.training.progress import TrainingProgress
 from megatronish.training.training_log import (
     MetricWriters,
@@ -85,8 +87,8 @@ def pretrain(args: argparse.Namespace) -> TrainingResult:
 
     progress = TrainingProgress()
     if args.load:
-        loaded = load_checkpoint(args.load, model, optimizer, scheduler,
-                                 load_optim=not args.no_load_optim, load_rng=not args.no_load_rng)
+        loaded = load_checkpoint(args.load, model, optimizer, scheduler, load_optim=not args.no_load_optim,
+                                 load_rng=not args.no_load_rng, finetune=args.finetune)
         progress = loaded or progress
 
     train_data, valid_data, test_data = build_datasets(args, tokenizer.eod)
@@ -99,11 +101,14 @@ def pretrain(args: argparse.Namespace) -> TrainingResult:
     writers = MetricWriters(args)
     flops_per_iteration = num_floating_point_operations(args, model.padded_vocab_size)
     interval = _LogInterval()
-    saved_at = None
+    saved_at = progress.iteration if args.load and progress.iteration else None  # resumed: that one is on disk
+    exit_conditions = ExitConditions(args.exit_interval, args.exit_duration_in_mins)  # SIGTERM/SIGUSR1 from here on
+    exit_reason = None
     ddp_model.train()
     while progress.iteration < args.train_iters:
         batches = [_to_device(next(train_iter), device) for _ in range(num_microbatches)]
-        loss, update_successful, grad_norm = train_step(batches, ddp_model, optimizer)
+        with named_collective(f"at iteration {progress.iteration + 1}"):
+            loss, update_successful, grad_norm = train_step(batches, ddp_model, optimizer)
         if update_successful:
             scheduler.step(args.global_batch_size)
         progress.iteration += 1
@@ -125,16 +130,26 @@ def pretrain(args: argparse.Namespace) -> TrainingResult:
             result.validation_losses[progress.iteration] = valid_loss
             print_rank_last(validation_log_lines(f"iteration {progress.iteration}", valid_loss))
             writers.scalars({"lm-loss-validation/lm loss": valid_loss}, progress.iteration)
-        exiting = bool(args.exit_interval) and progress.iteration % args.exit_interval == 0
-        if args.save and (exiting or (args.save_interval and progress.iteration % args.save_interval == 0)):
-            save_checkpoint(args.save, progress, model, optimizer, scheduler, args, keep_last=args.keep_last)
+        with named_collective(f"the agreement on stopping after iteration {progress.iteration}"):
+            exit_reason = exit_conditions.check(progress.iteration)
+        if args.save and (exit_reason or (args.save_interval and progress.iteration % args.save_interval == 0)):
+            save_checkpoint(args.save, progress, model, optimizer, scheduler, args, keep_last=args.keep_last,
+                            async_save=args.async_save)
             saved_at = progress.iteration
-        if exiting:
-            print_rank_0(f"exiting at iteration {progress.iteration} (--exit-interval {args.exit_interval})")
+        if exit_reason:
+            print_rank_0(f"exiting after iteration {progress.iteration}: {exit_reason}"
+                         + ("" if args.save else " (no --save: nothing saved)"))
             break
+    exit_conditions.close()
 
     if args.save and saved_at != progress.iteration:
-        save_checkpoint(args.save, progress, model, optimizer, scheduler, args, keep_last=args.keep_last)
+        save_checkpoint(args.save, progress, model, optimizer, scheduler, args, keep_last=args.keep_last,
+                        async_save=args.async_save)
+    wait_for_async_save()
+    if exit_reason:  # preempted or told to stop: leave now, the rest of the grace period is not ours
+        writers.close()
+        result.progress = progress
+        return result
     if args.eval_iters:
         for name, data in (("validation", valid_data), ("test", test_data)):
             if data is None:
@@ -172,13 +187,17 @@ def train_step(batches: list[dict], model: DistributedDataParallel, optimizer):
     """Forward and backward over the micro-batches, reduce gradients, step. Returns (loss, stepped, grad norm)."""
     optimizer.zero_grad()
     losses = []
-    for batch in batches:
-        loss = micro_batch_loss(model, batch)
-        losses.append(loss.detach())
-        (loss / len(batches) * optimizer.get_loss_scale().to(loss.device)).backward()
-    model.finish_grad_sync()
-    update_successful, grad_norm = optimizer.step()
-    return _average_over_dp(torch.stack(losses).mean()), update_successful, grad_norm
+    with named_collective("the tensor-parallel collectives of forward/backward"):
+        for batch in batches:
+            loss = micro_batch_loss(model, batch)
+            losses.append(loss.detach())
+            (loss / len(batches) * optimizer.get_loss_scale().to(loss.device)).backward()
+    with named_collective("the all-reduce of gradients over data-parallel ranks"):
+        model.finish_grad_sync()
+    with named_collective("the optimizer step (gradient-norm all-reduce, parameter all-gather)"):
+        update_successful, grad_norm = optimizer.step()
+    with named_collective("the all-reduce of the loss over data-parallel ranks"):
+        return _average_over_dp(torch.stack(losses).mean()), update_successful, grad_norm
 
 
 @torch.no_grad()
@@ -274,4 +293,10 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def _iterate(loader):
-    return iter(loader) if loader is not None else None
+    if loader is None:
+        return None
+    # Starting a DataLoader iterator draws a worker seed from the global torch generator; keep the
+    # global stream untouched so that a resumed run (its RNG restored before the loaders are built)
+    # draws exactly the dropout masks the uninterrupted run drew.
+    with torch.random.fork_rng(devices=[]):
+        return iter(loader)
