@@ -23,6 +23,7 @@ class _State:
     tp_ranks: list[int] | None = None
     dp_ranks: list[int] | None = None
     device: torch.device | None = None
+    timeout: timedelta | None = None  # of the TP/DP groups (torch would give new groups 30 minutes)
 
 
 _state = _State()
@@ -82,6 +83,7 @@ def initialize_distributed(backend: str | None = None, timeout_minutes: float = 
             timeout=timedelta(minutes=timeout_minutes),
         )
     _state.device = device
+    _state.timeout = timedelta(minutes=timeout_minutes)
     return device
 
 
@@ -105,12 +107,12 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, device: torch
     # Every rank must take part in creating every group, in the same order.
     for start in range(0, world_size, tp):
         ranks = list(range(start, start + tp))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=_state.timeout)
         if rank in ranks:
             _state.tp_group, _state.tp_ranks = group, ranks
     for offset in range(tp):
         ranks = list(range(offset, world_size, tp))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=_state.timeout)
         if rank in ranks:
             _state.dp_group, _state.dp_ranks = group, ranks
     _state.device = torch.device(device) if device is not None else (_state.device or default_device())
