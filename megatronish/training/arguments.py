@@ -197,9 +197,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         raise ArgumentError(_unknown_flag_message(parser, unknown))
     args.demo = not args.data_path
-    if args.lr_warmup_iters is not None and args.lr_warmup_fraction is None:
-        args.lr_warmup_fraction = 0.0 if args.demo else None  # an explicit warmup in iterations wins
+    warmup_iters_given = args.lr_warmup_iters is not None
     for dest, (megatron, demo) in DEFAULTS.items():
+        if dest == "lr_warmup_fraction" and warmup_iters_given:
+            continue  # an explicit warmup in iterations replaces the demo's warmup fraction
         if getattr(args, dest) is None:
             setattr(args, dest, demo if args.demo else megatron)
     if args.tokenizer_type is None and args.vocab_file and args.merge_file:
@@ -273,7 +274,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         fail(f"--loss-scale {args.loss_scale} applies to --fp16 only: add --fp16 or drop --loss-scale")
     if args.lr <= 0 or not 0 <= args.min_lr <= args.lr:
         fail(f"need --lr > 0 and 0 <= --min-lr <= --lr, got --lr {args.lr} --min-lr {args.min_lr}")
-    if args.lr_warmup_fraction:
+    if args.lr_warmup_fraction is not None:
         if args.lr_warmup_iters:
             fail(f"--lr-warmup-fraction {args.lr_warmup_fraction} and --lr-warmup-iters {args.lr_warmup_iters} "
                  "are both set: give only one")

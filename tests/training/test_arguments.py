@@ -1,0 +1,119 @@
+"""pretrain_gpt.py's arguments: Megatron names, demo vs Megatron defaults, and one-line errors
+raised before any work (checked in-process, and once through the real script for the exit code)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatronish.data.indexed_dataset import IndexedDatasetBuilder
+from megatronish.training.arguments import ArgumentError, parse_args, transformer_config_from_args, validate_args
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+         "--micro-batch-size", "2", "--train-iters", "5", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def prefix(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "doc_text_document")
+    builder = IndexedDatasetBuilder(path, dtype=np.uint16)
+    builder.add_document(np.arange(100) % 250)
+    builder.finalize()
+    return path
+
+
+def error_of(argv, world_size=1) -> str:
+    with pytest.raises(ArgumentError) as info:
+        validate_args(parse_args(argv), world_size)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_megatron_gpt2_flags_parse_and_map_to_the_model_config(prefix):
+    args = parse_args(["--tensor-model-parallel-size", "2", "--num-layers", "24", "--hidden-size", "1024",
+                       "--num-attention-heads", "16", "--seq-length", "1024", "--max-position-embeddings", "1024",
+                       "--micro-batch-size", "4", "--global-batch-size", "16", "--lr", "0.00015", "--train-iters",
+                       "500000", "--lr-decay-iters", "320000", "--lr-decay-style", "cosine", "--min-lr", "1.0e-5",
+                       "--weight-decay", "1e-2", "--lr-warmup-fraction", ".01", "--clip-grad", "1.0", "--fp16",
+                       "--data-path", prefix, "--vocab-file", __file__, "--merge-file", __file__,
+                       "--split", "949,50,1", "--log-interval", "100", "--save-interval", "10000",
+                       "--eval-interval", "1000", "--eval-iters", "10", "--distributed-backend", "gloo",
+                       "--data-impl", "mmap", "--pipeline-model-parallel-size", "1"])
+    validate_args(args, world_size=8)
+    assert not args.demo and args.tokenizer_type == "GPT2BPETokenizer"
+    assert (args.data_parallel_size, args.ffn_hidden_size, args.hidden_dropout, args.adam_beta2) == (4, 4096, 0.1, 0.999)
+    config = transformer_config_from_args(args, vocab_size=50257)
+    assert (config.num_layers, config.hidden_size, config.params_dtype, config.tie_word_embeddings) == \
+        (24, 1024, torch.float16, True)
+
+
+def test_llama_switches_and_tp_alias():
+    args = parse_args(["--tp", "2", "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--swiglu",
+                       "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--hidden-size", "256"])
+    validate_args(args, world_size=2)
+    config = transformer_config_from_args(args, vocab_size=258)
+    assert args.tensor_model_parallel_size == 2
+    assert (config.normalization, config.position_embedding_type, config.activation) == ("RMSNorm", "rope", "swiglu")
+    assert not config.add_bias_linear and not config.tie_word_embeddings
+    assert config.ffn_hidden_size == 640  # Megatron's SwiGLU size: int(4 * 256 * 2/3 / 64) * 64
+
+
+def test_no_data_flags_give_the_demo_and_explicit_flags_win():
+    args = parse_args([])
+    validate_args(args, world_size=2)
+    assert args.demo and args.tokenizer_type == "ByteTokenizer" and args.save == "checkpoints/default"
+    assert args.num_layers == 4 and args.global_batch_size == 16 and args.lr_warmup_fraction == 0.05
+    args = parse_args(["--num-layers", "2", "--lr-warmup-iters", "3", "--train-iters", "5"])
+    validate_args(args, world_size=1)
+    assert args.num_layers == 2 and args.lr_warmup_iters == 3 and args.lr_warmup_fraction is None
+
+
+@pytest.mark.parametrize("argv,world_size,expected", [
+    (["--tp", "3"], 2, "--tensor-model-parallel-size 3 does not divide the world size 2"),
+    (["--global-batch-size", "20"], 2, "--global-batch-size 20 is not divisible by --micro-batch-size 8 x "
+                                       "data-parallel size 2: use a multiple of 16"),
+    (["--num-attention-heads", "6", "--hidden-size", "96", "--tp", "4"], 4,
+     "--num-attention-heads 6 is not divisible by --tp 4"),
+    (["--vocab-file", "vocab.json", "--merge-file", "merges.txt"], 1, "--data-path is missing"),
+    (["--fp16", "--bf16"], 1, "--fp16 and --bf16 are both set"),
+    (["--seq-length", "256", "--max-position-embeddings", "128"], 1, "--seq-length 256 exceeds"),
+    (["--pipeline-model-parallel-size", "2"], 2, "--pipeline-model-parallel-size 2 is not supported"),
+    (["--lr-warmup-iters", "300"], 1, "the warmup (300 iterations) must be shorter than --lr-decay-iters 200"),
+])
+def test_argument_errors_name_the_value_and_fix(argv, world_size, expected):
+    assert expected in error_of(argv, world_size)
+
+
+def test_data_and_tokenizer_file_errors(prefix):
+    assert "--data-path /no/such/prefix: /no/such/prefix.bin / /no/such/prefix.idx not found" in error_of(
+        ["--data-path", "/no/such/prefix", "--tokenizer-type", "ByteTokenizer", *MODEL])
+    assert "--vocab-file /no/vocab.json does not exist" in error_of(
+        ["--data-path", prefix, "--vocab-file", "/no/vocab.json", "--merge-file", __file__, *MODEL])
+    assert "--tokenizer-type GPT2BPETokenizer needs --merge-file" in error_of(
+        ["--data-path", prefix, "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", __file__, *MODEL])
+    assert "--num-layers is required when --data-path is given" in error_of(["--data-path", prefix])
+
+
+def test_unknown_flag_suggests_the_closest():
+    with pytest.raises(ArgumentError, match=r"unrecognized argument --num-layer; did you mean --num-layers\?"):
+        parse_args(["--num-layer", "4"])
+    with pytest.raises(ArgumentError, match="unrecognized argument --tensor-parallel"):
+        parse_args(["--tensor-parallel=2"])
+
+
+def test_script_exits_nonzero_with_one_line_before_any_work(tmp_path):
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", MEGATRONISH_CACHE=str(tmp_path / "cache"))
+    for argv, expected in ((["--tp", "3"], "does not divide the world size 2"),
+                           (["--hidden-sise", "64"], "did you mean --hidden-size?")):
+        proc = subprocess.run([sys.executable, str(REPO / "pretrain_gpt.py"), *argv], capture_output=True, text=True,
+                              env=env, timeout=120, cwd=tmp_path)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("pretrain_gpt.py: error: ") and expected in lines[0]
+        assert not (tmp_path / "cache").exists() and not (tmp_path / "checkpoints").exists()  # nothing was built
