@@ -1,0 +1,187 @@
+"""Time training steps of megatronish's GPTModel at TP = 1 against a plain PyTorch GPT of the same shape.
+
+    python tools/bench_model.py                      # nanoGPT's CPU config: 4 layers, 4 heads,
+                                                     # hidden 128, sequence 64, batch 12, vocab 65
+    python tools/bench_model.py --layers 6 --hidden 384 --heads 6 --seq 256 --batch 8 --vocab 50257
+
+A step is forward + backward + AdamW step on a fixed random batch, fp32, dropout 0. The two
+models run interleaved in one process (rounds of --steps steps each, after --warmup steps), so
+that a busy machine slows both alike; the per-round medians are reported.
+
+FLOPs per step (matmuls only, causal attention counted as full s x s, as Megatron does), for
+T = batch * seq tokens, L layers, hidden h, FFN width f, sequence s and true vocabulary V:
+    3 * T * (L * (8 h^2 + 4 h f + 4 s h) + 2 h V)
+(forward = 1, backward = 2 units; per layer: QKV 6h^2 + projection 2h^2, MLP 4hf, scores and
+context 4sh; the output layer 2hV). With f = 4h this is Megatron's 72 T L h^2 (1 + s/6h + V/12Lh).
+Both models get the same count, so the GFLOP/s ratio equals the speed ratio. megatronish pads
+the vocabulary (to --make-vocab-size-divisible-by) and computes those columns too; they are
+not counted.
+"""
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatronish import parallel_state
+from megatronish.model import GPTModel, TransformerConfig, full_state_dict
+from megatronish.tensor_parallel import model_parallel_manual_seed
+from megatronish.testing import find_free_port
+
+
+class BaselineBlock(nn.Module):
+    """A nanoGPT block: pre-LayerNorm, fused QKV, SDPA causal attention, tanh-GeLU MLP."""
+
+    def __init__(self, hidden: int, heads: int, ffn: int):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.c_attn, self.c_proj = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
+        self.c_fc, self.mlp_proj = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
+
+    def forward(self, x):
+        b, s, h = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(h, dim=2)
+        q, k, v = (t.view(b, s, self.heads, h // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).contiguous().view(b, s, h))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class BaselineGPT(nn.Module):
+    def __init__(self, layers: int, hidden: int, heads: int, ffn: int, vocab: int, positions: int):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, hidden), nn.Embedding(positions, hidden)
+        self.blocks = nn.ModuleList(BaselineBlock(hidden, heads, ffn) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as GPT-2
+
+    def forward(self, ids, labels):
+        x = self.wte(ids) + self.wpe.weight[:ids.size(1)]
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1))
+
+
+@torch.no_grad()
+def copy_weights(baseline: BaselineGPT, ours: GPTModel) -> None:
+    """Give the baseline megatronish's (GPT-2 initialized) weights, so both compute the same numbers.
+
+    Same values matter for speed too: GPT-2's small init gives small activations, and CPU
+    arithmetic on tiny (denormal) floats is far slower than on PyTorch's default-init values.
+    """
+    state = full_state_dict(ours)
+    heads, vocab = ours.config.num_attention_heads, ours.config.vocab_size
+    baseline.wte.weight.copy_(state["embedding.word_embeddings.weight"][:vocab])
+    baseline.wpe.weight.copy_(state["embedding.position_embeddings.weight"])
+    baseline.ln_f.weight.copy_(state["decoder.final_layernorm.weight"])
+    baseline.ln_f.bias.copy_(state["decoder.final_layernorm.bias"])
+    for i, block in enumerate(baseline.blocks):
+        layer = {name.removeprefix(f"decoder.layers.{i}."): value for name, value in state.items()
+                 if name.startswith(f"decoder.layers.{i}.")}
+        # megatronish lays the fused QKV out per head; the baseline as [all q | all k | all v].
+        qkv_w, qkv_b = layer["self_attention.linear_qkv.weight"], layer["self_attention.linear_qkv.bias"]
+        block.c_attn.weight.copy_(qkv_w.view(heads, 3, -1, qkv_w.size(1)).transpose(0, 1).reshape(qkv_w.shape))
+        block.c_attn.bias.copy_(qkv_b.view(heads, 3, -1).transpose(0, 1).reshape(qkv_b.shape))
+        for module, prefix in ((block.ln_1, "input_layernorm"), (block.ln_2, "pre_mlp_layernorm"),
+                               (block.c_proj, "self_attention.linear_proj"), (block.c_fc, "mlp.linear_fc1"),
+                               (block.mlp_proj, "mlp.linear_fc2")):
+            module.weight.copy_(layer[prefix + ".weight"])
+            module.bias.copy_(layer[prefix + ".bias"])
+
+
+def flops_per_step(args) -> float:
+    tokens, h, f = args.batch * args.seq, args.hidden, 4 * args.hidden
+    return 3.0 * tokens * (args.layers * (8 * h * h + 4 * h * f + 4 * args.seq * h) + 2 * h * args.vocab)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--batch", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=65)
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10, help="steps per model per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")
+    return p.parse_args(argv)
+
+
+def make_step(model, loss_fn):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        optimizer.step()
+
+    return step
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()), RANK="0", WORLD_SIZE="1")
+    parallel_state.initialize_distributed("gloo")
+    parallel_state.initialize_model_parallel(1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_parallel_manual_seed(1234)
+
+    config = TransformerConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+                               vocab_size=args.vocab, max_position_embeddings=args.seq, hidden_dropout=0.0,
+                               attention_dropout=0.0, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    ours = GPTModel(config)
+    baseline = BaselineGPT(args.layers, args.hidden, args.heads, 4 * args.hidden, args.vocab, args.seq)
+    copy_weights(baseline, ours)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator)
+    labels = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator)
+    with torch.no_grad():
+        losses = {"baseline": baseline(ids, labels).item(), "megatronish": ours(ids, labels=labels).mean().item()}
+    if not math.isclose(losses["baseline"], losses["megatronish"], rel_tol=1e-4):
+        raise RuntimeError(f"the two models disagree before training: losses {losses}; the benchmark is not fair")
+    steps = {
+        "baseline": make_step(baseline, lambda: baseline(ids, labels)),
+        "megatronish": make_step(ours, lambda: ours(ids, labels=labels).mean()),
+    }
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+
+    per_round = {name: [] for name in steps}
+    for round_index in range(args.rounds):
+        order = list(steps.items())
+        for name, step in order if round_index % 2 else reversed(order):  # alternate who goes first
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            per_round[name].append((time.perf_counter() - start) / args.steps)
+
+    tokens, flops = args.batch * args.seq, flops_per_step(args)
+    print(f"config: layers {args.layers}, heads {args.heads}, hidden {args.hidden}, seq {args.seq}, "
+          f"batch {args.batch}, vocab {args.vocab} (megatronish pads to {ours.padded_vocab_size}), "
+          f"threads {torch.get_num_threads()}, {args.rounds} rounds x {args.steps} steps")
+    print(f"initial loss: baseline {losses['baseline']:.5f}, megatronish {losses['megatronish']:.5f} (same weights)")
+    print(f"FLOPs/step = 3 T (L (8h^2 + 4hf + 4sh) + 2hV) = {flops / 1e9:.3f} GFLOP")
+    median = {name: statistics.median(times) for name, times in per_round.items()}
+    for name, seconds in median.items():
+        spread = max(per_round[name]) / min(per_round[name]) - 1
+        print(f"{name:12s} {seconds * 1e3:8.2f} ms/step  {tokens / seconds:10.0f} tokens/s  "
+              f"{flops / seconds / 1e9:7.2f} GFLOP/s  (round spread {spread:.0%})")
+    print(f"ratio megatronish / baseline speed: {median['baseline'] / median['megatronish']:.3f}")
+    return median
+
+
+if __name__ == "__main__":
+    main()
