@@ -76,7 +76,8 @@ def _setup(args, rows_jsonl: bool, check_seq_length=None):
         check_seq_length(seq_length)
     if config is not None:
         _check_model_fits(config, tokenizer, seq_length, args.tp)
-    parallel_state.initialize_distributed(args.distributed_backend)
+    if not dist.is_initialized():  # a caller that set torch.distributed up (a test harness) keeps its setup
+        parallel_state.initialize_distributed(args.distributed_backend)
     parallel_state.initialize_model_parallel(args.tp)
     model = load_model(args.load, args.hf_model)
     _check_model_fits(model.config, tokenizer, seq_length, args.tp)  # a training checkpoint's config shows only now

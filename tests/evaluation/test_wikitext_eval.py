@@ -1,0 +1,117 @@
+"""WikiText evaluation through the tool's library entry against a direct transformers computation.
+
+The tiny random GPT-2 (conftest.py) is evaluated at TP=1, TP=2 and TP=1 x DP=2 through
+megatronish.evaluation.cli.run_wikitext (what tools/eval_wikitext103.py runs), and the same
+windows are scored here with transformers in float64, written out independently of windows.py.
+Tolerance: 1e-5 relative on avg_loss and adjusted_ppl (megatronish runs in float32).
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatronish.data.tokenizers import build_tokenizer
+from megatronish.evaluation.cli import run_wikitext
+from megatronish.evaluation.detokenizer import wikitext_detokenize
+from megatronish.testing import run_distributed
+
+from .conftest import wikitext_text
+
+transformers = pytest.importorskip("transformers")
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "eval_wikitext103.py"
+
+
+def _run_wikitext(argv):
+    return run_wikitext(argv).to_dict()
+
+
+def _reference(hf_dir, raw_text, seq_length, stride):
+    """avg_loss and adjusted_ppl computed directly: each window's scored targets, float64 transformers."""
+    model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).double().eval()
+    tokenizer = build_tokenizer("GPT2BPETokenizer", str(hf_dir / "vocab.json"), str(hf_dir / "merges.txt"))
+    tokens = torch.tensor(tokenizer.tokenize(wikitext_detokenize(raw_text)))
+    total, scored, start = 0.0, 0, 0
+    while scored < tokens.numel() - 1:  # window 0, then one window per `stride` new targets
+        chunk = tokens[start:start + seq_length + 1]
+        with torch.no_grad():
+            logits = model(chunk[None, :-1]).logits[0]
+        losses = F.cross_entropy(logits, chunk[1:], reduction="none")
+        new = losses if start == 0 else losses[seq_length - stride:]
+        total, scored, start = total + new.sum().item(), scored + new.numel(), start + stride
+    assert scored == tokens.numel() - 1
+    avg_loss = total / scored
+    num_original_tokens = len(raw_text.strip().split(" "))
+    return avg_loss, math.exp(avg_loss * scored / (num_original_tokens - 1)), tokens.numel(), num_original_tokens
+
+
+@pytest.fixture(scope="module")
+def wikitext_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wikitext") / "wiki.test.tokens"
+    path.write_text(wikitext_text(seed=0), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("world_size, tp", [(1, 1), (2, 2), (2, 1)], ids=["tp1", "tp2", "tp1-dp2"])
+def test_matches_transformers(hf_gpt2_dir, wikitext_file, world_size, tp):
+    argv = ["--hf-model", str(hf_gpt2_dir), "--data", str(wikitext_file), "--seq-length", "16",
+            "--overlapping-eval", "4", "--micro-batch-size", "3", "--tp", str(tp), "--no-progress"]
+    results = run_distributed(_run_wikitext, world_size, args=(argv,))
+    avg_loss, adjusted_ppl, num_tokens, num_original = _reference(hf_gpt2_dir, wikitext_file.read_text(), 16, 4)
+    for rank, result in enumerate(results):
+        assert result["num_tokenized_tokens"] == num_tokens and result["num_original_tokens"] == num_original
+        assert result["avg_loss"] == pytest.approx(avg_loss, rel=1e-5), f"rank {rank}"
+        assert result["adjusted_ppl"] == pytest.approx(adjusted_ppl, rel=1e-5), f"rank {rank}"
+        assert result["ppl"] == pytest.approx(math.exp(avg_loss), rel=1e-5)
+        assert result["token_ratio"] == pytest.approx((num_tokens - 1) / (num_original - 1), rel=1e-12)
+
+
+def test_defaults_use_the_models_length_and_stride_32(hf_gpt2_dir, wikitext_file):
+    # n_positions 32 and --overlapping-eval 32: windows that do not overlap.
+    result = run_distributed(_run_wikitext, 1, args=(["--hf-model", str(hf_gpt2_dir), "--data", str(wikitext_file),
+                                                      "--no-progress"],))[0]
+    avg_loss, adjusted_ppl, _, _ = _reference(hf_gpt2_dir, wikitext_file.read_text(), 32, 32)
+    assert result["avg_loss"] == pytest.approx(avg_loss, rel=1e-5)
+    assert result["adjusted_ppl"] == pytest.approx(adjusted_ppl, rel=1e-5)
+
+
+def test_tool_prints_one_line_and_writes_json(hf_gpt2_dir, wikitext_file, tmp_path):
+    output = tmp_path / "result.json"
+    run = subprocess.run([sys.executable, str(TOOL), "--hf-model", str(hf_gpt2_dir), "--data", str(wikitext_file),
+                          "--seq-length", "16", "--overlapping-eval", "8", "--output", str(output)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(output.read_text())
+    assert sorted(result) == sorted(["avg_loss", "ppl", "adjusted_ppl", "token_ratio", "num_original_tokens",
+                                     "num_tokenized_tokens"])
+    assert result["avg_loss"] == pytest.approx(_reference(hf_gpt2_dir, wikitext_file.read_text(), 16, 8)[0], rel=1e-5)
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 1 and f"adjusted_ppl {result['adjusted_ppl']:.4f}" in lines[0]
+    assert "wikitext windows" in run.stderr  # the progress bar
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--tokenizer-type", "ByteTokenizer"], "vocabulary has 553 tokens, the tokenizer's 258"),
+    (["--seq-length", "64"], "--seq-length 64 is larger than the model's max_position_embeddings 32"),
+    (["--seq-length", "8", "--overlapping-eval", "16"], "--overlapping-eval 16 must be between 1 and --seq-length 8"),
+])
+def test_bad_options_fail_before_any_work(hf_gpt2_dir, wikitext_file, extra, match):
+    with pytest.raises(ValueError, match=match):
+        run_wikitext(["--hf-model", str(hf_gpt2_dir), "--data", str(wikitext_file)] + extra)
+    assert not dist.is_initialized()
+
+
+def test_missing_or_empty_input(hf_gpt2_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.tokens .--data. does not exist"):
+        run_wikitext(["--hf-model", str(hf_gpt2_dir), "--data", str(tmp_path / "nothing.tokens")])
+    (tmp_path / "empty.tokens").write_text(" \n \n")
+    with pytest.raises(ValueError, match="empty.tokens holds no text"):
+        run_wikitext(["--hf-model", str(hf_gpt2_dir), "--data", str(tmp_path / "empty.tokens")])
+    assert not dist.is_initialized()
