@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -172,63 +173,37 @@ def test_hugging_face_datasets_offline(tmp_path):
 
 
 def run_tool(*args) -> str:
-    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def tool_main(name: str):
+    """A tool's main, run in this process (quicker than a subprocess): tool_main(name)(*args)."""
+    main = runpy.run_path(str(REPO / "tools" / name), run_name="tool")["main"]
+    return lambda *args: main([str(a) for a in args])
 
 
 def test_command_line_tools(tmp_path, expected):
     """preprocess_data.py (2 workers) on the two halves of the corpus, merged by merge_datasets.py,
     gives Megatron's bytes; train_tokenizer.py writes tokenizers that load."""
     lines = (FIXTURES / "corpus.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    tokenizer_flags = ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", gpt2_files()["vocab_file"],
+                       "--merge-file", gpt2_files()["merge_file"]]
     for part, chunk in (("a", lines[:123]), ("b", lines[123:])):
         (tmp_path / f"{part}.jsonl").write_text("".join(chunk), encoding="utf-8")
-        run_tool(
-            "tools/preprocess_data.py",
-            "--input",
-            str(tmp_path / f"{part}.jsonl"),
-            "--output-prefix",
-            str(tmp_path / "parts" / part),
-            "--tokenizer-type",
-            "GPT2BPETokenizer",
-            "--vocab-file",
-            gpt2_files()["vocab_file"],
-            "--merge-file",
-            gpt2_files()["merge_file"],
-            "--append-eod",
-            "--workers",
-            "2",
-        )
-    run_tool(
-        "tools/merge_datasets.py", "--input-dir", str(tmp_path / "parts"), "--output-prefix", str(tmp_path / "all")
-    )
+        run_tool("tools/preprocess_data.py", "--input", str(tmp_path / f"{part}.jsonl"), "--output-prefix",
+                 str(tmp_path / "parts" / part), *tokenizer_flags, "--append-eod", "--workers", "2")
+    run_tool("tools/merge_datasets.py", "--input-dir", str(tmp_path / "parts"), "--output-prefix", tmp_path / "all")
     reference = expected["meg_text_document"]["files"]
     assert sha256(tmp_path / "all.bin") == reference["meg_text_document.bin"]["sha256"]
     assert sha256(tmp_path / "all.idx") == reference["meg_text_document.idx"]["sha256"]
 
-    (tmp_path / "train.txt").write_text("".join(json.loads(x)["text"] + "\n" for x in lines), encoding="utf-8")
-    run_tool(
-        "tools/train_tokenizer.py",
-        "--type",
-        "byte-level-bpe",
-        "--input",
-        str(tmp_path / "train.txt"),
-        "--vocab-size",
-        "300",
-        "--output-dir",
-        str(tmp_path / "bpe"),
-    )
-    run_tool(
-        "tools/train_tokenizer.py",
-        "--type",
-        "sentencepiece",
-        "--input",
-        str(tmp_path / "train.txt"),
-        "--vocab-size",
-        "600",
-        "--output-prefix",
-        str(tmp_path / "sp"),
-    )
+    text = tmp_path / "train.txt"
+    text.write_text("".join(json.loads(x)["text"] + "\n" for x in lines), encoding="utf-8")
+    train = tool_main("train_tokenizer.py")
+    train("--type", "byte-level-bpe", "--input", text, "--vocab-size", 300, "--output-dir", tmp_path / "bpe")
+    train("--type", "sentencepiece", "--input", text, "--vocab-size", 600, "--output-prefix", tmp_path / "sp")
     for tok in (
         build_tokenizer("GPT2BPETokenizer", str(tmp_path / "bpe/vocab.json"), str(tmp_path / "bpe/merges.txt")),
         build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / "sp.model")),
