@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatronish.data.indexed_dataset import IndexedDataset
+from megatronish.data import preprocess
+from megatronish.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatronish.data.preprocess import BadRecordError, TokenizerSpec, preprocess_hf_dataset, preprocess_jsonl
 from megatronish.data.tokenizers import build_tokenizer
 
@@ -209,3 +210,26 @@ def test_command_line_tools(tmp_path, expected):
         build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / "sp.model")),
     ):
         assert tok.detokenize(tok.tokenize("tensor parallel")) == "tensor parallel"
+
+
+def test_reading_stays_a_bounded_distance_ahead_of_writing(tmp_path, monkeypatch):
+    """Memory stays bounded: when chunk k is written, at most 2 x workers chunks beyond it were read."""
+    path = write_jsonl(tmp_path / "in.jsonl", varied_records(np.random.default_rng(2), 200))
+    read, read_when_written = [], []
+    original_chunks, original_add = preprocess._jsonl_chunks, IndexedDatasetBuilder.add_documents
+
+    def counting_chunks(*args, **kwargs):
+        for chunk in original_chunks(*args, **kwargs):
+            read.append(chunk)
+            yield chunk
+
+    def recording_add(self, *args):
+        read_when_written.append(len(read))
+        return original_add(self, *args)
+
+    monkeypatch.setattr(preprocess, "_jsonl_chunks", counting_chunks)
+    monkeypatch.setattr(IndexedDatasetBuilder, "add_documents", recording_add)
+    preprocess_jsonl(str(path), str(tmp_path / "out"), BYTES, workers=2, chunk_records=4)
+    assert len(read_when_written) == len(read) == 50
+    # 2 workers: 4 chunks in flight at most, and the pipeline does fill up
+    assert max(n - k for k, n in enumerate(read_when_written)) == 2 * 2
