@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_torchrun_8_ranks_tp8_trains_evaluates_saves_and_samples(tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     env = dict(os.environ, OMP_NUM_THREADS="1", MEGATRONISH_CACHE=str(tmp_path / "cache"))
-    argv = [torchrun, "--nproc_per_node", "8", "--master_port", "0", str(REPO / "pretrain_gpt.py"), "--tp", "8",
+    argv = [torchrun, "--standalone", "--nproc_per_node", "8", str(REPO / "pretrain_gpt.py"), "--tp", "8",
             "--num-layers", "1", "--hidden-size", "64", "--num-attention-heads", "8", "--seq-length", "32",
             "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4", "--log-interval", "2",
             "--eval-interval", "4", "--eval-iters", "1", "--save", str(tmp_path / "ckpt"), "--sample-tokens", "8"]
