@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (after saving) at the first iteration boundary after this many minutes")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="accepted for Megatron scripts: SIGTERM and SIGUSR1 always make every rank save and exit 0")
+    g.add_argument("--skip-train", action="store_true",
+                   help="no training iterations: load (--load), run the final evaluation, and exit")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true", help="bf16 model, fp32 master weights and gradients")
     g.add_argument("--fp16", action="store_true", help="fp16 model with loss scaling, fp32 master weights")

@@ -94,7 +94,9 @@ def pretrain(args: argparse.Namespace) -> TrainingResult:
     train_data, valid_data, test_data = build_datasets(args, tokenizer.eod)
     loader_args = dict(micro_batch_size=args.micro_batch_size, data_parallel_rank=dp_rank, data_parallel_size=dp,
                        num_workers=args.num_workers)
-    train_iter = _iterate(build_pretraining_data_loader(train_data, progress.consumed_train_samples, **loader_args))
+    train_iter = None  # a run restarted after its last iteration has no training data left to read
+    if progress.iteration < args.train_iters and not args.skip_train:
+        train_iter = _iterate(build_pretraining_data_loader(train_data, progress.consumed_train_samples, **loader_args))
     valid_iter = _iterate(build_pretraining_data_loader(valid_data, progress.consumed_valid_samples, **loader_args))
 
     result = TrainingResult()
@@ -105,7 +107,7 @@ def pretrain(args: argparse.Namespace) -> TrainingResult:
     exit_conditions = ExitConditions(args.exit_interval, args.exit_duration_in_mins)  # SIGTERM/SIGUSR1 from here on
     exit_reason = None
     ddp_model.train()
-    while progress.iteration < args.train_iters:
+    while progress.iteration < args.train_iters and not args.skip_train:
         batches = [_to_device(next(train_iter), device) for _ in range(num_microbatches)]
         with named_collective(f"at iteration {progress.iteration + 1}"):
             loss, update_successful, grad_norm = train_step(batches, ddp_model, optimizer)
