@@ -24,7 +24,10 @@ compile_one() {
   local source="$1"
   local name
   name="$(basename "$source" .cu)"
-  if "$NVCC" -c -arch="$ARCH" -std=c++20 -O3 -I"$KERNELS_DIR" "$source" -o "$OUT_DIR/$name.o" >"$OUT_DIR/$name.log" 2>&1; then
+  # The flags torch.utils.cpp_extension passes to nvcc in the real build (no implicit half/bf16 conversions).
+  if "$NVCC" -c -arch="$ARCH" -std=c++20 -O3 -I"$KERNELS_DIR" --expt-relaxed-constexpr \
+      -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+      -D__CUDA_NO_HALF2_OPERATORS__ "$source" -o "$OUT_DIR/$name.o" >"$OUT_DIR/$name.log" 2>&1; then
     echo "ok      $name.cu"
   else
     echo "FAILED  $name.cu"
