@@ -167,6 +167,12 @@ def test_hugging_face_datasets_offline(tmp_path):
             cache_dir=str(tmp_path / "hf_cache"),
         ).outputs[0]
         assert file_bytes(out) == file_bytes(reference), source
+    tool_main("preprocess_data.py")(
+        "--hf-dataset", tmp_path / "saved_dict", "--hf-split", "validation", "--output-prefix", tmp_path / "cli",
+        "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", gpt2_files()["vocab_file"],
+        "--merge-file", gpt2_files()["merge_file"], "--append-eod",
+    )  # fmt: skip
+    assert file_bytes(str(tmp_path / "cli_text_document")) == file_bytes(reference)
     with pytest.raises(ValueError, match="--hf-split 'test'"):
         preprocess_hf_dataset(str(tmp_path / "saved_dict"), "test", str(tmp_path / "x"), GPT2)
     with pytest.raises(ValueError, match="--json-keys"):
