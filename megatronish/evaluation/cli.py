@@ -69,19 +69,14 @@ def _setup(args, rows_jsonl: bool, check_seq_length=None):
     rows = read_text_rows(args.data, args.hf_dataset, args.hf_dataset_config, args.split, jsonl=rows_jsonl)
     tokenizer = _build_tokenizer(args)
     config = read_model_config(args.load, args.hf_model)
-    seq_length = args.seq_length or (config.max_position_embeddings if config else None)
-    if seq_length is None:
-        raise ValueError("pass --seq-length: the model's max positions are known only after loading this checkpoint")
+    seq_length = args.seq_length or config.max_position_embeddings
     if check_seq_length is not None:
         check_seq_length(seq_length)
-    if config is not None:
-        _check_model_fits(config, tokenizer, seq_length, args.tp)
+    _check_model_fits(config, tokenizer, seq_length, args.tp)
     if not dist.is_initialized():  # a caller that set torch.distributed up (a test harness) keeps its setup
         parallel_state.initialize_distributed(args.distributed_backend)
     parallel_state.initialize_model_parallel(args.tp)
-    model = load_model(args.load, args.hf_model)
-    _check_model_fits(model.config, tokenizer, seq_length, args.tp)  # a training checkpoint's config shows only now
-    return rows, tokenizer, model, seq_length
+    return rows, tokenizer, load_model(args.load, args.hf_model), seq_length
 
 
 def _report(result, output: str | None) -> None:

@@ -2,12 +2,13 @@
 
 Three sources:
     --hf-model DIR   a GPT2LMHeadModel directory (save_pretrained), through the GPT-2 converter
+    --load DIR       a megatronish training checkpoint (latest_checkpointed_iteration.txt +
+                     iter_XXXXXXX/, or one iter_XXXXXXX folder), saved at any TP x DP layout,
+                     through the checkpoint module's load_model_for_inference
     --load DIR       a megatronish full-state directory (config.json + model.pt, written by
                      tools/convert_checkpoint.py), which loads at any TP size
-    --load DIR       a training checkpoint (latest_checkpointed_iteration.txt + iter_XXXXXXX/),
-                     through the checkpoint module's loader: see _load_training_checkpoint
-`read_model_config` gives the config cheaply (no weights) where the format allows, so that bad
-options fail before anything heavy is loaded.
+`read_model_config` gives the config without the weights, so that bad options fail before
+anything heavy is loaded.
 """
 
 import json
@@ -16,7 +17,12 @@ import os
 from megatronish.model import GPTModel, TransformerConfig, load_full_checkpoint, load_full_state_dict
 from megatronish.model.full_state import CONFIG_FILE, WEIGHTS_FILE
 from megatronish.model.hf_gpt2 import config_from_hf_gpt2, load_hf_gpt2
-from megatronish.training.checkpointing import TRACKER_FILENAME
+from megatronish.training.checkpointing import (
+    COMMON_FILENAME,
+    TRACKER_FILENAME,
+    load_model_for_inference,
+    read_checkpoint_config,
+)
 
 
 def _is_full_state_dir(directory: str) -> bool:
@@ -40,14 +46,15 @@ def _kind(load: str | None, hf_model: str | None) -> str:
     _check_dir(load, "--load")
     if _is_full_state_dir(load):
         return "full_state"
-    if os.path.isfile(os.path.join(load, TRACKER_FILENAME)):
+    if any(os.path.isfile(os.path.join(load, name)) for name in (TRACKER_FILENAME, COMMON_FILENAME)):
         return "training"
-    raise FileNotFoundError(f"--load {load} is not a megatronish checkpoint: expected {CONFIG_FILE} + "
-                            f"{WEIGHTS_FILE} (tools/convert_checkpoint.py) or {TRACKER_FILENAME} (training)")
+    raise FileNotFoundError(f"--load {load} is not a megatronish checkpoint: expected {TRACKER_FILENAME} or "
+                            f"{COMMON_FILENAME} (training), or {CONFIG_FILE} + {WEIGHTS_FILE} "
+                            "(tools/convert_checkpoint.py)")
 
 
-def read_model_config(load: str | None, hf_model: str | None) -> TransformerConfig | None:
-    """The model's config without loading its weights; None for a training checkpoint (known only on load)."""
+def read_model_config(load: str | None, hf_model: str | None) -> TransformerConfig:
+    """The model's config (with the true vocabulary size) without loading its weights."""
     kind = _kind(load, hf_model)
     if kind == "hf":
         with open(os.path.join(hf_model, "config.json")) as f:
@@ -55,33 +62,18 @@ def read_model_config(load: str | None, hf_model: str | None) -> TransformerConf
     if kind == "full_state":
         with open(os.path.join(load, CONFIG_FILE)) as f:
             return TransformerConfig.from_dict(json.load(f))
-    return None
+    return read_checkpoint_config(load)
 
 
 def load_model(load: str | None, hf_model: str | None) -> GPTModel:
     """The model at this run's TP size, in eval mode. A collective: every rank calls it."""
     kind = _kind(load, hf_model)
     if kind == "training":
-        model = _load_training_checkpoint(load)
-    else:
-        config, state = load_hf_gpt2(hf_model) if kind == "hf" else load_full_checkpoint(load)
-        model = GPTModel(config)
-        load_full_state_dict(model, state)
+        return load_model_for_inference(load)
+    config, state = load_hf_gpt2(hf_model) if kind == "hf" else load_full_checkpoint(load)
+    model = GPTModel(config)
+    load_full_state_dict(model, state)
     return model.eval()
-
-
-def _load_training_checkpoint(load_dir: str) -> GPTModel:
-    # The one place that reads training checkpoints. It needs the checkpoint module's
-    # `load_model_for_inference(load_dir) -> GPTModel`: the newest checkpoint under load_dir,
-    # saved at any TP size, built for the current TP size from the config saved with it.
-    try:
-        from megatronish.training.checkpointing import load_model_for_inference
-    except ImportError:
-        raise NotImplementedError(
-            f"--load {load_dir} is a training checkpoint, which this version cannot read yet "
-            "(megatronish.training.checkpointing has no load_model_for_inference): evaluate a directory "
-            "written by tools/convert_checkpoint.py, or a Hugging Face export with --hf-model") from None
-    return load_model_for_inference(load_dir)
 
 
 def tokenizer_files_beside(load: str | None, hf_model: str | None) -> dict:

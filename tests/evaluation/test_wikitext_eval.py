@@ -1,11 +1,14 @@
 """WikiText evaluation through the tool's library entry against a direct transformers computation.
 
-The tiny random GPT-2 (conftest.py) is evaluated at TP=1, TP=2 and TP=1 x DP=2 through
-megatronish.evaluation.cli.run_wikitext (what tools/eval_wikitext103.py runs), and the same
-windows are scored here with transformers in float64, written out independently of windows.py.
-Tolerance: 1e-5 relative on avg_loss and adjusted_ppl (megatronish runs in float32).
+The tiny random GPT-2 (conftest.py) is evaluated through megatronish.evaluation.cli.run_wikitext
+(what tools/eval_wikitext103.py runs) at TP=1 from the Hugging Face directory, at TP=2 from its
+conversion by tools/convert_checkpoint.py, and at TP=1 x DP=2 from a training checkpoint saved
+at TP=2; the same windows are scored here with transformers in float64, written out
+independently of windows.py. Tolerance: 1e-5 relative on avg_loss and adjusted_ppl
+(megatronish runs in float32).
 """
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -17,16 +20,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatronish import parallel_state
 from megatronish.data.tokenizers import build_tokenizer
 from megatronish.evaluation.cli import run_wikitext
 from megatronish.evaluation.detokenizer import wikitext_detokenize
+from megatronish.model import GPTModel, load_full_state_dict
+from megatronish.model.hf_gpt2 import load_hf_gpt2
 from megatronish.testing import run_distributed
+from megatronish.training.checkpointing import save_model_only
 
 from .conftest import wikitext_text
 
 transformers = pytest.importorskip("transformers")
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "eval_wikitext103.py"
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+TOOL = TOOLS / "eval_wikitext103.py"
 
 
 def _run_wikitext(argv):
@@ -59,10 +67,33 @@ def wikitext_file(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("world_size, tp", [(1, 1), (2, 2), (2, 1)], ids=["tp1", "tp2", "tp1-dp2"])
-def test_matches_transformers(hf_gpt2_dir, wikitext_file, world_size, tp):
-    argv = ["--hf-model", str(hf_gpt2_dir), "--data", str(wikitext_file), "--seq-length", "16",
-            "--overlapping-eval", "4", "--micro-batch-size", "3", "--tp", str(tp), "--no-progress"]
+def _save_training_checkpoint(hf_dir, save_dir, tp):
+    parallel_state.initialize_model_parallel(tp)
+    config, state = load_hf_gpt2(hf_dir)
+    model = GPTModel(config)
+    load_full_state_dict(model, state)
+    save_model_only(str(save_dir), model)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(hf_gpt2_dir, tmp_path_factory):
+    """{source: the model flags}: the HF directory, its conversion, a training checkpoint saved at TP=2."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOLS / "convert_checkpoint.py")
+    convert_tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert_tool)
+    convert_tool.convert("hf", hf_gpt2_dir, "megatronish", root / "converted")
+    run_distributed(_save_training_checkpoint, 2, args=(hf_gpt2_dir, root / "trained", 2))
+    tokenizer = ["--vocab-file", str(hf_gpt2_dir / "vocab.json"), "--merge-file", str(hf_gpt2_dir / "merges.txt")]
+    return {"hf": ["--hf-model", str(hf_gpt2_dir)], "converted": ["--load", str(root / "converted")],
+            "training": ["--load", str(root / "trained")] + tokenizer}
+
+
+@pytest.mark.parametrize("world_size, tp, source", [(1, 1, "hf"), (2, 2, "converted"), (2, 1, "training")],
+                         ids=["tp1-hf", "tp2-converted", "tp1-dp2-training-saved-at-tp2"])
+def test_matches_transformers(hf_gpt2_dir, checkpoints, wikitext_file, world_size, tp, source):
+    argv = checkpoints[source] + ["--data", str(wikitext_file), "--seq-length", "16", "--overlapping-eval", "4",
+                                  "--micro-batch-size", "3", "--tp", str(tp), "--no-progress"]
     results = run_distributed(_run_wikitext, world_size, args=(argv,))
     avg_loss, adjusted_ppl, num_tokens, num_original = _reference(hf_gpt2_dir, wikitext_file.read_text(), 16, 4)
     for rank, result in enumerate(results):
