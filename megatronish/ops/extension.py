@@ -115,6 +115,11 @@ def _build():
     major, minor = torch.cuda.get_device_capability()
     build_dir = build_dir_for(f"{major}{minor}")
     build_dir.mkdir(parents=True, exist_ok=True)
+    # The binding includes ATen's CUDA headers, which include cusparse.h / cublas.h; a toolkit without
+    # them (a minimal nvcc install) gets them from pip's CUDA wheels, searched after the toolkit's own.
+    host_flags = ["-O3"]
+    if not (Path(cpp_extension.CUDA_HOME) / "include" / "cusparse.h").exists():
+        host_flags += [f"-idirafter{folder}" for folder in _pip_cuda_include_dirs()]
     previous_arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # only this GPU's architecture: one pass, less time
     try:
@@ -123,7 +128,7 @@ def _build():
                 name=EXTENSION_NAME,
                 sources=[str(path) for path in source_files()],
                 extra_include_paths=[str(KERNEL_DIR)],
-                extra_cflags=["-O3"],
+                extra_cflags=host_flags,
                 extra_cuda_cflags=["-O3", "-lineinfo"],
                 build_directory=str(build_dir),
                 verbose=os.environ.get("MEGATRONISH_KERNELS_VERBOSE") == "1",
@@ -133,6 +138,12 @@ def _build():
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = previous_arch_list
+
+
+def _pip_cuda_include_dirs():
+    """Header folders of pip's CUDA wheels (site-packages/nvidia/*/include) next to this torch."""
+    root = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    return sorted(str(folder) for folder in root.glob("*/include") if folder.is_dir())
 
 
 # --- apex: used only when it is already installed, and only while the kernels are switched on ---

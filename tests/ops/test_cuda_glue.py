@@ -1,0 +1,197 @@
+"""The CUDA path's Python glue (cuda_impl's autograd Functions) on CPU, against the PyTorch path.
+
+A fake extension stands in for the compiled one: it follows the binding's contract (arguments,
+returned tensors, in-place cross-entropy backward) and computes each backward with the formula its
+CUDA kernel uses, not with autograd. So this checks, without a GPU, that the glue saves and passes
+the right tensors and returns the right gradients, and that the kernels' backward formulas are the
+derivatives of the forward. The kernels themselves are checked on a GPU by tools/gpu_check.py.
+"""
+
+import math
+
+import pytest
+import torch
+
+from megatronish import ops
+from megatronish.ops import extension, torch_impl
+
+GELU_ALPHA, GELU_BETA = math.sqrt(2 / math.pi), 0.044715
+
+
+class FakeExtension:
+    def __init__(self):
+        self.calls = []  # the binding functions the glue called, to prove the CUDA path was taken
+
+    def __getattribute__(self, name):
+        if not name.startswith("_") and name != "calls":
+            object.__getattribute__(self, "calls").append(name)
+        return object.__getattribute__(self, name)
+
+    def softmax_forward(self, scores, mask, scale, causal):
+        assert scores.is_contiguous() and (causal or mask.shape == scores.shape)
+        if causal:
+            return torch_impl.scaled_causal_softmax(scores, scale)
+        return torch_impl.scaled_masked_softmax(scores, mask, scale)
+
+    def softmax_backward(self, grad, probs, scale, causal):
+        g, p = grad.float(), probs.float()
+        return (scale * p * (g - (g * p).sum(-1, keepdim=True))).to(probs.dtype)
+
+    def norm_forward(self, x, weight, bias, eps, rms):
+        assert x.dim() == 2 and x.is_contiguous()
+        x32 = x.float()
+        mean = torch.zeros(x.size(0)) if rms else x32.mean(-1)
+        centered = x32 - mean[:, None]
+        rstd = torch.rsqrt((centered**2).mean(-1) + eps)
+        y = centered * rstd[:, None] * weight.float()
+        if bias is not None:
+            y = y + bias.float()
+        return [y.to(x.dtype), torch.empty(0) if rms else mean, rstd]
+
+    def norm_backward(self, grad, x, weight, mean, rstd, rms, has_bias):
+        g, w = grad.float(), weight.float()
+        xhat = (x.float() - (0 if rms else mean[:, None])) * rstd[:, None]
+        mean_gw = torch.zeros_like(rstd)[:, None] if rms else (g * w).mean(-1, keepdim=True)
+        grad_x = rstd[:, None] * (g * w - mean_gw - xhat * (g * w * xhat).mean(-1, keepdim=True))
+        grad_bias = g.sum(0).to(weight.dtype) if has_bias else torch.empty(0)
+        return [grad_x.to(x.dtype), (g * xhat).sum(0).to(weight.dtype), grad_bias]
+
+    def _biased(self, x, bias):
+        return x.float() if bias is None else x.float() + bias.float()
+
+    def bias_gelu_forward(self, x, bias):
+        return torch_impl.bias_gelu(x, bias)
+
+    def bias_gelu_backward(self, grad, x, bias):
+        y = self._biased(x, bias)
+        t = torch.tanh(GELU_ALPHA * (y + GELU_BETA * y**3))
+        slope = 0.5 * (1 + t) + 0.5 * y * (1 - t * t) * GELU_ALPHA * (1 + 3 * GELU_BETA * y * y)
+        return (grad.float() * slope).to(x.dtype)
+
+    def bias_swiglu_forward(self, x, bias):
+        return torch_impl.bias_swiglu(x, bias)
+
+    def bias_swiglu_backward(self, grad, x, bias):
+        gate, up = self._biased(x, bias).chunk(2, dim=-1)
+        s, g = torch.sigmoid(gate), grad.float()
+        return torch.cat([g * up * s * (1 + gate * (1 - s)), g * gate * s], dim=-1).to(x.dtype)
+
+    @staticmethod
+    def _keep(shape, prob, seed):
+        if seed is None:
+            return torch.full(shape, prob < 1.0)
+        generator = torch.Generator().manual_seed(int(seed.item()))
+        return torch.rand(shape, generator=generator) >= prob
+
+    def bias_dropout_add_forward(self, x, bias, residual, prob, seed):
+        keep = self._keep(x.shape, prob, seed)
+        return (residual.float() + keep * self._biased(x, bias) / (1 - prob)).to(x.dtype)
+
+    def dropout_backward(self, grad, prob, seed):
+        return (grad.float() * self._keep(grad.shape, prob, seed) / (1 - prob)).to(grad.dtype)
+
+    def rotary(self, t, cos, sin, inverse):
+        assert t.stride(-1) == 1
+        rotated, _ = torch_impl.apply_rotary_pos_emb(t, t, cos, -sin if inverse else sin)
+        return rotated.contiguous()
+
+    def cross_entropy_stats(self, logits, target, vocab_start, vocab_size):
+        return list(torch_impl.cross_entropy_stats(logits, target, vocab_start, vocab_size))
+
+    def cross_entropy_backward_(self, logits, target, vocab_start, vocab_size, lse, grad_loss, smoothing):
+        torch_impl.cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_loss, smoothing)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Every tensor takes the CUDA path, served by the fake extension."""
+    fake = FakeExtension()
+    monkeypatch.setattr(extension, "cuda_module_for", lambda tensor: fake)
+    monkeypatch.setattr(extension, "load", lambda: fake)
+    return fake
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors], [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def _compare(glue_fn, reference_fn, inputs, rtol=1e-5, atol=1e-6):
+    glue_in, reference_in = _leaves(*inputs)
+    glue_out, reference_out = glue_fn(*glue_in), reference_fn(*reference_in)
+    glue_out = glue_out if isinstance(glue_out, tuple) else (glue_out,)
+    reference_out = reference_out if isinstance(reference_out, tuple) else (reference_out,)
+    weights = [torch.randn(o.shape) for o in reference_out]
+    for g, r in zip(glue_out, reference_out):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        torch.testing.assert_close(g, r, rtol=rtol, atol=atol)
+    sum((o.float() * w).sum() for o, w in zip(glue_out, weights)).backward()
+    sum((o.float() * w).sum() for o, w in zip(reference_out, weights)).backward()
+    for g, r in zip(glue_in, reference_in):
+        assert g.grad is not None and g.grad.dtype == r.dtype
+        torch.testing.assert_close(g.grad, r.grad, rtol=rtol, atol=atol)
+
+
+def test_softmax_glue(fake_cuda):
+    scores = torch.randn(2, 3, 9, 9)
+    _compare(lambda s: ops.scaled_causal_softmax(s, 0.3), lambda s: torch_impl.scaled_causal_softmax(s, 0.3), [scores])
+    mask = torch.rand(2, 1, 9, 9) < 0.4
+    mask[1, 0, 3] = True
+    _compare(lambda s: ops.scaled_masked_softmax(s, mask, 0.3), lambda s: torch_impl.scaled_masked_softmax(s, mask, 0.3), [scores])
+    assert fake_cuda.calls.count("softmax_forward") == 2 and fake_cuda.calls.count("softmax_backward") == 2
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("x_dtype,weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                  (torch.bfloat16, torch.bfloat16)])
+def test_norm_glue(fake_cuda, with_bias, x_dtype, weight_dtype):
+    x = torch.randn(3, 4, 21).to(x_dtype)
+    weight = (1 + 0.1 * torch.randn(21)).to(weight_dtype)
+    tolerance = {} if x_dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    if with_bias:
+        bias = torch.randn(21).to(weight_dtype)
+        _compare(lambda *a: ops.layer_norm(*a, 1e-5), lambda *a: torch_impl.layer_norm(*a, 1e-5), [x, weight, bias], **tolerance)
+    else:
+        _compare(lambda *a: ops.layer_norm(*a, None, 1e-5), lambda *a: torch_impl.layer_norm(*a, None, 1e-5), [x, weight], **tolerance)
+    _compare(lambda *a: ops.rms_norm(*a, 1e-6), lambda *a: torch_impl.rms_norm(*a, 1e-6), [x, weight], **tolerance)
+    assert fake_cuda.calls.count("norm_forward") == 2 and fake_cuda.calls.count("norm_backward") == 2
+
+
+def test_activation_glue(fake_cuda):
+    x, bias = torch.randn(2, 5, 14) * 3, torch.randn(14)
+    _compare(ops.bias_gelu, torch_impl.bias_gelu, [x, bias])
+    _compare(lambda x: ops.bias_gelu(x, None), lambda x: torch_impl.bias_gelu(x, None), [x])
+    _compare(ops.bias_swiglu, torch_impl.bias_swiglu, [x, bias])
+    assert {"bias_gelu_backward", "bias_swiglu_backward"} <= set(fake_cuda.calls)
+
+
+def test_bias_dropout_add_glue_uses_one_mask_for_forward_and_backward(fake_cuda):
+    x, bias, residual = torch.randn(6, 17, requires_grad=True), torch.randn(17, requires_grad=True), torch.randn(6, 17, requires_grad=True)
+    out = ops.bias_dropout_add(x, bias, residual, 0.4, True)
+    kept = (out - residual).abs() > 1e-6
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(x.grad, kept.float() / 0.6)
+    torch.testing.assert_close(bias.grad, (kept.float() / 0.6).sum(0))
+    torch.testing.assert_close(residual.grad, torch.ones_like(residual))
+    _compare(lambda *a: ops.bias_dropout_add(*a, 0.4, False), lambda *a: torch_impl.bias_dropout_add(*a, 0.4, False), [x, bias, residual])
+    assert fake_cuda.calls.count("dropout_backward") == 2
+
+
+def test_rotary_glue_backward_is_the_inverse_rotation(fake_cuda):
+    s, d = 5, 8
+    angles = torch.rand(s, d // 2) * 6
+    qkv = torch.randn(s, 2, 3, 3 * d)
+    q, k = qkv[..., :d], qkv[..., d : 2 * d]
+    _compare(lambda q, k: ops.apply_rotary_pos_emb(q, k, torch.cos(angles), torch.sin(angles)),
+             lambda q, k: torch_impl.apply_rotary_pos_emb(q, k, torch.cos(angles), torch.sin(angles)), [q, k])
+    assert fake_cuda.calls.count("rotary") == 4  # q and k, forward and backward
+
+
+def test_cross_entropy_glue_writes_in_place(fake_cuda):
+    logits, target = torch.randn(5, 16), torch.randint(0, 20, (5,))
+    stats = ops.cross_entropy_stats(logits, target, 16, 20)
+    for got, expected in zip(stats, torch_impl.cross_entropy_stats(logits, target, 16, 20)):
+        torch.testing.assert_close(got, expected)
+    expected = torch_impl.cross_entropy_backward_(logits.clone(), target, 16, 20, torch.ones(5), torch.ones(5), 0.1)
+    assert ops.cross_entropy_backward_(logits, target, 16, 20, torch.ones(5), torch.ones(5), 0.1) is logits
+    torch.testing.assert_close(logits, expected)
+    assert {"cross_entropy_stats", "cross_entropy_backward_"} <= set(fake_cuda.calls)
