@@ -111,10 +111,12 @@ inline int next_pow2(int64_t v) {
 }
 
 // vec_ok: the launcher checked that cols % vec == 0 and every row start is aligned to vec elements.
-inline RowPlan plan_row(int64_t cols, int vec, bool vec_ok) {
+// chunks_per_thread: how many chunks a thread should get when the row is short enough (fewer: more
+// threads per row, i.e. fewer rows in flight per SM).
+inline RowPlan plan_row(int64_t cols, int vec, bool vec_ok, int chunks_per_thread = 2) {
   if (!vec_ok) vec = 1;
   const int64_t chunks = (cols + vec - 1) / vec;
-  int64_t threads = next_pow2((chunks + 1) / 2);
+  int64_t threads = next_pow2((chunks + chunks_per_thread - 1) / chunks_per_thread);
   threads = threads < 32 ? 32 : (threads > kRowThreads ? kRowThreads : threads);
   const int per_thread = next_pow2((chunks + threads - 1) / threads);
   const int cached = (per_thread <= 8 && per_thread * vec <= 32) ? per_thread : 0;

@@ -198,11 +198,12 @@ constexpr int64_t kMaxRowBlocks = int64_t(1) << 24;
 // rows_aligned: every row pointer the kernel touches is 16-byte aligned. Weights (and bias) get VEC-wide
 // loads only when rows do and they are aligned for VEC elements of W.
 template <typename T, typename W>
-RowPlan norm_plan(int64_t cols, bool rows_aligned, const W* weight, const W* bias, bool* weight_vec) {
+RowPlan norm_plan(int64_t cols, bool rows_aligned, const W* weight, const W* bias, bool* weight_vec,
+                  int chunks_per_thread) {
   constexpr int vec = max_vec<T>();
   const bool rows_vec = cols % vec == 0 && rows_aligned;
   *weight_vec = rows_vec && aligned_to(weight, sizeof(W) * vec) && (bias == nullptr || aligned_to(bias, sizeof(W) * vec));
-  return plan_row(cols, vec, rows_vec);
+  return plan_row(cols, vec, rows_vec, chunks_per_thread);
 }
 
 }  // namespace
@@ -219,7 +220,7 @@ cudaError_t norm_forward(const T* x, const W* weight, const W* bias, T* y, float
                          int64_t cols, float eps, bool rms, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   bool weight_vec = false;
-  const RowPlan plan = norm_plan<T, W>(cols, aligned_to(x, 16) && aligned_to(y, 16), weight, bias, &weight_vec);
+  const RowPlan plan = norm_plan<T, W>(cols, aligned_to(x, 16) && aligned_to(y, 16), weight, bias, &weight_vec, 2);
   const unsigned grid = grid_for(rows, 1, kMaxRowBlocks);
   dispatch_row_plan<T>(plan, [&](auto vec, auto chunks) {
     norm_forward_kernel<T, W, decltype(vec)::value, decltype(chunks)::value>
@@ -235,9 +236,11 @@ cudaError_t norm_backward(const T* grad_y, const T* x, const W* weight, const fl
   if (rows == 0) return cudaSuccess;  // the binding zero-fills the weight gradients of an empty input
   bool weight_vec = false;
   const bool rows_aligned = aligned_to(x, 16) && aligned_to(grad_y, 16) && aligned_to(grad_x, 16);
-  const RowPlan plan = norm_plan<T, W>(cols, rows_aligned, weight, nullptr, &weight_vec);
-  // Blocks beyond what fits at once would only add partial rows: a block of `threads` gets 1024 / threads
-  // blocks per SM in the partial count below (norm_backward_partials assumes the smallest block).
+  // One chunk per thread where the row allows: more threads per row means fewer blocks fill the GPU,
+  // hence fewer partial rows of the weight gradient to write and sum.
+  const RowPlan plan = norm_plan<T, W>(cols, rows_aligned, weight, nullptr, &weight_vec, 1);
+  // Blocks beyond about 1024 threads per SM would only add partial rows (norm_backward_partials, which
+  // sized the workspace, assumed the smallest block).
   const int64_t partials = norm_backward_partials(rows);
   const int64_t resident = static_cast<int64_t>(sm_count()) * (1024 / plan.threads > 0 ? 1024 / plan.threads : 1);
   const int64_t blocks = partials < resident ? partials : resident;

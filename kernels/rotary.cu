@@ -56,12 +56,16 @@ cudaError_t rotary(const T* t, T* out, const float* cos, const float* sin, int64
                       aligned_to(t, 16) && aligned_to(out, 16);
   const unsigned grid = grid_for(s * b, 1, int64_t(1) << 24);
   const float sign = inverse ? -1.0f : 1.0f;
+  // As many threads as a (position, batch) pair has items, in whole warps, at most kThreads.
+  const int64_t items = n * (vec_ok ? half / vec : half);
+  const int64_t wanted = next_pow2(items);
+  const int threads = static_cast<int>(wanted < 32 ? 32 : (wanted > kThreads ? kThreads : wanted));
   if (vec_ok) {
-    rotary_kernel<T, vec><<<grid, kThreads, 0, stream>>>(t, out, cos, sin, s, b, static_cast<int>(n), half, stride_s,
-                                                        stride_b, stride_n, sign);
+    rotary_kernel<T, vec><<<grid, threads, 0, stream>>>(t, out, cos, sin, s, b, static_cast<int>(n), half, stride_s,
+                                                       stride_b, stride_n, sign);
   } else {
-    rotary_kernel<T, 1><<<grid, kThreads, 0, stream>>>(t, out, cos, sin, s, b, static_cast<int>(n), half, stride_s,
-                                                      stride_b, stride_n, sign);
+    rotary_kernel<T, 1><<<grid, threads, 0, stream>>>(t, out, cos, sin, s, b, static_cast<int>(n), half, stride_s,
+                                                     stride_b, stride_n, sign);
   }
   return cudaGetLastError();
 }
