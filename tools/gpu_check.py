@@ -48,8 +48,8 @@ class Case:
     name: str  # the megatronish.ops function
     make: Callable  # (shape, dtype, device) -> list of tensors (the floating ones that need grads do)
     call: Callable  # (impl, tensors) -> tensor or tuple of tensors
-    check_shapes: list
-    bench_shape: tuple
+    check_shapes: list  # compared with the PyTorch path at each of these
+    bench_shape: tuple | None  # timed at this shape (None: not timed)
     differentiable: bool = True
     tiny_shapes: list = field(default_factory=list)  # --dry-run
 
@@ -121,6 +121,12 @@ def _ce_stats(impl, t):
     return impl.cross_entropy_stats(t[0], t[1], vocab_start, vocab_size)
 
 
+def _ce_stats_all_padding(impl, t):
+    """A rank that holds only padding columns (vocab 65 padded to 1024 at TP 8 has such ranks)."""
+    vocab_start = 7 * t[0].size(1)
+    return impl.cross_entropy_stats(t[0], t[1] % vocab_start, vocab_start, vocab_start)
+
+
 def _ce_backward(impl, t):
     vocab_start, vocab_size = _cross_entropy_layout(tuple(t[0].shape))
     return impl.cross_entropy_backward_(t[0].clone(), t[1], vocab_start, vocab_size, t[2], t[3], 0.1)
@@ -143,13 +149,19 @@ CASES = [
          [(7, 33), (1000, 4096), (3, 5, 1001)], (8192, 4096), tiny_shapes=[(3, 11)]),
     Case("bias_swiglu", _make_rows_and_bias, lambda impl, t: impl.bias_swiglu(t[0], t[1]),
          [(7, 34), (1000, 2 * 2816), (3, 5, 2002)], (8192, 2 * 2816), tiny_shapes=[(3, 12)]),
+    # Dropout values are compared at p = 0 (the masks of the two paths differ by design); the mask itself
+    # is checked by check_dropout_mask, and the timing uses a real p.
     Case("bias_dropout_add[p=0]", _make_dropout_add, lambda impl, t: impl.bias_dropout_add(t[0], t[1], t[2], 0.0, True),
-         [(7, 33), (1024, 8, 1024), (3, 1001)], (1024, 8, 1024), tiny_shapes=[(3, 11)]),
+         [(7, 33), (1024, 8, 1024), (3, 1001)], None, tiny_shapes=[(3, 11)]),
+    Case("bias_dropout_add[p=0.1]", _make_dropout_add, lambda impl, t: impl.bias_dropout_add(t[0], t[1], t[2], 0.1, True),
+         [], (1024, 8, 1024), tiny_shapes=[(3, 11)]),
     Case("apply_rotary_pos_emb", _make_rotary, lambda impl, t: impl.apply_rotary_pos_emb(t[0], t[1], t[2], t[3]),
          [(5, 2, 3, 22), (128, 4, 16, 64), (33, 2, 8, 128)], (1024, 8, 16, 128), tiny_shapes=[(3, 2, 4, 6)]),
     Case("cross_entropy_stats", _make_cross_entropy, _ce_stats,
          [(7, 129), (512, 6288), (33, 50304), (4, 10)], (8192, 50304 // 8 * 2), differentiable=False,
          tiny_shapes=[(3, 100)]),
+    Case("cross_entropy_stats[all padding]", _make_cross_entropy, _ce_stats_all_padding,
+         [(5, 128), (3, 37)], None, differentiable=False, tiny_shapes=[(3, 16)]),
     Case("cross_entropy_backward_", _make_cross_entropy_backward, _ce_backward,
          [(7, 129), (512, 6288), (33, 50304), (4, 10)], (8192, 50304 // 8 * 2), differentiable=False,
          tiny_shapes=[(3, 100)]),
@@ -268,7 +280,7 @@ def _bytes_of(tensors) -> int:
 
 
 def time_case(case: Case, dtype, device, compile_ok: bool, dry_run: bool) -> dict:
-    shape = case.tiny_shapes[0] if dry_run else case.bench_shape
+    shape = (case.tiny_shapes or [case.bench_shape])[0] if dry_run else case.bench_shape
     tensors = case.make(shape, dtype, device)
     out = _as_tuple(case.call(torch_impl, tensors))
     forward_bytes = _bytes_of(tensors) + _bytes_of(out)
@@ -450,7 +462,7 @@ def main(argv=None) -> int:
     checks = []
     for case in CASES:
         for dtype in DTYPES.values():
-            for shape in case.tiny_shapes if dry_run else case.check_shapes:
+            for shape in (case.tiny_shapes if case.check_shapes else []) if dry_run else case.check_shapes:
                 row = check_case(case, shape, dtype, device)
                 if device.type == "cuda" and module is None:
                     row["passed"] = False
@@ -464,7 +476,7 @@ def main(argv=None) -> int:
     report["copy_gbs"] = copy_bandwidth_gbs(device, dry_run)
     print(f"copy bandwidth: {report['copy_gbs']:.0f} GB/s")
     timings = []
-    for case in CASES:
+    for case in (c for c in CASES if c.bench_shape is not None):
         for dtype in (torch.bfloat16, torch.float32):
             if dtype == torch.float32 and case.name not in ("layer_norm", "scaled_causal_softmax", "cross_entropy_stats"):
                 continue  # fp32 timings for a representative few; bf16 is what training runs
