@@ -22,7 +22,7 @@ def test_dry_run_checks_every_op_and_writes_the_report(tmp_path, capsys):
     assert gpu_check.main(["--dry-run", "--no-model", "--out-dir", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     checked = {row["op"] for row in report["checks"]}
-    assert checked == {case.name for case in gpu_check.CASES}
+    assert checked == {case.name for case in gpu_check.CASES if case.check_shapes}
     assert {row["dtype"] for row in report["checks"]} == {"float32", "float16", "bfloat16"}
     assert report["dropout_mask"]["passed"]
     assert all("kernel_fwd_ms" in row and "eager_fwd_ms" in row for row in report["timings"])
