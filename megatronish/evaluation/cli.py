@@ -16,7 +16,7 @@ from megatronish.evaluation.inputs import read_text_rows
 from megatronish.evaluation.lambada import evaluate_lambada
 from megatronish.evaluation.model_loading import load_model, read_model_config, tokenizer_files_beside
 from megatronish.evaluation.windows import check_window_options
-from megatronish.evaluation.wikitext import evaluate_wikitext
+from megatronish.evaluation.wikitext import evaluate_wikitext, wikitext_from_rows
 
 
 def build_parser(description: str, default_hf_config: str | None) -> argparse.ArgumentParser:
@@ -96,7 +96,7 @@ def run_wikitext(argv=None, description: str = "WikiText-103 perplexity"):
     args = p.parse_args(argv)
     rows, tokenizer, model, seq_length = _setup(
         args, rows_jsonl=False, check_seq_length=lambda length: check_window_options(length, args.overlapping_eval))
-    result = evaluate_wikitext(model, tokenizer, "".join(rows), seq_length, args.overlapping_eval,
+    result = evaluate_wikitext(model, tokenizer, wikitext_from_rows(rows), seq_length, args.overlapping_eval,
                                args.micro_batch_size, show_progress=not args.no_progress)
     _report(result, args.output)
     return result
@@ -105,8 +105,7 @@ def run_wikitext(argv=None, description: str = "WikiText-103 perplexity"):
 def run_lambada(argv=None, description: str = "LAMBADA last-word accuracy"):
     args = build_parser(description, default_hf_config=None).parse_args(argv)
     rows, tokenizer, model, seq_length = _setup(args, rows_jsonl=True)
-    multiple = args.tp if model.config.sequence_parallel else 1
     result = evaluate_lambada(model, tokenizer, rows, seq_length, args.micro_batch_size,
-                              show_progress=not args.no_progress, multiple=multiple)
+                              show_progress=not args.no_progress)
     _report(result, args.output)
     return result

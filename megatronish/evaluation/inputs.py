@@ -8,8 +8,8 @@ Local inputs (--data):
 A hub dataset (--hf-dataset NAME [--hf-dataset-config CONFIG] [--split test]) goes through
 `datasets.load_dataset`; NAME may also be a local folder of data files, which needs no network.
 
-A table's "text" rows are returned in order. WikiText's rows are the lines of the file, each
-with its own newline, so joining them with "" gives the file's text back.
+A table's "text" rows are returned in order (for WikiText, the lines of the file: see
+wikitext.wikitext_from_rows for how they become the file's text again).
 """
 
 import json

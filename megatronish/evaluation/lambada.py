@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from megatronish import parallel_state
 from megatronish.evaluation.scoring import (
     data_parallel_share,
     greedy_predictions,
@@ -54,7 +55,7 @@ def make_example(context: list[int], answer: list[int], seq_length: int) -> tupl
 def _batch(examples, pad_id: int, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded inputs [b, s] and the mask of positions whose next token is an answer token."""
     length = max(tokens.numel() for tokens, _ in examples) - 1
-    length += -length % multiple  # sequence parallelism splits the sequence evenly across TP
+    length += -length % multiple
     inputs = torch.full((len(examples), length + 1), pad_id, dtype=torch.long)
     answer_positions = torch.zeros(len(examples), length, dtype=torch.bool)
     for row, (tokens, answer_length) in enumerate(examples):
@@ -64,12 +65,11 @@ def _batch(examples, pad_id: int, multiple: int) -> tuple[torch.Tensor, torch.Te
 
 
 def evaluate_lambada(model, tokenizer, texts: list[str], seq_length: int, micro_batch_size: int = 8,
-                     show_progress: bool = True, multiple: int = 1) -> LambadaResult:
-    """Last-word accuracy over `texts`. Collective: every rank calls it, all get the result.
-
-    `multiple` rounds each batch's length up (the TP size under sequence parallelism).
-    """
+                     show_progress: bool = True) -> LambadaResult:
+    """Last-word accuracy over `texts`. Collective: every rank calls it, all get the result."""
     examples = [make_example(*tokenize_lambada(text, tokenizer), seq_length) for text in texts]
+    # Sequence parallelism splits the sequence evenly across TP: batch lengths must divide by it.
+    multiple = parallel_state.get_tensor_model_parallel_world_size() if model.config.sequence_parallel else 1
     num_correct = torch.zeros((), dtype=torch.float64)
     for indices in micro_batches(data_parallel_share(len(examples)), micro_batch_size, "lambada examples",
                                  show_progress):

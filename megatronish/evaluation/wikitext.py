@@ -40,6 +40,16 @@ class WikitextResult:
                 f" | num_tokenized_tokens {self.num_tokenized_tokens}")
 
 
+def wikitext_from_rows(rows: list[str]) -> str:
+    """The file's text from its lines as a table stores them (a raw file is a single row).
+
+    The hub's wikitext dataset keeps each line with its newline but stores the file's blank
+    lines, " \n", as "": they are put back, or the text and num_original_tokens would differ
+    from those of wiki.test.tokens.
+    """
+    return "".join(row or " \n" for row in rows)
+
+
 def tokenize_wikitext(raw_text: str, tokenizer) -> tuple[torch.Tensor, int]:
     """(token ids of the detokenized text, num_original_tokens of the raw text)."""
     num_original_tokens = len(raw_text.strip().split(" "))

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from megatronish.evaluation.inputs import read_text_rows
+from megatronish.evaluation.wikitext import wikitext_from_rows
 
 from .conftest import wikitext_text
 
@@ -70,3 +71,10 @@ def test_bad_inputs(tmp_path):
     datasets.Dataset.from_dict({"sentence": ["a b"]}).to_parquet(str(tmp_path / "other.parquet"))
     with pytest.raises(ValueError, match=r"other.parquet has no 'text' column \(columns: \['sentence'\]\)"):
         read_text_rows(str(tmp_path / "other.parquet"), None)
+
+
+def test_hub_style_rows_give_the_files_text(text):
+    # The hub's wikitext stores the file's blank lines " \n" as empty rows.
+    rows = ["" if line == " \n" else line for line in _lines(text)]
+    assert "" in rows and wikitext_from_rows(rows) == text
+    assert wikitext_from_rows([text]) == text
