@@ -20,7 +20,7 @@ from megatronish.evaluation.cli import run_lambada
 def main(argv=None) -> int:
     try:
         run_lambada(argv, description=__doc__)
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"eval_lambada.py: error: {error}", file=sys.stderr)
         return 2
     finally:

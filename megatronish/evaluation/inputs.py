@@ -53,7 +53,7 @@ def _rows_from_hub(name: str, config: str | None, split: str) -> list[str]:
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # offline, unknown name, unknown config: say which and what to do instead
-        raise RuntimeError(f"cannot load dataset {name!r} (config {config!r}, split {split!r}) through datasets: "
+        raise ValueError(f"cannot load dataset {name!r} (config {config!r}, split {split!r}) through datasets: "
                            f"{type(e).__name__}: {e}. Without network, download it elsewhere and pass the "
                            "file with --data") from None
     return _text_rows(dataset.column_names, dataset.__getitem__, f"dataset {name!r}")

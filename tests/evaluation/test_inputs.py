@@ -50,7 +50,7 @@ def test_load_dataset_on_a_local_folder(tmp_path, text, monkeypatch):
 
 
 def test_unreachable_hub_dataset_says_what_to_do():
-    with pytest.raises(RuntimeError, match="cannot load dataset 'wikitext'.*pass the file with --data"):
+    with pytest.raises(ValueError, match="cannot load dataset 'wikitext'.*pass the file with --data"):
         read_text_rows(None, "wikitext", "wikitext-103-raw-v1")
 
 
