@@ -15,8 +15,8 @@ from megatronish.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 from megatronish.evaluation.inputs import read_text_rows
 from megatronish.evaluation.lambada import evaluate_lambada
 from megatronish.evaluation.model_loading import load_model, read_model_config, tokenizer_files_beside
-from megatronish.evaluation.windows import check_window_options
 from megatronish.evaluation.wikitext import evaluate_wikitext, wikitext_from_rows
+from megatronish.evaluation.windows import check_window_options
 
 
 def build_parser(description: str, default_hf_config: str | None) -> argparse.ArgumentParser:
