@@ -373,9 +373,17 @@ def markdown_report(report: dict) -> str:
         shapes = ", ".join("x".join(map(str, r["shape"])) for r in rows)
         result = "pass" if all(r["passed"] for r in rows) else "FAIL"
         lines.append(f"| {op} | {dtype} | {shapes} | {worst:.2e} | {rows[0]['tolerance']:.0e} | {result} |")
+    for row in report["checks"]:
+        if "error" in row:
+            lines.append(f"\n{row['op']} {row['dtype']} {row['shape']} raised: `{row['error'][:300]}`")
+    if report.get("aborted"):
+        lines.append(f"\nStopped after a CUDA error: {report['aborted'][:300]}")
     mask = report["dropout_mask"]
-    lines += ["", f"Dropout mask: replays exactly {mask['replays_exactly']}, keep rate {mask['keep_rate']:.4f} (0.9 expected), "
-              f"backward zero where dropped {mask['backward_zero_where_dropped']}: {'pass' if mask['passed'] else 'FAIL'}.", ""]
+    if mask:
+        lines += ["", f"Dropout mask: replays exactly {mask['replays_exactly']}, keep rate {mask['keep_rate']:.4f} "
+                  f"(0.9 expected), backward zero where dropped {mask['backward_zero_where_dropped']}: "
+                  f"{'pass' if mask['passed'] else 'FAIL'}."]
+    lines.append("")
     lines += ["## Timing (median ms; GB/s = forward input + output bytes / kernel time)", "",
               "The causal softmax kernel skips the upper triangle, so its GB/s counts bytes it never reads.", "",
               "| op | shape | dtype | kernel fwd | eager fwd | compile fwd | kernel GB/s | % of copy | kernel fwd+bwd | eager fwd+bwd | compile fwd+bwd |",
@@ -406,9 +414,10 @@ def markdown_report(report: dict) -> str:
 
 def short_table(report: dict) -> str:
     failed = [f"{r['op']} {r['dtype']} {r['shape']}" for r in report["checks"] if not r["passed"]]
+    mask = report["dropout_mask"]
     lines = [f"correctness: {len(report['checks']) - len(failed)}/{len(report['checks'])} checks pass"
              + (f"; FAILED: {', '.join(failed)}" if failed else ""),
-             f"dropout mask: {'pass' if report['dropout_mask']['passed'] else 'FAIL'}",
+             f"dropout mask: {('pass' if mask['passed'] else 'FAIL') if mask else 'not checked'}",
              f"copy bandwidth: {report['copy_gbs']:.0f} GB/s",
              f"{'op':<26} {'dtype':<9} {'kernel':>8} {'eager':>8} {'compile':>8} {'GB/s':>6} {'%copy':>6}"]
     for row in report["timings"]:
@@ -426,10 +435,54 @@ def short_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _selected_cases(only: str | None):
+    if not only:
+        return CASES
+    wanted = [name.strip() for name in only.split(",") if name.strip()]
+    chosen = [case for case in CASES if any(case.name.startswith(name) for name in wanted)]
+    if not chosen:
+        raise SystemExit(f"--only {only!r} matches no op; ops: {', '.join(case.name for case in CASES)}")
+    return chosen
+
+
+def run_checks(cases, device, dry_run: bool) -> tuple[list, str | None]:
+    """Every case x dtype x shape; stops at the first CUDA error (the context is unusable after one)."""
+    checks = []
+    for case in cases:
+        for dtype in DTYPES.values():
+            for shape in (case.tiny_shapes if case.check_shapes else []) if dry_run else case.check_shapes:
+                try:
+                    row = check_case(case, shape, dtype, device)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                except Exception as error:
+                    message = f"{type(error).__name__}: {error}"
+                    checks.append({"op": case.name, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                                   "max_error": math.inf, "tolerance": TOLERANCE[dtype], "passed": False, "error": message})
+                    print(f"check {case.name} {dtype} {shape}: {message}")
+                    if "CUDA" in message or "cuda" in message:
+                        return checks, f"{case.name} {dtype} {tuple(shape)}: {message}"
+                    continue
+                checks.append(row)
+                print(f"check {row['op']:<26} {row['dtype']:<9} {str(tuple(shape)):<22} "
+                      f"error {row['max_error']:.2e} (tol {row['tolerance']:.0e}) {'ok' if row['passed'] else 'FAIL'}")
+    return checks, None
+
+
+def write_report(report: dict, out_dir: Path, started: float) -> None:
+    report["wall_s"] = time.time() - started
+    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    (out_dir / "gpu_check.md").write_text(markdown_report(report))
+    print(f"\nwrote {out_dir / 'gpu_check.md'} and gpu_check.json ({report['wall_s']:.0f} s)\n")
+    print(short_table(report))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, no CUDA parts: checks this script")
     parser.add_argument("--out-dir", default=None, help="where gpu_check.md / .json go (default bench/; a temp dir with --dry-run)")
+    parser.add_argument("--only", default=None, help="comma-separated op names (or prefixes) to check and time")
+    parser.add_argument("--no-timing", action="store_true", help="correctness only")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile timings")
     parser.add_argument("--no-model", action="store_true", help="skip the GPT-2 medium step")
     parser.add_argument("--budget-s", type=float, default=300.0,
@@ -444,6 +497,7 @@ def main(argv=None) -> int:
     repo = Path(__file__).resolve().parents[1]
     out_dir = Path(args.out_dir) if args.out_dir else (Path(tempfile.mkdtemp()) if dry_run else repo / "bench")
     out_dir.mkdir(parents=True, exist_ok=True)
+    cases = _selected_cases(args.only)
 
     build_start = time.time()
     module = extension.load() if device.type == "cuda" else None
@@ -452,40 +506,34 @@ def main(argv=None) -> int:
     print(f"build: {build_s:.1f} s, extension {'loaded' if module is not None else 'NOT loaded: ' + str(extension.build_failure())}")
     for op, backend in status.items():
         print(f"  {op:<24} {backend}")
+    if device.type == "cuda" and module is None:  # nothing below would test a kernel: stop early, say why in full
+        print(f"gpu_check: the extension did not build:\n{(extension.build_failure(full=True) or '')[-6000:]}", file=sys.stderr)
+        return 3
 
     report = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)",
-              "torch": torch.__version__, "cuda": torch.version.cuda, "build_s": build_s, "kernel_status": status}
-    if device.type == "cuda" and module is None:
-        print("gpu_check: the kernels did not build; correctness and kernel timings would test the fallback only", file=sys.stderr)
+              "torch": torch.__version__, "cuda": torch.version.cuda, "build_s": build_s, "kernel_status": status,
+              "checks": [], "dropout_mask": {}, "copy_gbs": float("nan"), "timings": [], "model": []}
+    report["checks"], cuda_error = run_checks(cases, device, dry_run)
+    if cuda_error is not None:
+        report["aborted"] = cuda_error
+        write_report(report, out_dir, started)
+        return 1
+    if any(case.name.startswith("bias_dropout_add") for case in cases):
+        report["dropout_mask"] = check_dropout_mask(device, dry_run)
+        print("dropout mask:", report["dropout_mask"])
 
-    checks = []
-    for case in CASES:
-        for dtype in DTYPES.values():
-            for shape in (case.tiny_shapes if case.check_shapes else []) if dry_run else case.check_shapes:
-                row = check_case(case, shape, dtype, device)
-                if device.type == "cuda" and module is None:
-                    row["passed"] = False
-                checks.append(row)
-                print(f"check {row['op']:<26} {row['dtype']:<9} {str(tuple(shape)):<22} "
-                      f"error {row['max_error']:.2e} (tol {row['tolerance']:.0e}) {'ok' if row['passed'] else 'FAIL'}")
-    report["checks"] = checks
-    report["dropout_mask"] = check_dropout_mask(device, dry_run)
-    print("dropout mask:", report["dropout_mask"])
+    if not args.no_timing:
+        report["copy_gbs"] = copy_bandwidth_gbs(device, dry_run)
+        print(f"copy bandwidth: {report['copy_gbs']:.0f} GB/s")
+        for case in (c for c in cases if c.bench_shape is not None):
+            for dtype in (torch.bfloat16, torch.float32):
+                if dtype == torch.float32 and case.name not in ("layer_norm", "scaled_causal_softmax", "cross_entropy_stats"):
+                    continue  # fp32 timings for a representative few; bf16 is what training runs
+                compile_ok = not (args.no_compile or dry_run) and time.time() - started < args.budget_s
+                report["timings"].append(time_case(case, dtype, device, compile_ok, dry_run))
+                print("time", json.dumps(report["timings"][-1]))
 
-    report["copy_gbs"] = copy_bandwidth_gbs(device, dry_run)
-    print(f"copy bandwidth: {report['copy_gbs']:.0f} GB/s")
-    timings = []
-    for case in (c for c in CASES if c.bench_shape is not None):
-        for dtype in (torch.bfloat16, torch.float32):
-            if dtype == torch.float32 and case.name not in ("layer_norm", "scaled_causal_softmax", "cross_entropy_stats"):
-                continue  # fp32 timings for a representative few; bf16 is what training runs
-            compile_ok = not (args.no_compile or dry_run) and time.time() - started < args.budget_s
-            timings.append(time_case(case, dtype, device, compile_ok, dry_run))
-            print("time", json.dumps(timings[-1]))
-    report["timings"] = timings
-
-    report["model"] = []
     if not args.no_model:
         for backend in ("sdpa", "explicit"):
             try:
@@ -495,13 +543,9 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             print("model", report["model"][-1])
-    report["wall_s"] = time.time() - started
 
-    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
-    (out_dir / "gpu_check.md").write_text(markdown_report(report))
-    print(f"\nwrote {out_dir / 'gpu_check.md'} and gpu_check.json ({report['wall_s']:.0f} s)\n")
-    print(short_table(report))
-    all_passed = all(r["passed"] for r in checks) and report["dropout_mask"]["passed"]
+    write_report(report, out_dir, started)
+    all_passed = all(r["passed"] for r in report["checks"]) and report["dropout_mask"].get("passed", True)
     return 0 if all_passed else 1
 
 

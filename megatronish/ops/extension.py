@@ -24,7 +24,8 @@ ENV_CACHE = "MEGATRONISH_KERNEL_CACHE"  # overrides the build cache folder
 _enabled = os.environ.get(ENV_SWITCH, "1") != "0"
 _build_tried = False
 _module = None
-_failure = None  # why the extension is not available, once a build was tried
+_failure = None  # why the extension is not available, once a build was tried (one line)
+_failure_detail = None  # the same with the whole compiler output
 
 
 def set_kernels_enabled(enabled: bool) -> None:
@@ -46,13 +47,13 @@ def cuda_module_for(tensor: torch.Tensor):
 
 def load():
     """Build (once per process, once per node and source version) and import the extension; None on failure."""
-    global _build_tried, _module, _failure
+    global _build_tried, _module, _failure, _failure_detail
     if not _build_tried:
         _build_tried = True
         try:
             _module = _build()
         except Exception as error:  # a broken build must never break training: fall back, say why once
-            _failure = _summarize(error)
+            _failure, _failure_detail = _summarize(error), f"{type(error).__name__}: {error}"
             warnings.warn(
                 f"megatronish.ops: the CUDA kernels are not available ({_failure}); "
                 f"every op falls back to its PyTorch path. Set {ENV_SWITCH}=0 to choose that explicitly.",
@@ -62,9 +63,10 @@ def load():
     return _module
 
 
-def build_failure():
-    """Why the extension could not be built, or None if it was built or not tried yet."""
-    return _failure
+def build_failure(full: bool = False):
+    """Why the extension could not be built (full=True: with the whole compiler output), or None if it
+    was built or not tried yet."""
+    return _failure_detail if full else _failure
 
 
 def _summarize(error: Exception, max_chars: int = 600) -> str:

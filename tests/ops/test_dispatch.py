@@ -17,6 +17,7 @@ def fresh_extension_state(monkeypatch):
     monkeypatch.setattr(extension, "_build_tried", False)
     monkeypatch.setattr(extension, "_module", None)
     monkeypatch.setattr(extension, "_failure", None)
+    monkeypatch.setattr(extension, "_failure_detail", None)
     monkeypatch.setattr(extension, "_enabled", True)
 
 
@@ -38,6 +39,7 @@ def test_failed_build_warns_once_and_falls_back(fresh_extension_state, monkeypat
         assert extension.load() is None
     assert len(caught) == 1
     assert "softmax.cu" in extension.build_failure()
+    assert "Error building extension" in extension.build_failure(full=True)
 
 
 def test_switch_off_means_no_extension(fresh_extension_state, monkeypatch):
