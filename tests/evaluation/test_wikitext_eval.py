@@ -146,3 +146,15 @@ def test_missing_or_empty_input(hf_gpt2_dir, tmp_path):
     with pytest.raises(ValueError, match="empty.tokens holds no text"):
         run_wikitext(["--hf-model", str(hf_gpt2_dir), "--data", str(tmp_path / "empty.tokens")])
     assert not dist.is_initialized()
+
+
+def test_not_a_checkpoint(hf_gpt2_dir, wikitext_file, tmp_path):
+    data = ["--data", str(wikitext_file), "--vocab-file", str(hf_gpt2_dir / "vocab.json"),
+            "--merge-file", str(hf_gpt2_dir / "merges.txt")]
+    with pytest.raises(FileNotFoundError, match="is not a megatronish checkpoint: expected latest_checkpointed"):
+        run_wikitext(["--load", str(tmp_path)] + data)
+    with pytest.raises(FileNotFoundError, match="--hf-model .* has no config.json"):
+        run_wikitext(["--hf-model", str(tmp_path)] + data)
+    with pytest.raises(FileNotFoundError, match="--load .*missing is not a directory"):
+        run_wikitext(["--load", str(tmp_path / "missing")] + data)
+    assert not dist.is_initialized()
