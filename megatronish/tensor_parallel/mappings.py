@@ -164,29 +164,36 @@ class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
         return _gather_along_first_dim(grad)
 
 
+def _apply(op, x, *args):
+    # At TP = 1 every op is the identity both ways: skip the autograd node and its Python calls.
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return x
+    return op.apply(x, *args)
+
+
 def copy_to_tensor_model_parallel_region(x):
-    return _CopyToModelParallelRegion.apply(x)
+    return _apply(_CopyToModelParallelRegion, x)
 
 
 def reduce_from_tensor_model_parallel_region(x):
-    return _ReduceFromModelParallelRegion.apply(x)
+    return _apply(_ReduceFromModelParallelRegion, x)
 
 
 def scatter_to_tensor_model_parallel_region(x):
-    return _ScatterToModelParallelRegion.apply(x)
+    return _apply(_ScatterToModelParallelRegion, x)
 
 
 def gather_from_tensor_model_parallel_region(x):
-    return _GatherFromModelParallelRegion.apply(x)
+    return _apply(_GatherFromModelParallelRegion, x)
 
 
 def scatter_to_sequence_parallel_region(x):
-    return _ScatterToSequenceParallelRegion.apply(x)
+    return _apply(_ScatterToSequenceParallelRegion, x)
 
 
 def gather_from_sequence_parallel_region(x, tensor_parallel_output_grad: bool = True):
-    return _GatherFromSequenceParallelRegion.apply(x, tensor_parallel_output_grad)
+    return _apply(_GatherFromSequenceParallelRegion, x, tensor_parallel_output_grad)
 
 
 def reduce_scatter_to_sequence_parallel_region(x):
-    return _ReduceScatterToSequenceParallelRegion.apply(x)
+    return _apply(_ReduceScatterToSequenceParallelRegion, x)
