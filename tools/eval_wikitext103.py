@@ -30,13 +30,14 @@ from megatronish.evaluation.cli import run_wikitext
 
 
 def main(argv=None) -> int:
+    started_here = not dist.is_initialized()  # a caller's process group (a test harness) is left alone
     try:
         run_wikitext(argv, description=__doc__)
     except (ValueError, FileNotFoundError) as error:
         print(f"eval_wikitext103.py: error: {error}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
+        if started_here and dist.is_initialized():
             dist.destroy_process_group()
     return 0
 

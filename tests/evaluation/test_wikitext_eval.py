@@ -8,11 +8,11 @@ independently of windows.py. Tolerance: 1e-5 relative on avg_loss and adjusted_p
 (megatronish runs in float32).
 """
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -113,19 +113,36 @@ def test_defaults_use_the_models_length_and_stride_32(hf_gpt2_dir, wikitext_file
     assert result["adjusted_ppl"] == pytest.approx(adjusted_ppl, rel=1e-5)
 
 
+def _tool_main(argv):
+    """tools/eval_wikitext103.py's main() in this rank: (exit code, stdout, stderr)."""
+    spec = importlib.util.spec_from_file_location("eval_wikitext103", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = tool.main(argv)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
 def test_tool_prints_one_line_and_writes_json(hf_gpt2_dir, wikitext_file, tmp_path):
     output = tmp_path / "result.json"
-    run = subprocess.run([sys.executable, str(TOOL), "--hf-model", str(hf_gpt2_dir), "--data", str(wikitext_file),
-                          "--seq-length", "16", "--overlapping-eval", "8", "--output", str(output)],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
+    code, stdout, stderr = run_distributed(_tool_main, 1, args=([
+        "--hf-model", str(hf_gpt2_dir), "--data", str(wikitext_file), "--seq-length", "16",
+        "--overlapping-eval", "8", "--output", str(output)],))[0]
+    assert code == 0, stderr
     result = json.loads(output.read_text())
     assert sorted(result) == sorted(["avg_loss", "ppl", "adjusted_ppl", "token_ratio", "num_original_tokens",
                                      "num_tokenized_tokens"])
     assert result["avg_loss"] == pytest.approx(_reference(hf_gpt2_dir, wikitext_file.read_text(), 16, 8)[0], rel=1e-5)
-    lines = run.stdout.strip().splitlines()
+    lines = stdout.strip().splitlines()
     assert len(lines) == 1 and f"adjusted_ppl {result['adjusted_ppl']:.4f}" in lines[0]
-    assert "wikitext windows" in run.stderr  # the progress bar
+    assert "wikitext windows" in stderr  # the progress bar
+
+
+def test_tool_reports_bad_input_in_one_line(tmp_path):
+    code, _, stderr = _tool_main(["--hf-model", str(tmp_path), "--data", str(tmp_path / "missing.tokens")])
+    assert code == 2 and stderr.startswith("eval_wikitext103.py: error: input ") and stderr.count("\n") == 1
+    assert not dist.is_initialized()
 
 
 @pytest.mark.parametrize("extra, match", [
