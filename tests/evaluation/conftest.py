@@ -29,6 +29,16 @@ def wikitext_text(seed: int, paragraphs: int = 3) -> str:
     return "".join(lines)
 
 
+@pytest.fixture(scope="package", autouse=True)
+def _one_torch_thread():
+    """The references computed in this process run on one thread: on 2 busy cores, 2 threads made
+    them 10-20x slower (ranks forked by run_distributed set their own single thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tokenizer_vocab_size() -> int:
     with open(gpt2_files()["vocab_file"]) as f:
         return len(json.load(f))
