@@ -5,7 +5,8 @@ models) and returns numbers; the tests compare them with the TP = 1 run, which i
 dense single-process reference. Tolerance (fp32, 2 layers): logits and losses within
 2e-5, gradients within 1e-5 absolute + 1e-4 relative: only the order of additions differs.
 Dropout is off for the cross-TP comparisons (per-TP-rank streams draw different masks at
-different TP sizes by design) and on for the recompute comparisons.
+different TP sizes by design) and on for the recompute comparisons. bf16 and fp16 models must train with finite gradients and
+losses within 0.05 of fp32.
 """
 
 import numpy as np
@@ -133,10 +134,10 @@ def _load_reference(reference_state):
         return _full_logits(model.eval(), _batch()[0]).numpy()
 
 
-def _bf16_losses():
-    """fp32 and bf16 losses of the same weights, and whether the bf16 gradients are finite."""
+def _half_precision_losses():
+    """fp32, bf16 and fp16 losses of the same weights, and whether the gradients are finite."""
     losses = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "float16"):
         model_parallel_manual_seed(SEED)
         model = GPTModel(TransformerConfig(**dict(CASES["gpt2_sequence_parallel"], params_dtype=dtype)), seed=SEED)
         ids, labels, _ = _batch()
@@ -151,7 +152,7 @@ def _bf16_losses():
 def _all_checks(tp: int, reference_state):
     parallel_state.initialize_model_parallel(tp)
     results = dict(equality=_equality_checks(), recompute=_recompute_checks(), padding=_padding_never_generated(),
-                   bf16=_bf16_losses())
+                   half=_half_precision_losses())
     if reference_state is not None:
         results["loaded_logits"] = _load_reference(reference_state)
     return results
@@ -225,10 +226,11 @@ def test_generate_never_picks_padding_columns(results, tp):
         assert tokens.max() < VOCAB
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("tp", TP_SIZES)
-def test_bf16_model_trains(results, tp):
-    losses = results[tp][0]["bf16"]
+def test_half_precision_model_trains(results, tp, dtype):
+    losses = results[tp][0]["half"]
     fp32_loss, _, _ = losses["float32"]
-    bf16_loss, finite, loss_is_fp32 = losses["bfloat16"]
+    loss, finite, loss_is_fp32 = losses[dtype]
     assert finite and loss_is_fp32
-    assert abs(bf16_loss - fp32_loss) < 0.05, (bf16_loss, fp32_loss)  # bf16 keeps ~3 significant digits
+    assert abs(loss - fp32_loss) < 0.05, (loss, fp32_loss)  # bf16 keeps ~3 significant digits, fp16 ~4
