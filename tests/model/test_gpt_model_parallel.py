@@ -5,8 +5,8 @@ models) and returns numbers; the tests compare them with the TP = 1 run, which i
 dense single-process reference. Tolerance (fp32, 2 layers): logits and losses within
 2e-5, gradients within 1e-5 absolute + 1e-4 relative: only the order of additions differs.
 Dropout is off for the cross-TP comparisons (per-TP-rank streams draw different masks at
-different TP sizes by design) and on for the recompute comparisons. bf16 and fp16 models must train with finite gradients and
-losses within 0.05 of fp32.
+different TP sizes by design) and on for the recompute comparisons. bf16 and fp16 models
+must train with finite gradients and losses within 0.05 of fp32.
 """
 
 import numpy as np
