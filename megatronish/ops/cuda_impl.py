@@ -18,6 +18,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.size(-1)).contiguous()
 
 
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
 def _bias_grad(grad_x_rows: torch.Tensor, bias):
     if bias is None or not bias.requires_grad:
         return None
@@ -31,13 +35,13 @@ class ScaledSoftmax(torch.autograd.Function):
         mask_view = None if causal else mask.expand(scores.shape)
         probs = _ext().softmax_forward(scores.contiguous(), mask_view, scale, causal)
         ctx.save_for_backward(probs)
-        ctx.scale = scale
+        ctx.scale, ctx.causal = scale, causal
         return probs
 
     @staticmethod
     def backward(ctx, grad_probs):
         (probs,) = ctx.saved_tensors
-        return _ext().softmax_backward(grad_probs.contiguous(), probs, ctx.scale), None, None, None
+        return _ext().softmax_backward(grad_probs.contiguous(), probs, ctx.scale, ctx.causal), None, None, None
 
 
 class Norm(torch.autograd.Function):
@@ -46,7 +50,7 @@ class Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, rms):
         x_rows = _rows(x)
-        y, mean, rstd = _ext().norm_forward(x_rows, weight.contiguous(), None if bias is None else bias.contiguous(), eps, rms)
+        y, mean, rstd = _ext().norm_forward(x_rows, weight.contiguous(), _contiguous(bias), eps, rms)
         ctx.save_for_backward(x_rows, weight, mean, rstd)
         ctx.rms, ctx.has_bias = rms, bias is not None
         return y.view(x.shape)
@@ -61,7 +65,7 @@ class Norm(torch.autograd.Function):
 class BiasGelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias):
-        x_rows = _rows(x)
+        x_rows, bias = _rows(x), _contiguous(bias)
         ctx.save_for_backward(x_rows, bias)
         return _ext().bias_gelu_forward(x_rows, bias).view(x.shape)
 
@@ -75,7 +79,7 @@ class BiasGelu(torch.autograd.Function):
 class BiasSwiglu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias):
-        x_rows = _rows(x)
+        x_rows, bias = _rows(x), _contiguous(bias)
         ctx.save_for_backward(x_rows, bias)
         return _ext().bias_swiglu_forward(x_rows, bias).view(*x.shape[:-1], x.size(-1) // 2)
 
@@ -96,7 +100,7 @@ class BiasDropoutAdd(torch.autograd.Function):
         seed = None
         if 0.0 < prob < 1.0:
             seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
-        out = _ext().bias_dropout_add_forward(_rows(x), bias, _rows(residual), prob, seed)
+        out = _ext().bias_dropout_add_forward(_rows(x), _contiguous(bias), _rows(residual), prob, seed)
         ctx.save_for_backward(seed, bias)
         ctx.prob = prob
         return out.view(x.shape)

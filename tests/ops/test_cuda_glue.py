@@ -158,9 +158,11 @@ def test_norm_glue(fake_cuda, with_bias, x_dtype, weight_dtype):
 
 def test_activation_glue(fake_cuda):
     x, bias = torch.randn(2, 5, 14) * 3, torch.randn(14)
-    _compare(ops.bias_gelu, torch_impl.bias_gelu, [x, bias])
-    _compare(lambda x: ops.bias_gelu(x, None), lambda x: torch_impl.bias_gelu(x, None), [x])
-    _compare(ops.bias_swiglu, torch_impl.bias_swiglu, [x, bias])
+    # The kernels' closed-form derivatives and autograd's chain round differently: fp32 ulps of values up to ~30.
+    tolerance = {"rtol": 1e-5, "atol": 2e-5}
+    _compare(ops.bias_gelu, torch_impl.bias_gelu, [x, bias], **tolerance)
+    _compare(lambda x: ops.bias_gelu(x, None), lambda x: torch_impl.bias_gelu(x, None), [x], **tolerance)
+    _compare(ops.bias_swiglu, torch_impl.bias_swiglu, [x, bias], **tolerance)
     assert {"bias_gelu_backward", "bias_swiglu_backward"} <= set(fake_cuda.calls)
 
 

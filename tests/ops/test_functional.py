@@ -100,7 +100,7 @@ def _reference_rms_norm(x, weight, eps):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", [2, 7, 97])  # hidden 1 has zero variance: ill-conditioned
+@pytest.mark.parametrize("hidden", [7, 33, 97])  # tiny rows can have near-zero variance: ill-conditioned
 @pytest.mark.parametrize("fp32_weight", [False, True])
 def test_layer_norm(dtype, hidden, fp32_weight):
     eps = 1e-5
