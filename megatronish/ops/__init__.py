@@ -4,7 +4,7 @@ Callers never check for CUDA: CPU tensors take the PyTorch path; CUDA tensors ta
 MEGATRONISH_KERNELS=0 / set_kernels_enabled(False), or the extension failed to build (one warning says why).
 """
 
-from megatronish.ops.extension import kernels_enabled, set_kernels_enabled
+from megatronish.ops.extension import apex_fused_adam_class, kernels_enabled, set_kernels_enabled
 from megatronish.ops.functional import (
     apply_rotary_pos_emb,
     bias_dropout_add,
@@ -20,6 +20,7 @@ from megatronish.ops.functional import (
 from megatronish.ops.status import kernel_status
 
 __all__ = [
+    "apex_fused_adam_class",
     "apply_rotary_pos_emb",
     "bias_dropout_add",
     "bias_gelu",

@@ -154,15 +154,20 @@ def apex_installed() -> bool:
     return importlib.util.find_spec("apex") is not None
 
 
-def apex_norms_for(tensor: torch.Tensor):
-    """apex.normalization.fused_layer_norm if a CUDA tensor could use it (our extension missing), else None."""
-    if not (tensor.is_cuda and _enabled and apex_installed()):
+def apex_norms():
+    """apex.normalization.fused_layer_norm if apex is installed (with its CUDA parts) and kernels are on, else None."""
+    if not (_enabled and apex_installed()):
         return None
     try:
         from apex.normalization import fused_layer_norm
     except Exception:  # apex installed without its CUDA extensions
         return None
     return fused_layer_norm
+
+
+def apex_norms_for(tensor: torch.Tensor):
+    """apex's fused norms for a CUDA tensor (used where our extension is missing), else None."""
+    return apex_norms() if tensor.is_cuda else None
 
 
 def apex_fused_adam_class():

@@ -32,7 +32,7 @@ def kernel_status(build: bool = True) -> dict:
         backend = f"pytorch (extension not built: {extension.build_failure() or 'not tried yet'})"
     status = {}
     for op in OPS:
-        if op in APEX_NORM_OPS and backend.startswith("pytorch (extension") and extension.apex_norms_for(torch.empty(0, device="cuda")) is not None:
+        if op in APEX_NORM_OPS and backend.startswith("pytorch (extension") and extension.apex_norms() is not None:
             status[op] = "apex fused_layer_norm (when weight/bias dtypes equal the input's), else pytorch"
         else:
             status[op] = backend

@@ -53,6 +53,29 @@ def test_switch_off_means_no_extension(fresh_extension_state, monkeypatch):
     assert extension.cuda_module_for(FakeCudaTensor()) is None
 
 
+def test_apex_norms_serve_when_our_extension_is_missing(monkeypatch):
+    calls = []
+
+    class FakeApexNorms:
+        @staticmethod
+        def fused_layer_norm_affine(x, weight, bias, shape, eps):
+            calls.append("layer_norm")
+            return torch.nn.functional.layer_norm(x, shape, weight, bias, eps)
+
+        @staticmethod
+        def fused_rms_norm_affine(x, weight, shape, eps):
+            calls.append("rms_norm")
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    monkeypatch.setattr(extension, "cuda_module_for", lambda tensor: None)
+    monkeypatch.setattr(extension, "apex_norms_for", lambda tensor: FakeApexNorms)
+    x = torch.randn(3, 8)
+    ops.layer_norm(x, torch.ones(8), torch.zeros(8), 1e-5)
+    ops.rms_norm(x, torch.ones(8), 1e-5)
+    ops.layer_norm(x.bfloat16(), torch.ones(8), torch.zeros(8), 1e-5)  # fp32 weights, bf16 input: not apex's case
+    assert calls == ["layer_norm", "rms_norm"]
+
+
 def test_environment_variable_switches_kernels_off():
     code = "from megatronish import ops; print(ops.kernels_enabled())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"MEGATRONISH_KERNELS": "0", "PATH": ""}, check=True)
