@@ -117,16 +117,16 @@ def test_tp4_and_tp2_x_dp2_match_tp1(data, reference):
 
 def test_tp2_and_dp2_distributed_optimizer_match_tp1_and_mixed_precision(data, reference):
     argvs = [tiny_argv(*data, "--tp", "2"), tiny_argv(*data, "--use-distributed-optimizer"),
-             tiny_argv(*data, "--tp", "2", "--fp16", "--initial-loss-scale", str(2.0**40), "--hysteresis", "1"),
+             tiny_argv(*data, "--tp", "2", "--fp16", "--initial-loss-scale", str(2.0**20), "--hysteresis", "1"),
              tiny_argv(*data, "--tp", "2", "--bf16")]
     outs = run_distributed(_runs, 2, args=(argvs,), timeout=300)
     ref, _ = reference
     for tp2, dp2, fp16, bf16 in outs:
         _assert_same_run(tp2, ref, "TP2")
         _assert_same_run(dp2, ref, "TP1 x DP2 distributed optimizer")
-        # fp16: a loss scale of 2^40 overflows; those steps are skipped (the scale halves each time) and
-        # training goes on with finite losses that track fp32.
-        assert fp16["skipped"] >= 1 and fp16["grad_norms"][0] is None
+        # fp16: a loss scale of 2^20 overflows the fp16 gradients; that step is skipped (no grad norm), the
+        # scale halves, and training goes on with finite losses that fall.
+        assert 1 <= fp16["skipped"] <= 3 and fp16["grad_norms"][0] is None and fp16["grad_norms"][-1] is not None
         assert all(np.isfinite(fp16["losses"]))
         assert fp16["losses"][-1] < fp16["losses"][0]
         assert all(np.isfinite(bf16["losses"])) and bf16["skipped"] == 0
