@@ -1,0 +1,102 @@
+"""Stopping early and coming back: signals, --exit-duration-in-mins, torchrun --max-restarts.
+
+- SIGTERM reaching one rank only (rank 1, during iteration 4): every rank stops after that
+  iteration, saves, and pretrain returns normally (the script exits 0); the same command run
+  again resumes and ends with the loss of an uninterrupted run.
+- SIGUSR1 on rank 0 and a tiny --exit-duration-in-mins also save and stop (all ranks agree).
+- torchrun --max-restarts 1: rank 1 SIGKILLs itself once during iteration 3; torchrun restarts
+  the job, which resumes from the checkpoint of iteration 2 and ends with the uninterrupted loss.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatronish.testing import run_distributed
+from megatronish.training.checkpointing import read_latest_iteration
+
+from checkpoint_testing import build_corpus, run_pretrains, tiny_argv
+
+ITERS = 6
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _argv(corpus, *extra):
+    return tiny_argv(corpus, *extra, iters=ITERS, tp=2, dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus):
+    return run_distributed(run_pretrains, 2, args=([_argv(corpus)],), timeout=300)[0][0]
+
+
+def test_signals_and_time_limit_save_on_every_rank_and_resume_exactly(corpus, uninterrupted, tmp_path):
+    sigterm, sigusr1, timed = (str(tmp_path / name) for name in ("sigterm", "sigusr1", "timed"))
+    restartable = _argv(corpus, "--save", sigterm, "--load", sigterm)
+    runs = [restartable, _argv(corpus, "--save", sigusr1), _argv(corpus, "--save", timed, "--exit-duration-in-mins", "1e-9")]
+    faults = [("SIGTERM", 1, 4), ("SIGUSR1", 0, 2), None]
+    stopped = run_distributed(run_pretrains, 2, args=(runs, faults), timeout=300)
+    for rank_results in stopped:  # every rank stopped at the same iteration and returned normally
+        assert [r["iteration"] for r in rank_results] == [4, 2, 1]
+    assert [read_latest_iteration(d) for d in (sigterm, sigusr1, timed)] == [4, 2, 1]
+
+    restarted = run_distributed(run_pretrains, 2, args=([restartable],), timeout=300)
+    assert stopped[0][0]["losses"] == uninterrupted["losses"][:4]
+    assert restarted[0][0]["iteration"] == ITERS
+    assert restarted[0][0]["losses"] == uninterrupted["losses"][4:]
+    assert restarted[0][0]["final_valid"] == uninterrupted["final_valid"]
+
+
+KILLING_ENTRY = """
+import json, os, signal, sys
+import torch.distributed as dist
+from megatronish.training import training
+from megatronish.training.arguments import parse_args
+
+real_train_step, calls, marker = training.train_step, [0], os.environ["KILL_MARKER"]
+
+def train_step(*args, **kwargs):  # rank 1 dies once, in the third iteration of the first attempt
+    calls[0] += 1
+    if calls[0] == 3 and os.environ["RANK"] == "1" and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_train_step(*args, **kwargs)
+
+training.train_step = train_step
+result = training.pretrain(parse_args(sys.argv[1:]))
+if os.environ["RANK"] == "0":
+    with open(os.environ["RESULT_FILE"], "w") as f:
+        json.dump({"losses": result.losses, "final_valid": result.final_valid_loss,
+                   "restart": os.environ["TORCHELASTIC_RESTART_COUNT"]}, f)
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_restarts_a_sigkilled_rank_from_the_latest_checkpoint(corpus, uninterrupted, tmp_path):
+    entry = tmp_path / "killing_pretrain.py"
+    entry.write_text(KILLING_ENTRY)
+    save = str(tmp_path / "ckpt")
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = dict(os.environ, KILL_MARKER=str(tmp_path / "killed"), RESULT_FILE=str(tmp_path / "result.json"),
+               PYTHONPATH=str(REPO))
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", str(entry),
+               *_argv(corpus, "--save", save, "--load", save, "--save-interval", "2")]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "killed").exists()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["restart"] == "1"  # the second attempt finished the job
+    assert "loaded checkpoint" in proc.stdout and "at iteration 2" in proc.stdout
+    assert result["losses"] == uninterrupted["losses"][2:]
+    assert result["final_valid"] == uninterrupted["final_valid"]
