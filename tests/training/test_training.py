@@ -1,7 +1,7 @@
 """The training loop end to end on a tiny GPT (CPU, gloo, fp32, dropout 0).
 
-Losses of 10 iterations agree across layouts (TP 1/2/4, TP2 x DP2, distributed optimizer)
-within 1e-5 relative; the logged grad norm equals a dense single-process reference; fp16
+Losses of 10 iterations agree across layouts (TP 1/2/4, TP2 x DP2, distributed optimizer,
+sequence parallelism, activation recompute) within 1e-5 relative; the logged grad norm equals a dense single-process reference; fp16
 skips overflowing steps and recovers; bf16 runs; a run stopped and resumed from its
 checkpoint continues exactly as an uninterrupted run. Runs are grouped by world size so
 each group forks its ranks once.
@@ -106,23 +106,24 @@ def test_reference_run_learns_and_logged_grad_norm_matches_dense(reference):
 
 def test_tp4_and_tp2_x_dp2_match_tp1(data, reference):
     argvs = [tiny_argv(*data, "--tp", "4"), tiny_argv(*data, "--tp", "2"),
-             tiny_argv(*data, "--tp", "2", "--use-distributed-optimizer")]
+             tiny_argv(*data, "--tp", "2", "--use-distributed-optimizer", "--sequence-parallel")]
     outs = run_distributed(_runs, 4, args=(argvs,), timeout=300)
     ref, _ = reference
     for rank_out in outs:
-        for result, what in zip(rank_out, ("TP4", "TP2 x DP2", "TP2 x DP2 distributed optimizer")):
+        for result, what in zip(rank_out, ("TP4", "TP2 x DP2", "TP2 x DP2 distributed optimizer, sequence parallel")):
             _assert_same_run(result, ref, what)
             assert result["valid"] == pytest.approx(ref["valid"], rel=REL), what
 
 
-def test_tp2_and_dp2_distributed_optimizer_match_tp1_and_mixed_precision(data, reference):
-    argvs = [tiny_argv(*data, "--tp", "2"), tiny_argv(*data, "--use-distributed-optimizer"),
+def test_tp2_sequence_parallel_and_dp2_distributed_optimizer_match_tp1_and_mixed_precision(data, reference):
+    argvs = [tiny_argv(*data, "--tp", "2", "--sequence-parallel", "--recompute-granularity", "full"),
+             tiny_argv(*data, "--use-distributed-optimizer"),
              tiny_argv(*data, "--tp", "2", "--fp16", "--initial-loss-scale", str(2.0**20), "--hysteresis", "1"),
              tiny_argv(*data, "--tp", "2", "--bf16")]
     outs = run_distributed(_runs, 2, args=(argvs,), timeout=300)
     ref, _ = reference
     for tp2, dp2, fp16, bf16 in outs:
-        _assert_same_run(tp2, ref, "TP2")
+        _assert_same_run(tp2, ref, "TP2, sequence parallel, full recompute")
         _assert_same_run(dp2, ref, "TP1 x DP2 distributed optimizer")
         # fp16: a loss scale of 2^20 overflows the fp16 gradients; that step is skipped (no grad norm), the
         # scale halves, and training goes on with finite losses that fall.
