@@ -101,13 +101,12 @@ class MixedPrecisionOptimizer:
     def step(self) -> tuple[bool, float | None]:
         """Returns (update_successful, grad_norm). A step skipped for inf/nan gradients returns (False, None)."""
         grads = [e.main.grad for e in self.main_params]
+        device = parallel_state.get_device()
         if self.grad_scaler is not None:
-            torch._foreach_mul_(grads, 1.0 / self.grad_scaler.scale.item())
-            found_inf = self._found_inf(grads)
+            found_inf = self._unscale_and_check(grads, device)
             self.grad_scaler.update(found_inf)
             if found_inf:
                 return False, None
-        device = parallel_state.get_device()
         counted = [e.main.grad for e in self.main_params if counted_in_grad_norm(e.param)]
         norm_group = None if self.norm_group_is_world else parallel_state.get_tensor_model_parallel_group()
         grad_norm = global_grad_norm(counted, norm_group, device)
@@ -117,12 +116,15 @@ class MixedPrecisionOptimizer:
         self._write_back()
         return True, grad_norm
 
-    def _found_inf(self, grads) -> bool:
-        """True on every rank when any rank has a non-finite gradient (all must skip together)."""
-        local = any(not torch.isfinite(g).all() for g in grads)
-        flag = torch.tensor([1.0 if local else 0.0], device=parallel_state.get_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+    def _unscale_and_check(self, grads, device) -> bool:
+        """Divide the gradients by the loss scale; True on every rank when any rank saw inf/nan
+        (all ranks must skip the step together). One fused pass, one host sync."""
+        found_inf = torch.zeros(1, dtype=torch.float32, device=device)
+        inv_scale = torch.full((1,), 1.0 / self.grad_scaler.scale.item(), dtype=torch.float32, device=device)
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+        return found_inf.item() > 0
 
     def _write_back(self) -> None:
         for e in self.main_params:
