@@ -64,7 +64,7 @@ class Embedding(nn.Module):
             else:
                 positions = self.position_embeddings(position_ids[:, first:first + length].t())
             embeddings = embeddings + positions
-        with hidden_dropout_rng(self.config):
+        with hidden_dropout_rng(self.config, self.training):
             return F.dropout(embeddings, self.config.hidden_dropout, self.training)
 
     def _local_positions(self, seq_length: int) -> tuple[int, int]:

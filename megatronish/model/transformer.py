@@ -20,14 +20,16 @@ from megatronish.model.norm import Norm
 from megatronish.tensor_parallel import checkpoint, get_cuda_rng_tracker
 
 
-def hidden_dropout_rng(config: TransformerConfig):
+def hidden_dropout_rng(config: TransformerConfig, training: bool):
     """The random stream for dropout on the residual stream.
 
     Without sequence parallelism the residual stream is replicated across TP ranks and all
     of them must draw the same mask (the default stream, seeded alike on every rank). With it,
     each rank holds a different sequence shard and draws from its own per-TP-rank stream.
     """
-    return get_cuda_rng_tracker().fork() if config.sequence_parallel else contextlib.nullcontext()
+    if config.sequence_parallel and training and config.hidden_dropout > 0:
+        return get_cuda_rng_tracker().fork()
+    return contextlib.nullcontext()
 
 
 def make_norm(config: TransformerConfig) -> Norm:
@@ -47,10 +49,10 @@ class TransformerLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, rotary=None) -> torch.Tensor:
         dropout = self.config.hidden_dropout
         attention_out, attention_bias = self.self_attention(self.input_layernorm(hidden_states), rotary)
-        with hidden_dropout_rng(self.config):
+        with hidden_dropout_rng(self.config, self.training):
             hidden_states = ops.bias_dropout_add(attention_out, attention_bias, hidden_states, dropout, self.training)
         mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(hidden_states))
-        with hidden_dropout_rng(self.config):
+        with hidden_dropout_rng(self.config, self.training):
             return ops.bias_dropout_add(mlp_out, mlp_bias, hidden_states, dropout, self.training)
 
 
