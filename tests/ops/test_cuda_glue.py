@@ -197,3 +197,19 @@ def test_cross_entropy_glue_writes_in_place(fake_cuda):
     assert ops.cross_entropy_backward_(logits, target, 16, 20, torch.ones(5), torch.ones(5), 0.1) is logits
     torch.testing.assert_close(logits, expected)
     assert {"cross_entropy_stats", "cross_entropy_backward_"} <= set(fake_cuda.calls)
+
+
+def test_fake_extension_mirrors_the_binding_signatures():
+    """The fake must take the same arguments as each function binding.cpp exposes, or this file tests nothing."""
+    import inspect
+    import re
+
+    source = (extension.KERNEL_DIR / "binding.cpp").read_text()
+    exposed = re.findall(r'm\.def\("(\w+)", &(\w+)\)', source)
+    assert len(exposed) == 13
+    for python_name, cpp_name in exposed:
+        match = re.search(rf"\n\S[^\n]*?\b{cpp_name}\(([^)]*)\)\s*{{", source)
+        assert match, f"definition of {cpp_name} not found in binding.cpp"
+        cpp_params = [p.split()[-1].lstrip("&*") for p in match.group(1).replace("\n", " ").split(",")]
+        fake_params = list(inspect.signature(getattr(FakeExtension, python_name)).parameters)[1:]
+        assert len(cpp_params) == len(fake_params), f"{python_name}: binding {cpp_params} vs fake {fake_params}"
