@@ -52,6 +52,7 @@ from megatronish import parallel_state
 from megatronish.tensor_parallel import param_is_tensor_parallel
 
 DCP_METADATA_FILE = ".metadata"
+MAX_LISTED = 24  # mismatched tensors named in one error
 
 
 @dataclass
@@ -219,8 +220,10 @@ def check_against_metadata(state: dict, metadata) -> None:
                 mismatched.append(f"{name}: saved {list(saved) if isinstance(saved, tuple) else saved}, "
                                   f"expected {list(value.global_shape)}")
     if mismatched:
+        shown = mismatched[:MAX_LISTED] + ([f"... and {len(mismatched) - MAX_LISTED} more"]
+                                           if len(mismatched) > MAX_LISTED else [])
         raise ValueError(f"the checkpoint does not fit this model ({len(mismatched)} tensor(s) differ in shape):\n  "
-                         + "\n  ".join(mismatched)
+                         + "\n  ".join(shown)
                          + "\nload it with the model arguments it was saved with (see its checkpoint.json)")
     if missing:
         raise KeyError(f"the checkpoint has no entry for {len(missing)} tensor(s): {missing[:8]}"
