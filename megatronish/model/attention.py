@@ -41,7 +41,7 @@ class RotaryEmbedding(nn.Module):
 
 
 class ParallelAttention(nn.Module):
-    def __init__(self, config: TransformerConfig, layer_number: int):
+    def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config
         tp = parallel_state.get_tensor_model_parallel_world_size()

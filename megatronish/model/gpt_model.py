@@ -22,8 +22,8 @@ from megatronish.model.transformer import TransformerBlock, hidden_dropout_rng
 from megatronish.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
-    initialize_parameter,
     init_method_normal,
+    initialize_parameter,
     scaled_init_method_normal,
     set_tensor_model_parallel_attributes,
     vocab_parallel_cross_entropy,

@@ -38,11 +38,11 @@ def make_norm(config: TransformerConfig) -> Norm:
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, config: TransformerConfig, layer_number: int):
+    def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config
         self.input_layernorm = make_norm(config)
-        self.self_attention = ParallelAttention(config, layer_number)
+        self.self_attention = ParallelAttention(config)
         self.pre_mlp_layernorm = make_norm(config)
         self.mlp = ParallelMLP(config)
 
@@ -60,7 +60,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config
-        self.layers = nn.ModuleList(TransformerLayer(config, i + 1) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
         self.final_layernorm = make_norm(config)
 
     def forward(self, hidden_states: torch.Tensor, rotary=None) -> torch.Tensor:

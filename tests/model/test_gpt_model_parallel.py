@@ -23,7 +23,10 @@ from megatronish.model import (
     generate,
     load_full_state_dict,
 )
-from megatronish.tensor_parallel import gather_from_tensor_model_parallel_region, model_parallel_manual_seed
+from megatronish.tensor_parallel import (
+    gather_from_tensor_model_parallel_region,
+    model_parallel_manual_seed,
+)
 from megatronish.testing import run_distributed
 
 TP_SIZES = (1, 2, 4)

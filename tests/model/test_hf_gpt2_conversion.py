@@ -15,7 +15,12 @@ import pytest
 import torch
 
 from megatronish import parallel_state
-from megatronish.model import GPTModel, TransformerConfig, load_full_checkpoint, load_full_state_dict
+from megatronish.model import (
+    GPTModel,
+    TransformerConfig,
+    load_full_checkpoint,
+    load_full_state_dict,
+)
 from megatronish.model.hf_gpt2 import config_from_hf_gpt2, hf_gpt2_config
 from megatronish.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatronish.testing import run_distributed
