@@ -93,6 +93,18 @@ def _make_rotary(shape, dtype, device):
             torch.cos(angles), torch.sin(angles)]
 
 
+def _make_qkv(shape, dtype, device):
+    s, b, n, d = shape
+    angles = torch.rand(s, d // 2, device=device) * 100
+    return [_randn((s, b, n, 3 * d), dtype, device), torch.cos(angles), torch.sin(angles)]
+
+
+def _rotary_on_qkv_views(impl, t):
+    """q and k as strided slices of a fused qkv projection, as the model passes them."""
+    d = t[0].size(-1) // 3
+    return impl.apply_rotary_pos_emb(t[0][..., :d], t[0][..., d : 2 * d], t[1], t[2])
+
+
 def _cross_entropy_layout(shape):
     """[n, v_local] on the last rank of TP 8 over a vocabulary that leaves it a partial slice."""
     n, v_local = shape
@@ -157,6 +169,8 @@ CASES = [
          [], (1024, 8, 1024), tiny_shapes=[(3, 11)]),
     Case("apply_rotary_pos_emb", _make_rotary, lambda impl, t: impl.apply_rotary_pos_emb(t[0], t[1], t[2], t[3]),
          [(5, 2, 3, 22), (128, 4, 16, 64), (33, 2, 8, 128)], (1024, 8, 16, 128), tiny_shapes=[(3, 2, 4, 6)]),
+    Case("apply_rotary_pos_emb[qkv views]", _make_qkv, _rotary_on_qkv_views,
+         [(5, 2, 3, 22), (64, 2, 8, 128)], None, tiny_shapes=[(3, 2, 2, 6)]),
     Case("cross_entropy_stats", _make_cross_entropy, _ce_stats,
          [(7, 129), (512, 6288), (33, 50304), (4, 10)], (8192, 50304 // 8 * 2), differentiable=False,
          tiny_shapes=[(3, 100)]),
@@ -419,10 +433,10 @@ def short_table(report: dict) -> str:
              + (f"; FAILED: {', '.join(failed)}" if failed else ""),
              f"dropout mask: {('pass' if mask['passed'] else 'FAIL') if mask else 'not checked'}",
              f"copy bandwidth: {report['copy_gbs']:.0f} GB/s",
-             f"{'op':<26} {'dtype':<9} {'kernel':>8} {'eager':>8} {'compile':>8} {'GB/s':>6} {'%copy':>6}"]
+             f"{'op':<34} {'dtype':<9} {'kernel':>8} {'eager':>8} {'compile':>8} {'GB/s':>6} {'%copy':>6}"]
     for row in report["timings"]:
         gbs = row.get("kernel_fwd_gbs") or 0.0
-        lines.append(f"{row['op']:<26} {row['dtype']:<9} {row.get('kernel_fwd_ms', float('nan')):>8.3f} "
+        lines.append(f"{row['op']:<34} {row['dtype']:<9} {row.get('kernel_fwd_ms', float('nan')):>8.3f} "
                      f"{row.get('eager_fwd_ms', float('nan')):>8.3f} {row.get('compile_fwd_ms', float('nan')):>8.3f} "
                      f"{gbs:>6.0f} {100 * gbs / report['copy_gbs']:>5.0f}%")
     for step in report["model"]:
@@ -464,7 +478,7 @@ def run_checks(cases, device, dry_run: bool) -> tuple[list, str | None]:
                         return checks, f"{case.name} {dtype} {tuple(shape)}: {message}"
                     continue
                 checks.append(row)
-                print(f"check {row['op']:<26} {row['dtype']:<9} {str(tuple(shape)):<22} "
+                print(f"check {row['op']:<34} {row['dtype']:<9} {str(tuple(shape)):<22} "
                       f"error {row['max_error']:.2e} (tol {row['tolerance']:.0e}) {'ok' if row['passed'] else 'FAIL'}")
     return checks, None
 
