@@ -3,13 +3,15 @@
 Every trainable parameter gets a `main_grad`: a view into one contiguous fp32 buffer. After
 each backward a hook adds the parameter's own `.grad` (in the model's dtype) into `main_grad`
 and frees it, so gradient accumulation over micro-batches happens in fp32 whatever the model
-dtype. `finish_grad_sync()` then, once per iteration:
-  1. all-reduces over the TP group the gradients of replicated parameters that only saw a
-     sequence shard (`param.sequence_parallel = True`, e.g. norm weights and row-parallel biases
-     under sequence parallelism), so every TP rank holds the full gradient;
-  2. averages the buffer over the DP group bucket by bucket: an all-reduce for the plain
-     optimizer, a reduce-scatter for the distributed optimizer (each DP rank then holds the
-     averaged gradient of its own slice of every bucket).
+dtype. Once per iteration the buffer is averaged over the DP group bucket by bucket: an all-reduce
+for the plain optimizer, a reduce-scatter for the distributed optimizer (each DP rank then
+holds the averaged gradient of its own slice of every bucket). With `overlap_grad_reduce`
+a bucket's reduction starts, asynchronously, as soon as the last micro-batch's backward has
+produced all of its gradients (run the earlier micro-batches under `no_sync()`), so the
+communication hides behind the rest of backward; otherwise all buckets start in
+`finish_grad_sync()`. That call then waits for them and all-reduces over the TP group the
+gradients of replicated parameters that only saw a sequence shard (`param.sequence_parallel`,
+e.g. norm weights under sequence parallelism); sums over TP and averages over DP commute.
 Buckets are laid out in reverse parameter order (roughly the order backward produces them)
 and padded to a multiple of the DP size so that a bucket splits evenly across DP ranks.
 
@@ -17,7 +19,8 @@ With `use_distributed_optimizer=True` the parameters are also moved into one con
 buffer with the same layout, so that the updated slices can be all-gathered in place.
 """
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -35,6 +38,9 @@ class Bucket:
     start: int            # [start, end) in the flat buffers, padding included
     end: int
     params: list
+    ready: set = field(default_factory=set)  # ids of parameters whose last-micro-batch gradient arrived
+    handle: object = None                   # the running reduction, once started
+    started: bool = False
 
     def shard(self, dp_rank: int, dp_size: int) -> tuple[int, int]:
         """The [start, end) of this bucket that DP rank `dp_rank` reduces and updates."""
@@ -43,12 +49,16 @@ class Bucket:
 
 
 class DistributedDataParallel(nn.Module):
-    """Wrap `module`; call `zero_grad_buffer()` before and `finish_grad_sync()` after the backward passes."""
+    """Wrap `module`; call `zero_grad_buffer()` before and `finish_grad_sync()` after the backward passes
+    (the backward passes of all micro-batches but the last under `no_sync()`)."""
 
-    def __init__(self, module: nn.Module, *, bucket_size: int = 40_000_000, use_distributed_optimizer: bool = False):
+    def __init__(self, module: nn.Module, *, bucket_size: int = 40_000_000, use_distributed_optimizer: bool = False,
+                 overlap_grad_reduce: bool = False):
         super().__init__()
         self.module = module
         self.use_distributed_optimizer = use_distributed_optimizer
+        self.overlap_grad_reduce = overlap_grad_reduce
+        self._sync_enabled = True
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -61,9 +71,13 @@ class DistributedDataParallel(nn.Module):
         numel = self.buckets[-1].end
 
         self.grad_buffer = torch.zeros(numel, dtype=torch.float32, device=device)
+        self.bucket_of = {}
+        for bucket in self.buckets:
+            for param in bucket.params:
+                self.bucket_of[param] = bucket
         for param, (start, end) in self.param_range.items():
             param.main_grad = self.grad_buffer[start:end].view_as(param)
-            param.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
+            param.register_post_accumulate_grad_hook(self._accumulate_into_main_grad)
 
         self.param_buffer = None
         if use_distributed_optimizer:
@@ -110,34 +124,72 @@ class DistributedDataParallel(nn.Module):
         for param in self.param_range:
             param.grad = None
 
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward passes inside only accumulate: no bucket starts its reduction (earlier micro-batches)."""
+        self._sync_enabled = False
+        try:
+            yield
+        finally:
+            self._sync_enabled = True
+
+    @torch.no_grad()
+    def _accumulate_into_main_grad(self, param: torch.Tensor) -> None:
+        param.main_grad.add_(param.grad)
+        param.grad = None
+        if self.overlap_grad_reduce and self._sync_enabled:
+            bucket = self.bucket_of[param]
+            if bucket.started:
+                raise RuntimeError("a gradient arrived for a parameter whose bucket is already being reduced: "
+                                   "is a parameter used by two backward passes of one micro-batch? Turn off "
+                                   "overlap_grad_reduce (--overlap-grad-reduce)")
+            bucket.ready.add(id(param))
+            if len(bucket.ready) == len(bucket.params):
+                self._start_reduction(bucket)
+
+    def _start_reduction(self, bucket: Bucket) -> None:
+        bucket.started = True
+        if self.dp_size == 1:
+            return
+        data = self.grad_buffer[bucket.start:bucket.end]
+        data.div_(self.dp_size)
+        if self.use_distributed_optimizer:
+            start, end = bucket.shard(self.dp_rank, self.dp_size)
+            bucket.handle = _reduce_scatter(self.grad_buffer[start:end], data, group=self.dp_group, async_op=True)
+        else:
+            bucket.handle = dist.all_reduce(data, group=self.dp_group, async_op=True)
+
     @torch.no_grad()
     def finish_grad_sync(self) -> None:
         """Make `main_grad` hold the DP-averaged, TP-complete gradient (only the local shard with the
         distributed optimizer). Call once per iteration, after the last micro-batch's backward."""
-        self._allreduce_sequence_parallel_grads()
-        if self.dp_size == 1:
-            return
-        self.grad_buffer.div_(self.dp_size)
-        handles = []
+        for bucket in self.buckets:  # without overlap: all of them; with it: buckets holding unused parameters
+            if not bucket.started:
+                self._start_reduction(bucket)
         for bucket in self.buckets:
-            data = self.grad_buffer[bucket.start:bucket.end]
-            if self.use_distributed_optimizer:
-                start, end = bucket.shard(self.dp_rank, self.dp_size)
-                shard = self.grad_buffer[start:end]
-                handles.append(_reduce_scatter(shard, data, group=self.dp_group, async_op=True))
-            else:
-                handles.append(dist.all_reduce(data, group=self.dp_group, async_op=True))
-        for handle in handles:
-            handle.wait()
+            if bucket.handle is not None:
+                bucket.handle.wait()
+            bucket.ready, bucket.handle, bucket.started = set(), None, False
+        self._allreduce_sequence_parallel_grads()
 
     def _allreduce_sequence_parallel_grads(self) -> None:
+        """Sum over TP the gradients of sequence-parallel parameters, where this DP rank holds them reduced."""
         if not self.sequence_parallel_params or parallel_state.get_tensor_model_parallel_world_size() == 1:
             return
-        grads = [p.main_grad for p in self.sequence_parallel_params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        pieces = []  # the same ranges on every TP rank: the buffer layouts are identical across TP
+        for param in self.sequence_parallel_params:
+            start, end = self.param_range[param]
+            if self.use_distributed_optimizer and self.dp_size > 1:
+                shard_start, shard_end = self.bucket_of[param].shard(self.dp_rank, self.dp_size)
+                start, end = max(start, shard_start), min(end, shard_end)
+            if start < end:
+                pieces.append(self.grad_buffer[start:end])
+        if not pieces:
+            return
+        flat = torch.cat(pieces)
         dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
-        for grad, piece in zip(grads, flat.split([g.numel() for g in grads])):
-            grad.copy_(piece.view_as(grad))
+        for piece, reduced in zip(pieces, flat.split([p.numel() for p in pieces])):
+            piece.copy_(reduced)
 
     @torch.no_grad()
     def all_gather_params(self) -> None:
@@ -152,11 +204,6 @@ class DistributedDataParallel(nn.Module):
                 group=self.dp_group, async_op=True))
         for handle in handles:
             handle.wait()
-
-
-def _accumulate_into_main_grad(param: torch.Tensor) -> None:
-    param.main_grad.add_(param.grad)
-    param.grad = None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for Megatron scripts; only 1 is supported")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard fp32 master weights and Adam state across data-parallel ranks")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="start each gradient bucket's DP reduction during the last micro-batch's backward")
     g.add_argument("--distributed-backend", choices=("nccl", "gloo"), help="default: nccl with GPUs, gloo on CPU")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
     g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int,

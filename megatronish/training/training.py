@@ -11,6 +11,7 @@ samples). TP ranks of one DP group read the same micro-batches (same DP rank in 
 """
 
 import argparse
+import contextlib
 import math
 import os
 import time
@@ -72,7 +73,8 @@ def pretrain(args: argparse.Namespace) -> TrainingResult:
     tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
     config = transformer_config_from_args(args, tokenizer.vocab_size)
     model = GPTModel(config, seed=args.seed)
-    ddp_model = DistributedDataParallel(model, use_distributed_optimizer=args.use_distributed_optimizer)
+    ddp_model = DistributedDataParallel(model, use_distributed_optimizer=args.use_distributed_optimizer,
+                                        overlap_grad_reduce=args.overlap_grad_reduce)
     optimizer = get_megatron_optimizer(
         ddp_model,
         OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
@@ -190,10 +192,12 @@ def train_step(batches: list[dict], model: DistributedDataParallel, optimizer):
     optimizer.zero_grad()
     losses = []
     with named_collective("the tensor-parallel collectives of forward/backward"):
-        for batch in batches:
-            loss = micro_batch_loss(model, batch)
-            losses.append(loss.detach())
-            (loss / len(batches) * optimizer.get_loss_scale().to(loss.device)).backward()
+        for i, batch in enumerate(batches):
+            # Gradients only accumulate until the last micro-batch, whose backward may start the DP reduction.
+            with model.no_sync() if i < len(batches) - 1 else contextlib.nullcontext():
+                loss = micro_batch_loss(model, batch)
+                losses.append(loss.detach())
+                (loss / len(batches) * optimizer.get_loss_scale().to(loss.device)).backward()
     with named_collective("the all-reduce of gradients over data-parallel ranks"):
         model.finish_grad_sync()
     with named_collective("the optimizer step (gradient-norm all-reduce, parameter all-gather)"):

@@ -1,6 +1,7 @@
 """The optimizer against a dense float64 reference: DP/TP layouts, distributed optimizer,
-clipping (global norm, each parameter once), state by name, fp16 loss scaling, bf16."""
+overlapped bucket reduction, clipping (global norm, each parameter once), state by name, fp16 loss scaling, bf16."""
 
+import contextlib
 import io
 import math
 
@@ -93,10 +94,11 @@ def make_batches(seed=1):
              torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g)) for _ in range(STEPS)]
 
 
-def build(tp, distributed, dtype=torch.float32, fp16=False, bucket_size=40):
+def build(tp, distributed, dtype=torch.float32, fp16=False, bucket_size=40, overlap=False):
     parallel_state.initialize_model_parallel(tp)
     model = DistributedDataParallel(ToyTPModel(dtype=dtype), use_distributed_optimizer=distributed,
-                                    bucket_size=bucket_size)  # small buckets: several per model
+                                    bucket_size=bucket_size,  # small buckets: several per model
+                                    overlap_grad_reduce=overlap)
     optimizer = get_megatron_optimizer(model, CONFIG, fp16=fp16, initial_loss_scale=2.0**10)
     return model, optimizer
 
@@ -110,8 +112,9 @@ def train_step(model, optimizer, tokens, labels):
     optimizer.zero_grad()
     for i in range(num_micro):
         mb = slice(i * MICRO_BATCH, (i + 1) * MICRO_BATCH)
-        loss = model(tokens[mb], labels[mb]).mean() / num_micro
-        (loss * optimizer.get_loss_scale()).backward()
+        with model.no_sync() if i < num_micro - 1 else contextlib.nullcontext():
+            loss = model(tokens[mb], labels[mb]).mean() / num_micro
+            (loss * optimizer.get_loss_scale()).backward()
     model.finish_grad_sync()
     return optimizer.step()
 
@@ -138,10 +141,11 @@ def _layouts_match_reference(tp):
     batches = make_batches()
     out = {}
     for distributed in (False, True):
-        model, optimizer = build(tp, distributed)
-        norms = [train_step(model, optimizer, *b)[1] for b in batches]
-        out[distributed] = (full_params(model.module), norms)
-        parallel_state.destroy_model_parallel()
+        for overlap in (False, True):
+            model, optimizer = build(tp, distributed, overlap=overlap)
+            norms = [train_step(model, optimizer, *b)[1] for b in batches]
+            out[distributed, overlap] = (full_params(model.module), norms)
+            parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(1)  # any layout: the reference runs in this process alone
     out["reference"] = dense_reference(batches)
     return portable(out)
@@ -152,12 +156,12 @@ def test_plain_and_distributed_optimizer_match_dense_reference(world_size, tp):
     # (4, 2) is TP=2 x DP=2, (2, 1) is DP=2 alone; both see the same global batch as the reference.
     for rank_out in map(unpack, run_distributed(_layouts_match_reference, world_size, args=(tp,))):
         ref_params, ref_norms = rank_out["reference"]
-        for distributed in (False, True):
-            params, norms = rank_out[distributed]
+        for (distributed, overlap), (params, norms) in ((k, v) for k, v in rank_out.items() if k != "reference"):
             assert norms == pytest.approx(ref_norms, rel=1e-5)
             assert ref_norms[0] > CONFIG.clip_grad  # clipping was active
             for name, ref in ref_params.items():
-                torch.testing.assert_close(params[name], ref, **TOL, msg=f"{name} (distributed={distributed})")
+                torch.testing.assert_close(params[name], ref, **TOL,
+                                           msg=f"{name} (distributed={distributed}, overlap={overlap})")
 
 
 def _state_round_trip():
@@ -287,3 +291,23 @@ def test_no_weight_decay_on_biases_and_1d_weights():
     assert decayed == ["embedding.weight", "fc1.weight", "fc2.weight", "head.weight", CONFIG.weight_decay]
     assert not_decayed == ["fc1.bias", "fc2.bias", "norm_weight", 0.0]
     assert math.isclose(CONFIG.weight_decay, 0.1)
+
+
+def _buckets_started_during_backward():
+    model, optimizer = build(1, True, overlap=True)  # DP=2, several buckets
+    tokens, labels = make_batches()[0]
+    optimizer.zero_grad()
+    with model.no_sync():
+        model(tokens[:2], labels[:2]).mean().backward()
+    during_no_sync = [b.started for b in model.buckets]
+    model(tokens[2:4], labels[2:4]).mean().backward()
+    after_last_backward = [b.started for b in model.buckets]
+    model.finish_grad_sync()
+    return during_no_sync, after_last_backward, [b.started for b in model.buckets]
+
+
+def test_overlap_starts_each_bucket_in_the_last_backward():
+    for no_sync, last, finished in run_distributed(_buckets_started_during_backward, 2):
+        assert len(last) > 2 and not any(no_sync)
+        assert all(last)  # every parameter is used, so every bucket started from the backward hooks
+        assert not any(finished)  # reset for the next iteration

@@ -105,12 +105,14 @@ def test_reference_run_learns_and_logged_grad_norm_matches_dense(reference):
 
 
 def test_tp4_and_tp2_x_dp2_match_tp1(data, reference):
-    argvs = [tiny_argv(*data, "--tp", "4"), tiny_argv(*data, "--tp", "2"),
-             tiny_argv(*data, "--tp", "2", "--use-distributed-optimizer", "--sequence-parallel")]
+    argvs = [tiny_argv(*data, "--tp", "4"), tiny_argv(*data, "--tp", "2", "--overlap-grad-reduce"),
+             tiny_argv(*data, "--tp", "2", "--use-distributed-optimizer", "--sequence-parallel",
+                       "--overlap-grad-reduce")]
     outs = run_distributed(_runs, 4, args=(argvs,), timeout=300)
     ref, _ = reference
     for rank_out in outs:
-        for result, what in zip(rank_out, ("TP4", "TP2 x DP2", "TP2 x DP2 distributed optimizer, sequence parallel")):
+        for result, what in zip(rank_out, ("TP4", "TP2 x DP2 overlapped reduction",
+                                           "TP2 x DP2 distributed optimizer, sequence parallel, overlap")):
             _assert_same_run(result, ref, what)
             assert result["valid"] == pytest.approx(ref["valid"], rel=REL), what
 
