@@ -67,8 +67,8 @@ def _batch():
     return ids, labels, loss_weights
 
 
-def _full_logits(model, ids):
-    logits = gather_from_tensor_model_parallel_region(model(ids))
+def _full_logits(model, ids, position_ids=None):
+    logits = gather_from_tensor_model_parallel_region(model(ids, position_ids=position_ids))
     return logits[..., :VOCAB].detach()
 
 
@@ -98,6 +98,12 @@ def _equality_checks():
             logits = _full_logits(model, _batch()[0]).numpy()
             tokens = generate(model, _batch()[0][:, :5], max_new_tokens=6, temperature=0).numpy()
         out[case] = dict(initial=initial, losses=losses, grads=grads, logits=logits, tokens=tokens)
+        if model.config.position_embedding_type == "learned_absolute":
+            with torch.no_grad():
+                ids = _batch()[0]
+                positions = torch.arange(SEQ).expand(BATCH, SEQ)
+                out[case]["explicit_positions"] = _full_logits(model, ids, positions).numpy()
+                out[case]["shifted_positions"] = _full_logits(model, ids, positions + 3).numpy()
     return out
 
 
@@ -194,6 +200,17 @@ def test_logits_losses_and_grads_match_tp1(results, case, tp):
             np.testing.assert_allclose(got["grads"][name], reference["grads"][name], **GRAD_TOL,
                                        err_msg=f"rank {rank} grad of {name}")
         np.testing.assert_array_equal(got["tokens"], reference["tokens"], err_msg=f"rank {rank} greedy tokens")
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+@pytest.mark.parametrize("case", [case for case, options in CASES.items() if "position_embedding_type" not in options])
+def test_position_ids(results, case, tp):
+    """Explicit positions 0..s-1 equal the default; shifted positions change the logits alike at every TP."""
+    reference = results[1][0]["equality"][case]
+    got = results[tp][0]["equality"][case]
+    np.testing.assert_allclose(got["explicit_positions"], reference["logits"], **LOGIT_TOL)
+    np.testing.assert_allclose(got["shifted_positions"], reference["shifted_positions"], **LOGIT_TOL)
+    assert not np.allclose(got["shifted_positions"], got["logits"], atol=1e-3)
 
 
 def test_grads_are_not_trivially_equal(results):
