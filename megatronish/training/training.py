@@ -129,6 +129,7 @@ def pretrain(args: argparse.Namespace) -> TrainingResult:
         if progress.iteration % args.log_interval == 0:
             _log_training(args, progress, interval, lr, optimizer, grad_norm, flops_per_iteration, writers)
             interval = _LogInterval()
+        pause_start = time.perf_counter()  # evaluation and saving do not count as iteration time
         if args.eval_iters and valid_iter and progress.iteration % args.eval_interval == 0:
             valid_loss = evaluate(valid_iter, ddp_model, args, num_microbatches, device, progress)
             result.validation_losses[progress.iteration] = valid_loss
@@ -140,6 +141,7 @@ def pretrain(args: argparse.Namespace) -> TrainingResult:
             save_checkpoint(args.save, progress, model, optimizer, scheduler, args, keep_last=args.keep_last,
                             async_save=args.async_save)
             saved_at = progress.iteration
+        interval.start += time.perf_counter() - pause_start
         if exit_reason:
             print_rank_0(f"exiting after iteration {progress.iteration}: {exit_reason}"
                          + ("" if args.save else " (no --save: nothing saved)"))
