@@ -1,14 +1,22 @@
-"""Convert GPT-2 checkpoints between Hugging Face transformers and megatronish.
+"""Convert GPT-2 checkpoints between Hugging Face transformers, megatronish and training checkpoints.
 
     python tools/convert_checkpoint.py --input-format hf --input gpt2-dir \\
         --output-format megatronish --output ckpt-dir --tp 2
     python tools/convert_checkpoint.py --input-format megatronish --input ckpt-dir \\
+        --output-format hf --output gpt2-out
+    python tools/convert_checkpoint.py --input-format training --input checkpoints/run1 \\
         --output-format hf --output gpt2-out
 
 A Hugging Face directory is what GPT2LMHeadModel.save_pretrained writes (config.json and the
 weights); the output loads with GPT2LMHeadModel.from_pretrained. A megatronish directory holds
 config.json (TransformerConfig) and model.pt (full, unsharded weights without vocabulary
 padding), which GPTModel loads at any TP size: --tp checks that the model splits at that size.
+A training directory is what pretrain_gpt.py --save writes (latest_checkpointed_iteration.txt
+and iter_XXXXXXX/ folders; the newest one is read, or give an iter_XXXXXXX folder itself). Its
+format does not depend on the layout it was saved at, so there is nothing to re-shard offline:
+written as a training checkpoint (weights only, from any input, a training one included), the
+output loads at any --tp with --finetune or --no-load-optim (pretrain_gpt.py) and in the
+evaluation tools; --tp checks that the model splits at that size.
 Tokenizer files of the input (vocab.json, merges.txt, ...) are copied to the output.
 """
 
@@ -17,11 +25,16 @@ import shutil
 import sys
 from pathlib import Path
 
-from megatronish.model.full_state import load_full_checkpoint, save_full_checkpoint
+import torch.distributed as dist
+
+from megatronish import parallel_state
+from megatronish.model import GPTModel
+from megatronish.model.full_state import load_full_checkpoint, load_full_state_dict, save_full_checkpoint
 from megatronish.model.hf_gpt2 import load_hf_gpt2, save_hf_gpt2
+from megatronish.training.checkpointing import read_full_model_state, save_model_only
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-FORMATS = ("hf", "megatronish")
+FORMATS = ("hf", "megatronish", "training")
 
 
 def parse_args(argv=None):
@@ -32,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, type=Path, help="directory to write (created if missing)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size the model must split into (default 1)")
     args = p.parse_args(argv)
-    if args.input_format == args.output_format:
+    if args.input_format == args.output_format != "training":
         p.error(f"--input-format and --output-format are both {args.input_format!r}: nothing to convert")
     if not args.input.is_dir():
         p.error(f"--input {args.input} is not a directory")
@@ -40,18 +53,37 @@ def parse_args(argv=None):
 
 
 def convert(input_format: str, input_dir: Path, output_format: str, output_dir: Path, tp: int = 1) -> None:
+    iteration = 0
     if input_format == "hf":
         config, state = load_hf_gpt2(input_dir)
+    elif input_format == "training":
+        config, state, saved = read_full_model_state(str(input_dir))
+        iteration = saved["iteration"]
     else:
         config, state = load_full_checkpoint(input_dir)
     config.validate(tp)
     if output_format == "hf":
         save_hf_gpt2(output_dir, config, state)
+    elif output_format == "training":
+        save_training_checkpoint(output_dir, config, state, iteration)
     else:
         save_full_checkpoint(output_dir, config, state)
     for name in TOKENIZER_FILES:
         if (input_dir / name).is_file():
             shutil.copyfile(input_dir / name, output_dir / name)
+
+
+def save_training_checkpoint(output_dir: Path, config, state: dict, iteration: int) -> None:
+    """Weights-only training checkpoint, written by this one process (a world of one, no network)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        parallel_state.initialize_model_parallel(1)
+        model = GPTModel(config)
+        load_full_state_dict(model, state)
+        save_model_only(str(output_dir), model, iteration)
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 def main(argv=None) -> int:

@@ -25,6 +25,7 @@ checkpoint holds and when it is written.
 
 import io
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -177,7 +178,9 @@ def load_blocks(state: dict, directory: str, no_dist: bool = False) -> None:
     Check the request against `read_metadata(directory)` first: DCP's own errors are terse."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.load(state, storage_reader=FileSystemReader(directory), planner=_BlockLoadPlanner(), no_dist=no_dist)
+    with warnings.catch_warnings():  # no_dist is deliberate (offline tools): DCP warns about it anyway
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=FileSystemReader(directory), planner=_BlockLoadPlanner(), no_dist=no_dist)
 
 
 def read_metadata(directory: str):
