@@ -30,4 +30,4 @@ def test_torchrun_8_ranks_tp8_trains_evaluates_saves_and_samples(tmp_path):
     assert " validation loss at iteration 4 | lm loss value: " in out
     assert "generated sample (8 tokens after the prompt 'def ')" in out
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "4"
-    assert len(list((tmp_path / "ckpt" / "iter_0000004").iterdir())) == 8  # one file per TP rank
+    assert len(list((tmp_path / "ckpt" / "iter_0000004").glob("*.distcp"))) == 8  # one DCP data file per rank
