@@ -157,7 +157,9 @@ def _common_metadata(progress, model, optimizer_state, scheduler, args) -> dict:
                    "data_parallel_size": parallel_state.get_data_parallel_world_size(),
                    "world_size": dist.get_world_size()},
         "model_config": model.config.to_dict(), "vocab_size": model.config.vocab_size,
-        "parameters": {name: {"stored_shape": list(_block(param, param).global_shape),
+        # TP rank 0's block: a rank holding only vocabulary padding has none, and the global shape is the same.
+        "parameters": {name: {"stored_shape": list(parameter_block(
+                                  param, param, 0, parallel_state.get_tensor_model_parallel_world_size()).global_shape),
                               "shape": _full_unpadded_shape(param)} for name, param in model.named_parameters()},
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "optimizer": ({"step": optimizer_state["step"], "grad_scaler": optimizer_state["grad_scaler"]}
@@ -328,14 +330,10 @@ def save_model_only(save_dir: str, model, iteration: int = 0) -> str:
 
 # ------------------------------------------------------------------------------------ state maps
 
-def _block(tensor: torch.Tensor, param: torch.Tensor) -> Block | None:
-    return parameter_block(tensor, param)
-
-
 def _model_blocks(model, tensor_of) -> dict:
     blocks = {}
     for name, param in model.named_parameters():
-        block = _block(tensor_of(name, param), param)
+        block = parameter_block(tensor_of(name, param), param)
         if block is not None:
             blocks["model." + name] = block
     return blocks
@@ -345,7 +343,7 @@ def _optimizer_blocks(model, tensor_of) -> dict:
     blocks = {}
     for name, param in model.named_parameters():
         for key in OPTIMIZER_KEYS:
-            block = _block(tensor_of(name, param, key), param)
+            block = parameter_block(tensor_of(name, param, key), param)
             if block is not None:
                 blocks[f"optimizer.{name}.{key}"] = block
     return blocks
