@@ -101,9 +101,11 @@ def _save(directory: str):
     return _everything(model, optimizer, scheduler), logits[..., :VOCAB]
 
 
-def _load(directory: str, tp: int, distributed_optimizer: bool):
+def _load(directory: str, tp: int, distributed_optimizer: bool, save_again_to: str | None = None):
     model, ddp, optimizer, scheduler = _build(tp, distributed_optimizer)
     progress = load_checkpoint(directory, model, optimizer, scheduler)
+    if save_again_to:
+        save_checkpoint(save_again_to, progress, model, optimizer, scheduler, Args())
     return _everything(model, optimizer, scheduler), progress
 
 
@@ -114,6 +116,18 @@ def _inference_logits(directory: str, tp: int):
     with torch.no_grad():
         logits = gather_from_tensor_model_parallel_region(model(tokens))
     return logits[..., :VOCAB], model.training, model.config.vocab_size
+
+
+def _load_weights_only(directory: str):
+    """A weights-only checkpoint: refused for a full resume, accepted with finetune."""
+    model, ddp, optimizer, scheduler = _build(1, distributed_optimizer=False)
+    try:
+        load_checkpoint(directory, model, optimizer, scheduler)
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    progress = load_checkpoint(directory, model, optimizer, scheduler, finetune=True)
+    return refusal, progress, full_state_dict(model), optimizer.sharded_state_by_name()["step"]
 
 
 def _assert_same(loaded: dict, saved: dict, where: str) -> None:
@@ -133,12 +147,16 @@ def checkpoint(tmp_path_factory):
     return directory, saved, logits
 
 
-def test_model_and_optimizer_state_reshard_exactly(checkpoint):
+def test_model_and_optimizer_state_reshard_exactly(checkpoint, tmp_path):
     directory, saved, _ = checkpoint
     assert all(v for k, v in saved.items() if k.startswith("padding")) and saved["adam step"] == 2
-    for tp, world, distributed_optimizer in ((1, 1, False), (4, 4, True), (1, 4, True), (2, 4, False)):
-        for loaded, progress in run_distributed(_load, world, args=(directory, tp, distributed_optimizer)):
-            _assert_same(loaded, saved, f"TP={tp} x DP={world // tp}")
+    at_tp4 = str(tmp_path / "saved_again_at_tp4")  # TP rank 3 holds only vocabulary padding there
+    for source, tp, world, distributed_optimizer, save_again_to in (
+            (directory, 4, 4, True, at_tp4), (directory, 1, 4, True, None), (directory, 2, 4, False, None),
+            (at_tp4, 1, 1, False, None)):
+        results = run_distributed(_load, world, args=(source, tp, distributed_optimizer, save_again_to))
+        for loaded, progress in results:
+            _assert_same(loaded, saved, f"TP={tp} x DP={world // tp} from {os.path.basename(source)}")
             assert progress == TrainingProgress(iteration=2, consumed_train_samples=16)
 
 
@@ -178,3 +196,9 @@ def test_inference_loading_and_converter_round_trip(checkpoint, tmp_path):
     assert all(torch.equal(original[name], converted[name]) for name in original)
     logits, _, _ = run_distributed(_inference_logits, 2, args=(str(tmp_path / "weights_only"), 2))[0]
     assert torch.allclose(logits, trained_logits, rtol=1e-5, atol=1e-5)
+
+    refusal, progress, weights, adam_step = run_distributed(_load_weights_only, 1,
+                                                            args=(str(tmp_path / "weights_only"),))[0]
+    assert "holds no optimizer state" in refusal and "--no-load-optim or --finetune" in refusal
+    assert progress == TrainingProgress() and adam_step == 0
+    assert all(torch.equal(weights[name], original[name]) for name in original)
