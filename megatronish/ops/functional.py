@@ -195,9 +195,9 @@ def cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_l
     for valid columns and 0 for padding columns; lse and grad_loss are fp32 [n]. Returns logits."""
     _check_cross_entropy(logits, target, vocab_start, vocab_size)
     n = logits.size(0)
+    # fp32, or float64 alongside float64 logits (the dtype cross_entropy_stats returned)
+    accumulate = torch.promote_types(logits.dtype, torch.float32)
     for name, t in (("lse", lse), ("grad_loss", grad_loss)):
-        # fp32, or float64 alongside float64 logits (the dtype cross_entropy_stats returned)
-        accumulate = torch.promote_types(logits.dtype, torch.float32)
         _require(tuple(t.shape) == (n,) and t.dtype == accumulate,
                  f"{name} must be {accumulate} [{n}], got {t.dtype} {list(t.shape)}")
     _require(0.0 <= label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {label_smoothing}")

@@ -86,12 +86,12 @@ def valid_columns(v_local: int, vocab_start: int, vocab_size: int) -> int:
     return max(0, min(v_local, vocab_size - vocab_start))
 
 
-@torch.no_grad()
 def _accumulate_dtype(t: torch.Tensor) -> torch.dtype:
     """fp32 for fp32/fp16/bf16 inputs; float64 stays float64 (reference tests)."""
     return torch.promote_types(t.dtype, torch.float32)
 
 
+@torch.no_grad()
 def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab_size: int):
     n = logits.size(0)
     n_valid = valid_columns(logits.size(1), vocab_start, vocab_size)
