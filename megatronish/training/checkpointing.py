@@ -109,7 +109,9 @@ def save_checkpoint(save_dir: str, progress: TrainingProgress, model, optimizer,
     if _async_group is None:  # the writer thread's collectives must not interleave with training's
         _async_group = dist.new_group(backend="gloo")
         _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-    staged = {name: Block(v.local.detach().to("cpu", copy=True), v.global_shape, v.offsets)
+    # Staging: the weights are live tensors (copy them); the optimizer state is already a private copy
+    # (only moved off the GPU). Training goes on as soon as this returns.
+    staged = {name: Block(v.local.detach().to("cpu", copy=name.startswith("model.")), v.global_shape, v.offsets)
               if isinstance(v, Block) else v for name, v in state.items()}
     _pending = _writer.submit(_write, staged, common, temporary, final, save_dir, keep_last, _async_group)
     print_rank_0(f"staged checkpoint at iteration {progress.iteration} in {time.perf_counter() - start:.2f} s; "
