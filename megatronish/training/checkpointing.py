@@ -205,10 +205,9 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, *, load_optim: b
                           for key in OPTIMIZER_KEYS} for name, param in model.named_parameters()}
         state.update(_optimizer_blocks(model, lambda name, param, key: moments[name][key]))
     rng_key = _rng_key(dist.get_rank())
-    saved_layout = common["layout"]
-    same_layout = (saved_layout["tensor_model_parallel_size"] == parallel_state.get_tensor_model_parallel_world_size()
-                   and saved_layout["world_size"] == dist.get_world_size())
-    if load_rng and same_layout:
+    rng_unusable = _why_rng_unusable(common, metadata, rng_key) if load_rng else None
+    restore_rng = load_rng and rng_unusable is None
+    if restore_rng:
         state[rng_key] = None
     check_against_metadata(state, metadata)
     _zero_vocabulary_padding(model)
@@ -223,21 +222,29 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, *, load_optim: b
         scheduler.load_state_dict(common["scheduler"])
     else:
         optimizer.reload_model_params()
-    if load_rng and same_layout:
+    if restore_rng:
         set_rng_state(state[rng_key])
-    elif load_rng:
-        print_rank_0(f"not restoring the RNG states: the checkpoint was saved at TP={saved_layout['tensor_model_parallel_size']}"
-                     f" x DP={saved_layout['data_parallel_size']}, this run is TP="
-                     f"{parallel_state.get_tensor_model_parallel_world_size()} x DP="
-                     f"{parallel_state.get_data_parallel_world_size()} (per-rank streams do not carry over); "
-                     "the streams continue from --seed")
+    elif rng_unusable:
+        print_rank_0(f"not restoring the RNG states: {rng_unusable}; the streams continue from --seed")
     progress = TrainingProgress() if finetune else TrainingProgress.from_dict(common["progress"])
     what = "weights only (--finetune: starting at iteration 0)" if finetune else (
-        "weights only (--no-load-optim)" if not load_optim else "model, optimizer, scheduler" +
-        (", RNG" if load_rng and same_layout else ""))
+        ("model, optimizer, scheduler" if load_optim else "weights only (--no-load-optim)")
+        + (", RNG" if restore_rng else ""))
     print_rank_0(f"loaded checkpoint {folder} at iteration {iteration}: {what} "
                  f"({time.perf_counter() - start:.2f} s)")
     return progress
+
+
+def _why_rng_unusable(common: dict, metadata, rng_key: str) -> str | None:
+    """None when this rank's saved RNG states apply to it, otherwise the reason."""
+    saved = common["layout"]
+    tp, dp = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_world_size()
+    if (saved["tensor_model_parallel_size"], saved["data_parallel_size"]) != (tp, dp):
+        return (f"the checkpoint was saved at TP={saved['tensor_model_parallel_size']} x DP={saved['data_parallel_size']}"
+                f", this run is TP={tp} x DP={dp} (per-rank streams do not carry over)")
+    if rng_key not in metadata.state_dict_metadata:
+        return "the checkpoint holds none (weights only)"
+    return None
 
 
 def read_common(folder: str) -> dict:

@@ -119,15 +119,17 @@ def _inference_logits(directory: str, tp: int):
 
 
 def _load_weights_only(directory: str):
-    """A weights-only checkpoint: refused for a full resume, accepted with finetune."""
+    """A weights-only checkpoint (at its own layout, TP=1 x DP=1): refused for a full resume, accepted
+    with --no-load-optim (it has no RNG states either) and with --finetune."""
     model, ddp, optimizer, scheduler = _build(1, distributed_optimizer=False)
     try:
         load_checkpoint(directory, model, optimizer, scheduler)
         refusal = None
     except ValueError as error:
         refusal = str(error)
-    progress = load_checkpoint(directory, model, optimizer, scheduler, finetune=True)
-    return refusal, progress, full_state_dict(model), optimizer.sharded_state_by_name()["step"]
+    without_optimizer = load_checkpoint(directory, model, optimizer, scheduler, load_optim=False)
+    finetune = load_checkpoint(directory, model, optimizer, scheduler, finetune=True)
+    return refusal, (without_optimizer, finetune), full_state_dict(model), optimizer.sharded_state_by_name()["step"]
 
 
 def _assert_same(loaded: dict, saved: dict, where: str) -> None:
@@ -197,8 +199,8 @@ def test_inference_loading_and_converter_round_trip(checkpoint, tmp_path):
     logits, _, _ = run_distributed(_inference_logits, 2, args=(str(tmp_path / "weights_only"), 2))[0]
     assert torch.allclose(logits, trained_logits, rtol=1e-5, atol=1e-5)
 
-    refusal, progress, weights, adam_step = run_distributed(_load_weights_only, 1,
-                                                            args=(str(tmp_path / "weights_only"),))[0]
+    refusal, progresses, weights, adam_step = run_distributed(_load_weights_only, 1,
+                                                              args=(str(tmp_path / "weights_only"),))[0]
     assert "holds no optimizer state" in refusal and "--no-load-optim or --finetune" in refusal
-    assert progress == TrainingProgress() and adam_step == 0
+    assert progresses == (TrainingProgress(), TrainingProgress()) and adam_step == 0
     assert all(torch.equal(weights[name], original[name]) for name in original)
