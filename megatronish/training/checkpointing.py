@@ -74,7 +74,7 @@ def read_latest_iteration(root: str) -> int | None:
 
 _writer: ThreadPoolExecutor | None = None
 _pending: Future | None = None
-_async_group = None
+_async_group, _async_group_world = None, None  # the writer's process group, and the world it belongs to
 
 
 def save_checkpoint(save_dir: str, progress: TrainingProgress, model, optimizer, scheduler, args,
@@ -105,10 +105,10 @@ def save_checkpoint(save_dir: str, progress: TrainingProgress, model, optimizer,
         print_rank_0(f"saved checkpoint at iteration {progress.iteration} to {final} "
                      f"({time.perf_counter() - start:.2f} s)")
         return final
-    global _writer, _pending, _async_group
-    if _async_group is None:  # the writer thread's collectives must not interleave with training's
-        _async_group = dist.new_group(backend="gloo")
-        _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+    global _writer, _pending, _async_group, _async_group_world
+    if _async_group_world is not dist.group.WORLD:  # the writer thread's collectives must not interleave
+        _async_group, _async_group_world = dist.new_group(backend="gloo"), dist.group.WORLD  # with training's
+        _writer = _writer or ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
     # Staging: the weights are live tensors (copy them); the optimizer state is already a private copy
     # (only moved off the GPU). Training goes on as soon as this returns.
     staged = {name: Block(v.local.detach().to("cpu", copy=name.startswith("model.")), v.global_shape, v.offsets)
