@@ -59,8 +59,8 @@ def _save_side(config, root):
     path = os.path.join(root, f"baseline{parallel_state.get_tensor_model_parallel_rank()}.pt")
     baseline_save = _timed(lambda: torch.save(state, path))
     baseline_load = _timed(lambda: torch.load(path, weights_only=False))
-    return dict(sync=sync, stall=stall, done=done, load=load, baseline_save=baseline_save,
-                baseline_load=baseline_load)
+    return {"sync": sync, "stall": stall, "done": done, "load": load, "baseline_save": baseline_save,
+            "baseline_load": baseline_load}
 
 
 def _reshard_side(config, root):

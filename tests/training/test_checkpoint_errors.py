@@ -7,12 +7,11 @@ import shutil
 import time
 
 import pytest
+from checkpoint_testing import build_corpus, run_pretrains, tiny_argv
 
 from megatronish.testing import RankFailed, run_distributed
 from megatronish.training import checkpointing
 from megatronish.training.checkpointing import TRACKER_FILENAME, read_latest_iteration
-
-from checkpoint_testing import build_corpus, run_pretrains, tiny_argv
 
 
 @pytest.fixture(scope="module")

@@ -37,9 +37,9 @@ from megatronish.training.checkpointing import (
 from megatronish.training.progress import TrainingProgress
 
 VOCAB = 300
-CONFIG = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB, ffn_hidden_size=64,
-              activation="swiglu", tie_word_embeddings=False, max_position_embeddings=16,
-              hidden_dropout=0.0, attention_dropout=0.0)
+CONFIG = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "vocab_size": VOCAB, "ffn_hidden_size": 64,
+          "activation": "swiglu", "tie_word_embeddings": False, "max_position_embeddings": 16,
+          "hidden_dropout": 0.0, "attention_dropout": 0.0}
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
 
 
@@ -102,7 +102,7 @@ def _save(directory: str):
 
 
 def _load(directory: str, tp: int, distributed_optimizer: bool, save_again_to: str | None = None):
-    model, ddp, optimizer, scheduler = _build(tp, distributed_optimizer)
+    model, _, optimizer, scheduler = _build(tp, distributed_optimizer)
     progress = load_checkpoint(directory, model, optimizer, scheduler)
     if save_again_to:
         save_checkpoint(save_again_to, progress, model, optimizer, scheduler, Args())
@@ -121,7 +121,7 @@ def _inference_logits(directory: str, tp: int):
 def _load_weights_only(directory: str):
     """A weights-only checkpoint (at its own layout, TP=1 x DP=1): refused for a full resume, accepted
     with --no-load-optim (it has no RNG states either) and with --finetune."""
-    model, ddp, optimizer, scheduler = _build(1, distributed_optimizer=False)
+    model, _, optimizer, scheduler = _build(1, distributed_optimizer=False)
     try:
         load_checkpoint(directory, model, optimizer, scheduler)
         refusal = None

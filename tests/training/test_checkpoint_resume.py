@@ -12,11 +12,10 @@ Each run_distributed call forks fresh processes: a resume never shares a process
 import os
 
 import pytest
+from checkpoint_testing import build_corpus, run_pretrains, tiny_argv
 
 from megatronish.testing import run_distributed
 from megatronish.training.checkpointing import TRACKER_FILENAME
-
-from checkpoint_testing import build_corpus, run_pretrains, tiny_argv
 
 RESHARD_VALID_REL = 1e-6   # the same weights and batches; only fp32 summation order differs by layout
 RESHARD_LOSS_REL = 1e-5
