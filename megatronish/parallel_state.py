@@ -46,12 +46,14 @@ def set_cpu_threads(local_world_size: int | None = None) -> int:
     """Give each rank on this node an equal share of the CPU cores (at least one).
 
     Ranks that each use every core fight for them: on 2 cores, 2 ranks x 2 threads made a
-    TP MLP 4-8x slower than 2 ranks x 1 thread. Returns the thread count it set.
+    TP MLP 4-8x slower than 2 ranks x 1 thread. MEGATRONISH_NUM_THREADS, when set, wins (the
+    test harness pins forked ranks to 1: OpenMP cannot start threads in a child forked from a
+    process that already ran them). Returns the thread count it set.
     """
     if local_world_size is None:
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = max(1, (cores or 1) // local_world_size)
+    threads = int(os.environ.get("MEGATRONISH_NUM_THREADS", 0)) or max(1, (cores or 1) // local_world_size)
     torch.set_num_threads(threads)
     return threads
 

@@ -39,6 +39,9 @@ def _rank_main(fn, args, kwargs, rank, world_size, port, collective_timeout, env
         os.environ.update(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
             LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+            # A forked child must stay on one thread: OpenMP's pool does not survive fork, and
+            # a rank asking for more threads hangs in its first parallel region.
+            MEGATRONISH_NUM_THREADS="1",
         )
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,

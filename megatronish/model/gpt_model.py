@@ -56,7 +56,7 @@ class Embedding(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         sequence_parallel = self.config.sequence_parallel
         # Looking up the transposed ids gives [s, b, h] directly, without a copy of the activations.
-        embeddings = self.word_embeddings(input_ids if sequence_parallel else input_ids.t())
+        embeddings = self.word_embeddings(input_ids if sequence_parallel else input_ids.t().contiguous())
         if self.position_embeddings is not None:
             first, length = self._local_positions(input_ids.size(1))
             if position_ids is None:  # positions 0..s-1 for every sample: a slice, broadcast over the batch
