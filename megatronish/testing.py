@@ -69,6 +69,29 @@ class RankFailed(AssertionError):
     pass
 
 
+def _failure_report(world_size, failures, results, grace_s=2.0):
+    """Every failing rank's traceback, the cause first.
+
+    When one rank raises and exits, its peers' pending collectives fail too ("connection reset
+    by peer"), and their reports can arrive first. Gather what arrives within `grace_s`, then
+    list the ranks whose errors are not such echoes before those that are.
+    """
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if results.empty():
+            time.sleep(0.05)
+            continue
+        rank, ok, value = results.get()
+        if not ok:
+            failures[rank] = value
+
+    def is_echo(traceback_text):
+        return "Connection reset by peer" in traceback_text or "Connection closed by peer" in traceback_text
+
+    ranks = sorted(failures, key=lambda r: (is_echo(failures[r]), r))
+    return "\n".join(f"rank {r} of {world_size} failed:\n{failures[r]}" for r in ranks)
+
+
 def run_distributed(fn, world_size: int, args=(), kwargs=None, timeout: float = 120.0, env=None):
     """Run `fn(*args, **kwargs)` in `world_size` forked gloo ranks; return their results by rank.
 
@@ -98,7 +121,7 @@ def run_distributed(fn, world_size: int, args=(), kwargs=None, timeout: float = 
             if not results.empty():
                 rank, ok, value = results.get()
                 if not ok:
-                    raise RankFailed(f"rank {rank} of {world_size} failed:\n{value}")
+                    raise RankFailed(_failure_report(world_size, {rank: value}, results))
                 collected[rank] = pickle.loads(value)
                 continue
             dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in collected]
