@@ -1,10 +1,10 @@
 """The one extra gradient reduction that sequence parallelism needs."""
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megatronish import parallel_state
+from megatronish.tensor_parallel import all_reduce_coalesced
 
 
 def allreduce_sequence_parallel_grads(model: nn.Module) -> None:
@@ -22,9 +22,5 @@ def allreduce_sequence_parallel_grads(model: nn.Module) -> None:
     for param in model.parameters():
         if getattr(param, "sequence_parallel", False) and param.grad is not None:
             by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
-    group = parallel_state.get_tensor_model_parallel_group()
     for grads in by_dtype.values():
-        flat = torch.cat([grad.reshape(-1) for grad in grads])
-        dist.all_reduce(flat, group=group)
-        for grad, reduced in zip(grads, flat.split([grad.numel() for grad in grads])):
-            grad.copy_(reduced.view_as(grad))
+        all_reduce_coalesced(grads, parallel_state.get_tensor_model_parallel_group())

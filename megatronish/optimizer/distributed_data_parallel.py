@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatronish import parallel_state
+from megatronish.tensor_parallel import all_reduce_coalesced
 
 # Recent torch names these *_single and deprecates the older *_tensor names (same semantics).
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -184,12 +185,7 @@ class DistributedDataParallel(nn.Module):
                 start, end = max(start, shard_start), min(end, shard_end)
             if start < end:
                 pieces.append(self.grad_buffer[start:end])
-        if not pieces:
-            return
-        flat = torch.cat(pieces)
-        dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
-        for piece, reduced in zip(pieces, flat.split([p.numel() for p in pieces])):
-            piece.copy_(reduced)
+        all_reduce_coalesced(pieces, parallel_state.get_tensor_model_parallel_group())
 
     @torch.no_grad()
     def all_gather_params(self) -> None:

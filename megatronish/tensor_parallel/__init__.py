@@ -30,6 +30,7 @@ from megatronish.tensor_parallel.random import (
 )
 from megatronish.tensor_parallel.utils import (
     VocabUtility,
+    all_reduce_coalesced,
     broadcast_data,
     divide,
     init_method_normal,

@@ -41,6 +41,16 @@ class VocabUtility:
         return VocabUtility.vocab_range_from_per_partition_vocab_size(per_partition, rank, world_size)
 
 
+def all_reduce_coalesced(tensors: list[torch.Tensor], group) -> None:
+    """Sum each tensor over `group` in place with one collective: flatten, all-reduce, copy back."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    for tensor, reduced in zip(tensors, flat.split([t.numel() for t in tensors])):
+        tensor.copy_(reduced.view_as(tensor))
+
+
 def init_method_normal(sigma: float):
     """Initialize with N(0, sigma^2)."""
     def init_(tensor):
