@@ -12,22 +12,11 @@ num_correct and num_examples; --output writes them as JSON.
 
 import sys
 
-import torch.distributed as dist
-
-from megatronish.evaluation.cli import run_lambada
+from megatronish.evaluation.cli import run_lambada, tool_main
 
 
 def main(argv=None) -> int:
-    started_here = not dist.is_initialized()  # a caller's process group (a test harness) is left alone
-    try:
-        run_lambada(argv, description=__doc__)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"eval_lambada.py: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        if started_here and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return tool_main(run_lambada, argv, "eval_lambada.py", __doc__)
 
 
 if __name__ == "__main__":

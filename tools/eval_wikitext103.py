@@ -24,22 +24,11 @@ Run with torchrun for TP or DP > 1 (world size = TP x DP).
 
 import sys
 
-import torch.distributed as dist
-
-from megatronish.evaluation.cli import run_wikitext
+from megatronish.evaluation.cli import run_wikitext, tool_main
 
 
 def main(argv=None) -> int:
-    started_here = not dist.is_initialized()  # a caller's process group (a test harness) is left alone
-    try:
-        run_wikitext(argv, description=__doc__)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"eval_wikitext103.py: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        if started_here and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return tool_main(run_wikitext, argv, "eval_wikitext103.py", __doc__)
 
 
 if __name__ == "__main__":

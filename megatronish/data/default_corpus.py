@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatronish.data.cache import cache_root, file_lock
+from megatronish.cache import cache_root, file_lock
 from megatronish.data.indexed_dataset import IndexedDatasetBuilder, dataset_exists, optimal_dtype
 from megatronish.data.tokenizers import ByteTokenizer
 

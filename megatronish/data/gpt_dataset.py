@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from megatronish.data.blended_dataset import BlendedDataset, build_blend_index
-from megatronish.data.cache import cache_root, save_npy_atomic
+from megatronish.cache import cache_root, save_npy_atomic
 from megatronish.data.indexed_dataset import IndexedDataset
 
 INDEX_FORMAT_VERSION = 1

@@ -26,7 +26,7 @@ import struct
 
 import numpy as np
 
-from megatronish.data.cache import partial_path
+from megatronish.cache import partial_path
 
 HEADER = b"MMIDIDX\x00\x00"
 VERSION = 1

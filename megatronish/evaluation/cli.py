@@ -7,6 +7,7 @@ raise before the model is loaded.
 
 import argparse
 import json
+import sys
 
 import torch.distributed as dist
 
@@ -109,3 +110,21 @@ def run_lambada(argv=None, description: str = "LAMBADA last-word accuracy"):
                               show_progress=not args.no_progress)
     _report(result, args.output)
     return result
+
+
+def tool_main(run, argv, prog: str, description: str) -> int:
+    """A tool's main(): run it, turn bad input into one `error:` line and exit status 2.
+
+    A process group that the caller started (a test harness) is left alone; one that the run
+    started is destroyed at the end.
+    """
+    started_here = not dist.is_initialized()
+    try:
+        run(argv, description=description)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if started_here and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -6,8 +6,6 @@ sources, under a file lock so that the ranks of one node build it once. Nothing 
 the caller: a failed build is reported by one warning and every op falls back to PyTorch.
 """
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import os
@@ -15,6 +13,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from megatronish.cache import cache_root, file_lock
 
 KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
 EXTENSION_NAME = "megatronish_kernels"
@@ -87,22 +87,9 @@ def build_dir_for(arch: str) -> Path:
     for path in sorted(KERNEL_DIR.glob("*.cu")) + sorted(KERNEL_DIR.glob("*.cpp")) + sorted(KERNEL_DIR.glob("*.h")):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
-    root = os.environ.get(ENV_CACHE) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "megatronish", "kernels"
-    )
+    root = os.environ.get(ENV_CACHE) or cache_root() / "kernels"
     key = f"torch{torch.__version__}-cuda{torch.version.cuda}-sm{arch}-{digest.hexdigest()[:12]}"
     return Path(root) / key
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    # flock, unlike a lock file that is created and deleted, is released by the kernel if a rank dies.
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _build():
@@ -125,7 +112,7 @@ def _build():
     previous_arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # only this GPU's architecture: one pass, less time
     try:
-        with _file_lock(build_dir / "build.lock"):
+        with file_lock(build_dir / "build.lock"):
             return cpp_extension.load(
                 name=EXTENSION_NAME,
                 sources=[str(path) for path in source_files()],

@@ -19,7 +19,11 @@ def cache_root() -> Path:
 
 @contextmanager
 def file_lock(path: str | Path):
-    """Hold an exclusive advisory lock on `path` (created if missing) for the `with` block."""
+    """Hold an exclusive advisory lock on `path` (created if missing) for the `with` block.
+
+    flock, unlike a lock file that is created and deleted, is released by the kernel if its
+    holder dies, so a crashed rank never leaves the others waiting.
+    """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
