@@ -25,14 +25,13 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+# The primitives below run only at TP > 1: the public ops return their input at TP = 1 (_apply).
 def _tp_group_and_size():
     return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
 
 
 def _reduce(x):
     group, size = _tp_group_and_size()
-    if size == 1:
-        return x
     # all-reduce works in place: reduce a copy, never the caller's tensor (an incoming
     # gradient may be shared with other consumers of the graph).
     x = x.clone(memory_format=torch.contiguous_format)
@@ -42,8 +41,6 @@ def _reduce(x):
 
 def _split_along_last_dim(x):
     _, size = _tp_group_and_size()
-    if size == 1:
-        return x
     width = divide(x.size(-1), size, "last dimension")
     rank = parallel_state.get_tensor_model_parallel_rank()
     return x[..., rank * width:(rank + 1) * width].contiguous()
@@ -51,8 +48,6 @@ def _split_along_last_dim(x):
 
 def _gather_along_last_dim(x):
     group, size = _tp_group_and_size()
-    if size == 1:
-        return x
     # Collectives gather contiguous chunks along dim 0; reassemble them along the last dim.
     gathered = _gather_along_first_dim(x)
     return torch.cat(gathered.chunk(size, dim=0), dim=-1)
@@ -60,8 +55,6 @@ def _gather_along_last_dim(x):
 
 def _split_along_first_dim(x):
     _, size = _tp_group_and_size()
-    if size == 1:
-        return x
     length = divide(x.size(0), size, "sequence length")
     rank = parallel_state.get_tensor_model_parallel_rank()
     return x[rank * length:(rank + 1) * length].contiguous()
@@ -69,8 +62,6 @@ def _split_along_first_dim(x):
 
 def _gather_along_first_dim(x):
     group, size = _tp_group_and_size()
-    if size == 1:
-        return x
     x = x.contiguous()
     out = torch.empty((size * x.size(0), *x.shape[1:]), dtype=x.dtype, device=x.device)
     _all_gather_single(out, x, group=group)
@@ -79,8 +70,6 @@ def _gather_along_first_dim(x):
 
 def _reduce_scatter_along_first_dim(x):
     group, size = _tp_group_and_size()
-    if size == 1:
-        return x
     length = divide(x.size(0), size, "sequence length")
     x = x.contiguous()
     out = torch.empty((length, *x.shape[1:]), dtype=x.dtype, device=x.device)
