@@ -14,6 +14,7 @@ call with that rank's traceback; a rank that hangs (say, in a collective its pee
 reach) fails the call after `timeout` seconds instead of hanging the test suite.
 """
 
+import importlib.util
 import multiprocessing as mp
 import os
 import pickle
@@ -21,6 +22,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -144,3 +146,12 @@ def run_distributed(fn, world_size: int, args=(), kwargs=None, timeout: float = 
                 p.kill()
             p.join(timeout=5)
     return [collected[r] for r in range(world_size)]
+
+
+def load_tool(name: str):
+    """Import `tools/<name>.py` of this checkout as a module (the tools are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -9,11 +9,9 @@ independently of windows.py. Tolerance: 1e-5 relative on avg_loss and adjusted_p
 """
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,15 +24,13 @@ from megatronish.evaluation.cli import run_wikitext
 from megatronish.evaluation.detokenizer import wikitext_detokenize
 from megatronish.model import GPTModel, load_full_state_dict
 from megatronish.model.hf_gpt2 import load_hf_gpt2
-from megatronish.testing import run_distributed
+from megatronish.testing import load_tool, run_distributed
 from megatronish.training.checkpointing import save_model_only
 
 from .conftest import wikitext_text
 
 transformers = pytest.importorskip("transformers")
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
-TOOL = TOOLS / "eval_wikitext103.py"
 
 
 def _run_wikitext(argv):
@@ -79,9 +75,7 @@ def _save_training_checkpoint(hf_dir, save_dir, tp):
 def checkpoints(hf_gpt2_dir, tmp_path_factory):
     """{source: the model flags}: the HF directory, its conversion, a training checkpoint saved at TP=2."""
     root = tmp_path_factory.mktemp("checkpoints")
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOLS / "convert_checkpoint.py")
-    convert_tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert_tool)
+    convert_tool = load_tool("convert_checkpoint")
     convert_tool.convert("hf", hf_gpt2_dir, "megatronish", root / "converted")
     run_distributed(_save_training_checkpoint, 2, args=(hf_gpt2_dir, root / "trained", 2))
     tokenizer = ["--vocab-file", str(hf_gpt2_dir / "vocab.json"), "--merge-file", str(hf_gpt2_dir / "merges.txt")]
@@ -115,9 +109,7 @@ def test_defaults_use_the_models_length_and_stride_32(hf_gpt2_dir, wikitext_file
 
 def _tool_main(argv):
     """tools/eval_wikitext103.py's main() in this rank: (exit code, stdout, stderr)."""
-    spec = importlib.util.spec_from_file_location("eval_wikitext103", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("eval_wikitext103")
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = tool.main(argv)

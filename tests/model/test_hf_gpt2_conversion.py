@@ -6,9 +6,7 @@ perturbed so that biases and norm weights are not the trivial zeros and ones. To
 within 1e-4 of transformers' (fp32); the round trip back to transformers is exact.
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,19 +21,15 @@ from megatronish.model import (
 )
 from megatronish.model.hf_gpt2 import config_from_hf_gpt2, hf_gpt2_config
 from megatronish.tensor_parallel import gather_from_tensor_model_parallel_region
-from megatronish.testing import run_distributed
+from megatronish.testing import load_tool, run_distributed
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB, SEQ = 100, 12
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("convert_checkpoint")
 
 
 def _token_ids():

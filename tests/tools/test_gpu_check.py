@@ -3,18 +3,14 @@
 (The model step is left out here to keep the test short; `python tools/gpu_check.py --dry-run` runs it.)
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "gpu_check.py"
+from megatronish.testing import load_tool
+
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("gpu_check", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("gpu_check")
 
 
 def test_dry_run_checks_every_op_and_writes_the_report(tmp_path, capsys):

@@ -7,9 +7,7 @@ and by columns, SwiGLU's stride-2 [gate; up] weight, and two padded vocabulary w
 output layer), padded to 384 rows at TP=1, 512 at TP=2 and TP=4 (true vocabulary 300).
 """
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +22,7 @@ from megatronish.optimizer import (
     get_megatron_optimizer,
 )
 from megatronish.tensor_parallel import gather_from_tensor_model_parallel_region, gather_full
-from megatronish.testing import run_distributed
+from megatronish.testing import load_tool, run_distributed
 from megatronish.training.checkpoint_format import read_metadata
 from megatronish.training.checkpointing import (
     checkpoint_dir,
@@ -40,7 +38,6 @@ VOCAB = 300
 CONFIG = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "vocab_size": VOCAB, "ffn_hidden_size": 64,
           "activation": "swiglu", "tie_word_embeddings": False, "max_position_embeddings": 16,
           "hidden_dropout": 0.0, "attention_dropout": 0.0}
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
 
 
 class Args:  # the argparse Namespace a checkpoint records
@@ -184,9 +181,7 @@ def test_inference_loading_and_converter_round_trip(checkpoint, tmp_path):
         assert not training_mode and vocab_size == VOCAB
     assert read_checkpoint_config(directory) == TransformerConfig(**CONFIG)
 
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_checkpoint")
     tool.main(["--input-format", "training", "--input", directory, "--output-format", "megatronish",
                "--output", str(tmp_path / "full"), "--tp", "4"])
     tool.main(["--input-format", "megatronish", "--input", str(tmp_path / "full"), "--output-format", "training",
