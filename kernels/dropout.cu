@@ -46,6 +46,20 @@ __device__ __forceinline__ void keep_flags(const DropoutRule& rule, uint2 key, i
   for (int e = 0; e < 4; ++e) keep[e] = static_cast<float>(words[e] >> 8) * (1.0f / 16777216.0f) >= rule.prob;
 }
 
+// The ELEMS = 4 * GROUPS flags of thread t: one philox draw per group of 4 elements, so the
+// forward and the backward (which regenerates the mask) see the same flags.
+template <int GROUPS>
+__device__ __forceinline__ void thread_keep_flags(const DropoutRule& rule, uint2 key, int64_t t,
+                                                  bool (&keep)[4 * GROUPS]) {
+#pragma unroll
+  for (int g = 0; g < GROUPS; ++g) {
+    bool k4[4];
+    keep_flags(rule, key, t * GROUPS + g, k4);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) keep[4 * g + e] = k4[e];
+  }
+}
+
 __device__ __forceinline__ uint2 philox_key(const DropoutRule& rule) {
   if (rule.seed == nullptr) return make_uint2(0u, 0u);
   const uint64_t s = static_cast<uint64_t>(*rule.seed);
@@ -64,13 +78,7 @@ __global__ void bias_dropout_add_kernel(const T* __restrict__ x, const T* __rest
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t * ELEMS < numel; t += stride) {
     const int64_t first = t * ELEMS;
     bool keep[ELEMS];
-#pragma unroll
-    for (int g = 0; g < GROUPS; ++g) {
-      bool k4[4];
-      keep_flags(rule, key, t * GROUPS + g, k4);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) keep[4 * g + e] = k4[e];
-    }
+    thread_keep_flags<GROUPS>(rule, key, t, keep);
     float v[ELEMS], r[ELEMS];
     if constexpr (VEC) {
       load_pack<T, ELEMS>(x + first, v);
@@ -112,13 +120,7 @@ __global__ void dropout_backward_kernel(const T* __restrict__ grad_out, T* __res
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t * ELEMS < numel; t += stride) {
     const int64_t first = t * ELEMS;
     bool keep[ELEMS];
-#pragma unroll
-    for (int g = 0; g < GROUPS; ++g) {
-      bool k4[4];
-      keep_flags(rule, key, t * GROUPS + g, k4);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) keep[4 * g + e] = k4[e];
-    }
+    thread_keep_flags<GROUPS>(rule, key, t, keep);
     float v[ELEMS];
     if constexpr (VEC) {
       load_pack<T, ELEMS>(grad_out + first, v);
