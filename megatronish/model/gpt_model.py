@@ -95,6 +95,9 @@ class GPTModel(nn.Module):
             perform_initialization=False, skip_weight_param_allocation=config.tie_word_embeddings)
         if not config.tie_word_embeddings:
             self.output_layer.weight.unpadded_rows = config.vocab_size  # padding rows stay zero
+        # How many of this rank's vocabulary rows are real (not padding); may be 0 on the last ranks.
+        self._real_vocab_rows = min(max(0, config.vocab_size - self.embedding.word_embeddings.vocab_start_index),
+                                    self.padded_vocab_size // tp)
         initialize_weights(self, seed)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -108,11 +111,18 @@ class GPTModel(nn.Module):
         hidden_states = self.embedding(input_ids, position_ids)
         rotary = self.rotary(input_ids.size(1)) if self.rotary is not None else None
         hidden_states = self.decoder(hidden_states, rotary)
-        output_weight = self.embedding.word_embeddings.weight if self.config.tie_word_embeddings else None
-        logits, _ = self.output_layer(hidden_states, output_weight)  # [s, b, V_padded / tp]
+        if self.config.tie_word_embeddings:
+            output_weight = self.embedding.word_embeddings.weight
+        else:
+            output_weight = self.output_layer.weight
         if labels is None:
+            logits, _ = self.output_layer(hidden_states, output_weight)  # [s, b, V_padded / tp]
             return logits.transpose(0, 1).contiguous()
-        losses = vocab_parallel_cross_entropy(logits, labels.t(), vocab_size=self.config.vocab_size)
+        # The loss ignores the padding columns, so they are not computed: only this rank's rows of
+        # real vocabulary take part in the output GEMMs (vocab 65 padded to 128 halves them).
+        logits, _ = self.output_layer(hidden_states, output_weight[:self._real_vocab_rows])
+        losses = vocab_parallel_cross_entropy(logits, labels.t(), vocab_size=self.config.vocab_size,
+                                              partition_vocab_size=output_weight.size(0))
         return losses.t().contiguous()
 
     def _check_inputs(self, input_ids, position_ids, labels) -> None:

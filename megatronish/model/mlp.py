@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from megatronish import ops
+from megatronish import ops, parallel_state
 from megatronish.model.config import TransformerConfig
 from megatronish.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
@@ -11,21 +11,20 @@ from megatronish.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 class ParallelMLP(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
         self.swiglu = config.activation == "swiglu"
-        common = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel,
-                      params_dtype=config.params_dtype, perform_initialization=False)
         # SwiGLU's fc1 is [gate; up] stacked: stride 2 gives each rank its slice of both halves, so the
         # full weight is the same at every TP size and each rank's output chunks into (gate, up).
         # Its bias goes into the matmul (free in the GEMM on CPU and GPU alike) rather than into the
         # activation op: a separate bias pass over the widest activation measured ~10% of the MLP on CPU.
         width = 2 * config.ffn_hidden_size if self.swiglu else config.ffn_hidden_size
         self.linear_fc1 = ColumnParallelLinear(config.hidden_size, width, gather_output=False,
-                                               stride=2 if self.swiglu else 1, **common)
+                                               stride=2 if self.swiglu else 1, **config.linear_kwargs())
         self.linear_fc2 = RowParallelLinear(config.ffn_hidden_size, config.hidden_size, input_is_parallel=True,
-                                            skip_bias_add=True, **common)
+                                            skip_bias_add=config.defer_residual_bias(tp), **config.linear_kwargs())
 
     def forward(self, hidden_states: torch.Tensor):
-        """[s, b, h] (or a sequence shard) -> (output, bias) with the bias left for bias_dropout_add."""
+        """[s, b, h] (or a sequence shard) -> (output, bias), the bias None or left for bias_dropout_add."""
         intermediate, _ = self.linear_fc1(hidden_states)
         if self.swiglu:
             intermediate = ops.bias_swiglu(intermediate, None)

@@ -3,8 +3,9 @@
     x = x + dropout(attention(norm(x)))
     x = x + dropout(mlp(norm(x)))
 
-Residual branches end in `ops.bias_dropout_add`, which adds the (deferred) bias of the
-row-parallel projection, drops out and adds the residual in one op.
+Residual branches end in `ops.bias_dropout_add`, which adds the bias the row-parallel
+projection deferred past its all-reduce (TP > 1; at TP = 1 the GEMM adds it), drops out and
+adds the residual in one op.
 """
 
 import contextlib

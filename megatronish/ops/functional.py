@@ -12,21 +12,25 @@ from megatronish.ops import cuda_impl, extension, torch_impl
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
+# The checks run on every call of every op, so each message is only formatted once a check has failed.
 
 def _require_float(name: str, tensor: torch.Tensor) -> None:
-    _require(tensor.is_floating_point(), f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
 
 
-def _kernel_for(*tensors):
-    """The extension when every tensor is a CUDA tensor of a kernel dtype and the kernels are available."""
-    present = [t for t in tensors if t is not None]
-    if any(t.dtype not in KERNEL_DTYPES for t in present):
+def _require_vector(name: str, tensor, size: int) -> None:
+    if tensor is not None:
+        if tensor.shape != (size,):
+            raise ValueError(f"{name} must have shape [{size}] (the last dim of the input), got {list(tensor.shape)}")
+        _require_float(name, tensor)
+
+
+def _kernel_for(x: torch.Tensor, *others):
+    """The extension when x is a CUDA tensor, every given tensor has a kernel dtype and the kernels are available."""
+    if any(t is not None and t.dtype not in KERNEL_DTYPES for t in (x, *others)):
         return None  # float64 and friends: PyTorch only
-    return extension.cuda_module_for(present[0])
+    return extension.cuda_module_for(x)
 
 
 def _same_dtype(x: torch.Tensor, *others) -> bool:
@@ -39,18 +43,14 @@ def _norm_params_fit_kernel(x: torch.Tensor, weight: torch.Tensor, bias) -> bool
     return weight.dtype in (x.dtype, torch.float32) and (bias is None or bias.dtype == weight.dtype)
 
 
-def _require_vector(name: str, tensor, size: int) -> None:
-    if tensor is not None:
-        _require(tuple(tensor.shape) == (size,), f"{name} must have shape [{size}] (the last dim of the input), got {list(tensor.shape)}")
-        _require_float(name, tensor)
-
-
 # --- attention softmax ---
 
 def scaled_causal_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(scale * scores) over the last dim of scores [b, np, s, s], entries j > i (the future) excluded."""
-    _require(scores.dim() == 4, f"scores must be [b, np, sq, sk], got shape {list(scores.shape)}")
-    _require(scores.size(2) == scores.size(3), f"the causal softmax needs sq == sk, got scores shape {list(scores.shape)}; use scaled_masked_softmax with an explicit mask")
+    if scores.dim() != 4:
+        raise ValueError(f"scores must be [b, np, sq, sk], got shape {list(scores.shape)}")
+    if scores.size(2) != scores.size(3):
+        raise ValueError(f"the causal softmax needs sq == sk, got scores shape {list(scores.shape)}; use scaled_masked_softmax with an explicit mask")
     _require_float("scores", scores)
     ext = _kernel_for(scores)
     if ext is None:
@@ -60,14 +60,17 @@ def scaled_causal_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
 
 def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(scale * scores) with mask (bool, broadcastable to scores, True = excluded); a fully masked row gives 0."""
-    _require(scores.dim() == 4, f"scores must be [b, np, sq, sk], got shape {list(scores.shape)}")
+    if scores.dim() != 4:
+        raise ValueError(f"scores must be [b, np, sq, sk], got shape {list(scores.shape)}")
     _require_float("scores", scores)
-    _require(mask.dtype == torch.bool, f"mask must be a bool tensor (True = excluded), got dtype {mask.dtype}; convert with mask.bool()")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True = excluded), got dtype {mask.dtype}; convert with mask.bool()")
     try:
         broadcast = torch.broadcast_shapes(mask.shape, scores.shape)
     except RuntimeError:
         broadcast = None
-    _require(broadcast == scores.shape, f"mask of shape {list(mask.shape)} does not broadcast to scores of shape {list(scores.shape)}")
+    if broadcast != scores.shape:
+        raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to scores of shape {list(scores.shape)}")
     ext = _kernel_for(scores)
     if ext is None:
         return torch_impl.scaled_masked_softmax(scores, mask, scale)
@@ -77,11 +80,13 @@ def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float
 # --- normalization ---
 
 def _check_norm(x, weight, bias, eps) -> None:
-    _require(x.dim() >= 1 and x.size(-1) > 0, f"x must have a non-empty last dim to normalize, got shape {list(x.shape)}")
+    if x.dim() == 0 or x.size(-1) == 0:
+        raise ValueError(f"x must have a non-empty last dim to normalize, got shape {list(x.shape)}")
     _require_float("x", x)
     _require_vector("weight", weight, x.size(-1))
     _require_vector("bias", bias, x.size(-1))
-    _require(eps >= 0, f"eps must be >= 0, got {eps}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias, eps: float) -> torch.Tensor:
@@ -123,7 +128,8 @@ def bias_gelu(x: torch.Tensor, bias) -> torch.Tensor:
 def bias_swiglu(x: torch.Tensor, bias) -> torch.Tensor:
     """With y = x + bias and (a, b) = y.chunk(2, dim=-1): silu(a) * b; the last dim halves."""
     _require_float("x", x)
-    _require(x.dim() >= 1 and x.size(-1) % 2 == 0, f"bias_swiglu needs an even last dim (gate and up halves), got shape {list(x.shape)}")
+    if x.dim() == 0 or x.size(-1) % 2:
+        raise ValueError(f"bias_swiglu needs an even last dim (gate and up halves), got shape {list(x.shape)}")
     _require_vector("bias", bias, x.size(-1))
     ext = _kernel_for(x, bias)
     if ext is None or not _same_dtype(x, bias):
@@ -138,9 +144,11 @@ def bias_dropout_add(x: torch.Tensor, bias, residual: torch.Tensor, prob: float,
     generator of x's device at call time, so restoring that generator's state replays it exactly."""
     _require_float("x", x)
     _require_float("residual", residual)
-    _require(residual.shape == x.shape, f"residual shape {list(residual.shape)} must equal x shape {list(x.shape)}")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual shape {list(residual.shape)} must equal x shape {list(x.shape)}")
     _require_vector("bias", bias, x.size(-1))
-    _require(0.0 <= prob <= 1.0, f"dropout prob must be in [0, 1], got {prob}")
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"dropout prob must be in [0, 1], got {prob}")
     ext = _kernel_for(x, bias, residual)
     if ext is None or not _same_dtype(x, bias, residual):
         return torch_impl.bias_dropout_add(x, bias, residual, prob, training)
@@ -153,13 +161,17 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     """Rotate q [s, b, nq, d] and k [s, b, nk, d] by angles with cos/sin [s, d/2] (rotate-half convention,
     as Hugging Face Llama): with x = [x1, x2], out = [x1*cos - x2*sin, x2*cos + x1*sin]."""
     for name, t in (("q", q), ("k", k)):
-        _require(t.dim() == 4, f"{name} must be [s, b, heads, d], got shape {list(t.shape)}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [s, b, heads, d], got shape {list(t.shape)}")
         _require_float(name, t)
     s, b, _, d = q.shape
-    _require(k.size(0) == s and k.size(1) == b and k.size(3) == d, f"k shape {list(k.shape)} must match q shape {list(q.shape)} except in heads")
-    _require(d % 2 == 0, f"rotary head dim must be even, got {d}")
+    if k.size(0) != s or k.size(1) != b or k.size(3) != d:
+        raise ValueError(f"k shape {list(k.shape)} must match q shape {list(q.shape)} except in heads")
+    if d % 2:
+        raise ValueError(f"rotary head dim must be even, got {d}")
     for name, t in (("cos", cos), ("sin", sin)):
-        _require(tuple(t.shape) == (s, d // 2), f"{name} must be [s, d/2] = [{s}, {d // 2}], got {list(t.shape)}; slice the table to the sequence")
+        if t.shape != (s, d // 2):
+            raise ValueError(f"{name} must be [s, d/2] = [{s}, {d // 2}], got {list(t.shape)}; slice the table to the sequence")
         _require_float(name, t)
     ext = _kernel_for(q, k)
     if ext is None:
@@ -170,12 +182,17 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
 # --- vocab-parallel cross entropy, local part ---
 
 def _check_cross_entropy(logits, target, vocab_start, vocab_size) -> None:
-    _require(logits.dim() == 2, f"logits must be [n, v_local], got shape {list(logits.shape)}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [n, v_local], got shape {list(logits.shape)}")
     _require_float("logits", logits)
-    _require(target.shape == logits.shape[:1], f"target must be [n] = [{logits.size(0)}], got {list(target.shape)}")
-    _require(target.dtype == torch.int64, f"target must be int64 token ids, got dtype {target.dtype}")
-    _require(vocab_start >= 0, f"vocab_start must be >= 0, got {vocab_start}")
-    _require(vocab_size > 0, f"vocab_size (the true, unpadded vocabulary) must be > 0, got {vocab_size}")
+    if target.shape != logits.shape[:1]:
+        raise ValueError(f"target must be [n] = [{logits.size(0)}], got {list(target.shape)}")
+    if target.dtype != torch.int64:
+        raise ValueError(f"target must be int64 token ids, got dtype {target.dtype}")
+    if vocab_start < 0:
+        raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size (the true, unpadded vocabulary) must be > 0, got {vocab_size}")
 
 
 def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab_size: int):
@@ -198,9 +215,10 @@ def cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_l
     # fp32, or float64 alongside float64 logits (the dtype cross_entropy_stats returned)
     accumulate = torch.promote_types(logits.dtype, torch.float32)
     for name, t in (("lse", lse), ("grad_loss", grad_loss)):
-        _require(tuple(t.shape) == (n,) and t.dtype == accumulate,
-                 f"{name} must be {accumulate} [{n}], got {t.dtype} {list(t.shape)}")
-    _require(0.0 <= label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if t.shape != (n,) or t.dtype != accumulate:
+            raise ValueError(f"{name} must be {accumulate} [{n}], got {t.dtype} {list(t.shape)}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     ext = _kernel_for(logits)
     if ext is None:
         return torch_impl.cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_loss, label_smoothing)

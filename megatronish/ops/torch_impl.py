@@ -101,7 +101,7 @@ def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start:
         return torch.full_like(zeros, float("-inf")), zeros, zeros.clone(), zeros.clone()
     x = logits[:, :n_valid].to(acc)
     local_max = x.amax(dim=-1)
-    sum_exp = torch.exp(x - local_max[:, None]).sum(dim=-1)
+    sum_exp = (x - local_max[:, None]).exp_().sum(dim=-1)
     local_target = target - vocab_start
     owned = (local_target >= 0) & (local_target < n_valid)
     picked = x.gather(1, local_target.clamp(0, n_valid - 1)[:, None]).squeeze(1)
@@ -109,8 +109,9 @@ def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start:
     return local_max, sum_exp, target_logit, x.sum(dim=-1)
 
 
-# Rows per step of the PyTorch backward: bounds its fp32 temporary to about 64 MB at vocab 64k.
-_CE_BACKWARD_ROWS = 256
+# Elements per step of the backward when the logits are fp16/bf16 and need an fp32 copy: bounds that
+# temporary to 64 MB. fp32 (and float64) logits are updated in place in one step, with no temporary.
+_CE_BACKWARD_ELEMENTS = 1 << 24
 
 
 @torch.no_grad()
@@ -120,14 +121,21 @@ def cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_l
     logits[:, n_valid:].zero_()
     if n_valid == 0:
         return logits
-    columns = torch.arange(vocab_start, vocab_start + n_valid, device=logits.device)
-    for first in range(0, n, _CE_BACKWARD_ROWS):
-        rows = slice(first, min(n, first + _CE_BACKWARD_ROWS))
+    local_target = target - vocab_start
+    owned = (local_target >= 0) & (local_target < n_valid)
+    in_place = logits.dtype == lse.dtype
+    rows_per_step = n if in_place else max(1, _CE_BACKWARD_ELEMENTS // n_valid)
+    for first in range(0, n, rows_per_step):
+        rows = slice(first, min(n, first + rows_per_step))
         block = logits[rows, :n_valid]
-        grad = torch.exp(block.to(lse.dtype) - lse[rows, None])
-        grad -= (1.0 - label_smoothing) * (columns[None, :] == target[rows, None]).to(lse.dtype)
-        grad -= label_smoothing / vocab_size
+        grad = block if in_place else block.to(lse.dtype)
+        grad.sub_(lse[rows, None]).exp_()  # softmax
+        # minus (1 - eps) at the target column of the rows whose target this rank owns
+        row_ids = owned[rows].nonzero().squeeze(1)
+        grad[row_ids, local_target[rows][row_ids]] -= 1.0 - label_smoothing
+        if label_smoothing > 0:
+            grad -= label_smoothing / vocab_size
         grad *= grad_loss[rows, None]
-        block.copy_(grad)
+        if not in_place:
+            block.copy_(grad)
     return logits
-

@@ -23,15 +23,16 @@ from megatronish.tensor_parallel.utils import VocabUtility
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, vocab_parallel_logits, target, label_smoothing, vocab_size):
+    def forward(ctx, vocab_parallel_logits, target, label_smoothing, vocab_size, partition_vocab_size):
         group = parallel_state.get_tensor_model_parallel_group()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         rank = parallel_state.get_tensor_model_parallel_rank()
-        partition_vocab = vocab_parallel_logits.size(-1)
+        partition_vocab = vocab_parallel_logits.size(-1) if partition_vocab_size is None else partition_vocab_size
         vocab_start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(partition_vocab, rank, tp)
         vocab_size = partition_vocab * tp if vocab_size is None else vocab_size
 
-        logits_2d = vocab_parallel_logits.reshape(-1, partition_vocab)
+        # [tokens, width]; the width is 0 on a rank whose share is all padding the caller skipped
+        logits_2d = vocab_parallel_logits.reshape(target.numel(), vocab_parallel_logits.size(-1))
         target_1d = target.reshape(-1)
         local_max, sum_exp, target_logit, sum_logits = ops.cross_entropy_stats(
             logits_2d, target_1d, vocab_start, vocab_size)
@@ -63,17 +64,26 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad = ops.cross_entropy_backward_(
             logits_2d, target_1d, ctx.vocab_start, ctx.vocab_size, lse,
             grad_loss.reshape(-1).to(lse.dtype), ctx.label_smoothing)
-        return grad.view(ctx.logits_shape), None, None, None
+        return grad.view(ctx.logits_shape), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: torch.Tensor,
-                                 label_smoothing: float = 0.0, vocab_size: int | None = None) -> torch.Tensor:
+                                 label_smoothing: float = 0.0, vocab_size: int | None = None,
+                                 partition_vocab_size: int | None = None) -> torch.Tensor:
     """Per-token fp32 losses for logits [..., vocab / tp] and global target ids [...].
 
     `vocab_size` is the true (unpadded) vocabulary; columns past it are ignored. It defaults
-    to the full padded width. Note: backward overwrites `vocab_parallel_logits` with its
-    gradient (as Megatron does) to save memory; clone the logits if you still need them.
+    to the full padded width. `partition_vocab_size` is each rank's share of the padded
+    vocabulary when the logits hold only its first columns (a caller that skips computing
+    padding columns); it defaults to the logits' width. Note: backward overwrites
+    `vocab_parallel_logits` with its gradient (as Megatron does) to save memory; clone the
+    logits if you still need them.
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing {label_smoothing} must be in [0, 1)")
-    return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, float(label_smoothing), vocab_size)
+    width = vocab_parallel_logits.size(-1)
+    if partition_vocab_size is not None and partition_vocab_size < width:
+        raise ValueError(f"partition_vocab_size {partition_vocab_size} is smaller than the logits' last dim {width}: "
+                         "pass each rank's full (padded) share of the vocabulary, or leave it out")
+    return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, float(label_smoothing), vocab_size,
+                                            partition_vocab_size)

@@ -39,6 +39,16 @@ def _check(tp_size):
         torch.testing.assert_close(full_grad[..., :TRUE_VOCAB], ref_logits.grad, **TOL)
         assert full_grad[..., TRUE_VOCAB:].abs().sum() == 0  # padding columns get no gradient
         losses[smoothing] = loss.detach()
+
+        # A caller that does not compute padding columns passes only this rank's real ones (maybe none).
+        share = PADDED // tp_size
+        real = min(max(0, TRUE_VOCAB - ps.get_tensor_model_parallel_rank() * share), share)
+        narrow = logits.chunk(tp_size, dim=-1)[ps.get_tensor_model_parallel_rank()][..., :real].clone().requires_grad_(True)
+        narrow_loss = tp.vocab_parallel_cross_entropy(narrow, target, label_smoothing=smoothing,
+                                                      vocab_size=TRUE_VOCAB, partition_vocab_size=share)
+        torch.testing.assert_close(narrow_loss, loss.detach(), **TOL)
+        narrow_loss.backward(grad_loss)
+        torch.testing.assert_close(narrow.grad, local.grad[..., :real], **TOL)
     return losses
 
 
@@ -65,6 +75,11 @@ def _low_precision_logits(tp_size):
 
 def test_bf16_logits_give_fp32_losses():
     assert all(run_distributed(_low_precision_logits, 2, args=(2,)))
+
+
+def test_partition_vocab_size_smaller_than_the_logits_is_rejected():
+    with pytest.raises(ValueError, match="partition_vocab_size 4 is smaller than the logits' last dim 8"):
+        tp.vocab_parallel_cross_entropy(torch.randn(2, 8), torch.zeros(2, dtype=torch.int64), partition_vocab_size=4)
 
 
 def test_label_smoothing_out_of_range_is_rejected():
