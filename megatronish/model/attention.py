@@ -90,4 +90,6 @@ class ParallelAttention(nn.Module):
                 scores = torch.matmul(query, key.transpose(-2, -1))  # [b, np, s, s]
                 probs = ops.scaled_causal_softmax(scores, scale)
                 context = torch.matmul(F.dropout(probs, dropout, training=dropout > 0), value)
-        return context.permute(2, 0, 1, 3).reshape(s, b, -1)
+        # [b, np, s, hn] (memory [b, s, np, hn]) -> contiguous [s, b, np * hn]: one copy, and a contiguous
+        # input lets the projection add its bias inside the GEMM.
+        return context.permute(2, 0, 1, 3).contiguous().view(s, b, -1)

@@ -118,11 +118,15 @@ _CE_BACKWARD_ELEMENTS = 1 << 24
 def cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_loss, label_smoothing):
     n, v_local = logits.shape
     n_valid = valid_columns(v_local, vocab_start, vocab_size)
-    logits[:, n_valid:].zero_()
+    if n_valid < v_local:
+        logits[:, n_valid:].zero_()
     if n_valid == 0:
         return logits
+    # -(1 - eps) goes to the target column of each row whose target this rank owns, 0 elsewhere
     local_target = target - vocab_start
     owned = (local_target >= 0) & (local_target < n_valid)
+    onehot_column = local_target.clamp_(0, n_valid - 1).unsqueeze(1)
+    onehot_value = owned.to(lse.dtype).mul_(label_smoothing - 1.0).unsqueeze(1)
     in_place = logits.dtype == lse.dtype
     rows_per_step = n if in_place else max(1, _CE_BACKWARD_ELEMENTS // n_valid)
     for first in range(0, n, rows_per_step):
@@ -130,9 +134,7 @@ def cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_l
         block = logits[rows, :n_valid]
         grad = block if in_place else block.to(lse.dtype)
         grad.sub_(lse[rows, None]).exp_()  # softmax
-        # minus (1 - eps) at the target column of the rows whose target this rank owns
-        row_ids = owned[rows].nonzero().squeeze(1)
-        grad[row_ids, local_target[rows][row_ids]] -= 1.0 - label_smoothing
+        grad.scatter_add_(1, onehot_column[rows], onehot_value[rows])
         if label_smoothing > 0:
             grad -= label_smoothing / vocab_size
         grad *= grad_loss[rows, None]

@@ -37,16 +37,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_max, sum_exp, target_logit, sum_logits = ops.cross_entropy_stats(
             logits_2d, target_1d, vocab_start, vocab_size)
 
-        global_max = local_max.clone()
         if tp > 1:
+            global_max = local_max.clone()
             dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-        # A rank with no valid columns has local_max = -inf and sum_exp = 0: contributes 0.
-        scaled = torch.where(sum_exp > 0, sum_exp * torch.exp(local_max - global_max), torch.zeros_like(sum_exp))
-        sums = torch.stack([scaled, target_logit, sum_logits])
-        if tp > 1:
+            # A rank with no valid columns has local_max = -inf and sum_exp = 0: contributes 0.
+            sum_exp = torch.where(sum_exp > 0, sum_exp * torch.exp(local_max - global_max), torch.zeros_like(sum_exp))
+            sums = torch.stack([sum_exp, target_logit, sum_logits])
             dist.all_reduce(sums, group=group)
-        total_exp, target_logit, sum_logits = sums.unbind(0)
-        lse = global_max + torch.log(total_exp)
+            sum_exp, target_logit, sum_logits = sums.unbind(0)
+        else:  # one rank: its statistics are the global ones
+            global_max = local_max
+        lse = global_max + torch.log(sum_exp)
 
         loss = lse - target_logit
         if label_smoothing > 0:

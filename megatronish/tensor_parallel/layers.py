@@ -192,7 +192,7 @@ class RowParallelLinear(nn.Module):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear: sequence_parallel=True needs input_is_parallel=True")
-        self.input_size, self.output_size = input_size, output_size
+        self.input_size, self.output_size, self.tp_size = input_size, output_size, tp
         self.input_size_per_partition = divide(input_size, tp, "RowParallelLinear input_size")
         self.input_is_parallel, self.skip_bias_add, self.sequence_parallel = input_is_parallel, skip_bias_add, sequence_parallel
         init_method = init_method or init_method_normal(0.02)
@@ -213,13 +213,17 @@ class RowParallelLinear(nn.Module):
     def forward(self, input_: torch.Tensor):
         if not self.input_is_parallel:
             input_ = scatter_to_tensor_model_parallel_region(input_)
-        partial = F.linear(input_, self.weight)
+        # The bias is added once, after the sum over ranks; at TP = 1 there is no sum and the GEMM adds it.
+        bias_in_gemm = self.tp_size == 1 and not self.skip_bias_add
+        partial = F.linear(input_, self.weight, self.bias if bias_in_gemm else None)
         if self.sequence_parallel:
             output = reduce_scatter_to_sequence_parallel_region(partial)
         else:
             output = reduce_from_tensor_model_parallel_region(partial)
-        if self.skip_bias_add or self.bias is None:
-            return output, self.bias if self.skip_bias_add else None
+        if self.skip_bias_add:
+            return output, self.bias
+        if self.bias is None or bias_in_gemm:
+            return output, None
         return output + self.bias, None
 
     def extra_repr(self) -> str:

@@ -193,8 +193,11 @@ def test_state_by_name_round_trips_between_plain_and_distributed():
                 for key in ("master", "exp_avg", "exp_avg_sq"):
                     torch.testing.assert_close(reloaded["params"][name][key], entry[key], rtol=0, atol=0)
                 assert entry["exp_avg_sq"].abs().sum() > 0  # the state is real, not zeros
+            # Same optimizer: bitwise. Across plain and distributed the fused AdamW meets a parameter's
+            # values at other vector offsets (whole tensors vs DP shards), which may round ~1 ulp apart.
+            tolerance = dict(rtol=0, atol=0) if save_d == load_d else dict(rtol=1e-6, atol=1e-7)
             for name in expected:
-                torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0,
+                torch.testing.assert_close(resumed[name], expected[name], **tolerance,
                                            msg=f"{name}: saved distributed={save_d}, loaded distributed={load_d}")
 
 
