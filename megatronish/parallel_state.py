@@ -15,6 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megatronish.shm_collectives import SharedMemoryCollectives
+
 
 @dataclass
 class _State:
@@ -24,6 +26,7 @@ class _State:
     dp_ranks: list[int] | None = None
     device: torch.device | None = None
     timeout: timedelta | None = None  # of the TP/DP groups (torch would give new groups 30 minutes)
+    tp_shared_memory: SharedMemoryCollectives | None = None  # the TP group's CPU collectives, where usable
 
 
 _state = _State()
@@ -133,6 +136,9 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, device: torch
         if rank in ranks:
             _state.dp_group, _state.dp_ranks = group, ranks
     _state.device = torch.device(device) if device is not None else (_state.device or default_device())
+    if dist.get_backend(_state.tp_group) == "gloo":  # CPU ranks: TP activations go through shared memory
+        _state.tp_shared_memory = SharedMemoryCollectives.create(
+            _state.tp_group, _state.tp_ranks, _state.timeout or timedelta(minutes=30))
 
 
 def model_parallel_is_initialized() -> bool:
@@ -156,6 +162,12 @@ def _require_initialized() -> None:
 def get_tensor_model_parallel_group() -> dist.ProcessGroup:
     _require_initialized()
     return _state.tp_group
+
+
+def get_tensor_model_parallel_shared_memory() -> SharedMemoryCollectives | None:
+    """Shared-memory collectives of this rank's TP group (gloo ranks on one host), else None."""
+    _require_initialized()
+    return _state.tp_shared_memory
 
 
 def get_data_parallel_group() -> dist.ProcessGroup:

@@ -4,9 +4,15 @@
                                                      # hidden 128, sequence 64, batch 12, vocab 65
     python tools/bench_model.py --layers 6 --hidden 384 --heads 6 --seq 256 --batch 8 --vocab 50257
 
-A step is forward + backward + AdamW step on a fixed random batch, fp32, dropout 0. The two
-models run interleaved in one process (rounds of --steps steps each, after --warmup steps), so
-that a busy machine slows both alike; the per-round medians are reported, of wall-clock time
+A step is forward + backward + AdamW step on a fixed random batch, fp32, dropout 0, timed three ways:
+  baseline       the plain PyTorch GPT below with torch.optim.AdamW (its default multi-tensor
+                 implementation, what nanoGPT uses on CPU)
+  megatronish    GPTModel with the same torch.optim.AdamW: the model alone against the baseline
+  megatronish    GPTModel trained as pretrain_gpt.py trains it: DistributedDataParallel grad buffers,
+   train_step    megatronish's optimizer (fused AdamW, grad norm; clipping off, as the baseline has
+                 none) and megatronish.training.train_step
+They run interleaved in one process (rounds of --steps steps each, after --warmup steps), so
+that a busy machine slows all alike; the per-round medians are reported, of wall-clock time
 and of the process's CPU time (on a shared machine, CPU time is the steadier measure: it does
 not count time spent waiting for a core).
 
@@ -32,8 +38,10 @@ from torch import nn
 
 from megatronish import parallel_state
 from megatronish.model import GPTModel, TransformerConfig, full_state_dict
+from megatronish.optimizer import DistributedDataParallel, OptimizerConfig, get_megatron_optimizer
 from megatronish.tensor_parallel import model_parallel_manual_seed
 from megatronish.testing import find_free_port
+from megatronish.training.training import train_step
 
 
 class BaselineBlock(nn.Module):
@@ -153,9 +161,13 @@ def main(argv=None):
         losses = {"baseline": baseline(ids, labels).item(), "megatronish": ours(ids, labels=labels).mean().item()}
     if not math.isclose(losses["baseline"], losses["megatronish"], rel_tol=1e-4):
         raise RuntimeError(f"the two models disagree before training: losses {losses}; the benchmark is not fair")
+    trained = DistributedDataParallel(GPTModel(config))  # the same initial weights as `ours`
+    trained_optimizer = get_megatron_optimizer(trained, OptimizerConfig(lr=1e-4, clip_grad=0.0))
+    batch = {"tokens": ids, "labels": labels, "loss_mask": torch.ones(ids.shape)}
     steps = {
         "baseline": make_step(baseline, lambda: baseline(ids, labels)),
         "megatronish": make_step(ours, lambda: ours(ids, labels=labels).mean()),
+        "train_step": lambda: train_step([batch], trained, trained_optimizer),
     }
     for step in steps.values():
         for _ in range(args.warmup):
@@ -184,7 +196,8 @@ def main(argv=None):
             spread = max(times[name]) / min(times[name]) - 1
             print(f"{label:4s} {name:12s} {seconds * 1e3:8.2f} ms/step  {tokens / seconds:10.0f} tokens/s  "
                   f"{flops / seconds / 1e9:7.2f} GFLOP/s  (spread over rounds {spread:.0%})")
-        print(f"{label:4s} ratio megatronish / baseline speed: {median['baseline'] / median['megatronish']:.3f}")
+        for name in ("megatronish", "train_step"):
+            print(f"{label:4s} ratio {name} / baseline speed: {median['baseline'] / median[name]:.3f}")
     return wall, cpu
 
 

@@ -18,13 +18,13 @@ import torch
 import torch.distributed as dist
 
 from megatronish import ops, parallel_state
+from megatronish.tensor_parallel.mappings import all_reduce_in_tensor_model_parallel_group
 from megatronish.tensor_parallel.utils import VocabUtility
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vocab_parallel_logits, target, label_smoothing, vocab_size, partition_vocab_size):
-        group = parallel_state.get_tensor_model_parallel_group()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         rank = parallel_state.get_tensor_model_parallel_rank()
         partition_vocab = vocab_parallel_logits.size(-1) if partition_vocab_size is None else partition_vocab_size
@@ -39,11 +39,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
         if tp > 1:
             global_max = local_max.clone()
-            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+            all_reduce_in_tensor_model_parallel_group(global_max, dist.ReduceOp.MAX)
             # A rank with no valid columns has local_max = -inf and sum_exp = 0: contributes 0.
             sum_exp = torch.where(sum_exp > 0, sum_exp * torch.exp(local_max - global_max), torch.zeros_like(sum_exp))
             sums = torch.stack([sum_exp, target_logit, sum_logits])
-            dist.all_reduce(sums, group=group)
+            all_reduce_in_tensor_model_parallel_group(sums)
             sum_exp, target_logit, sum_logits = sums.unbind(0)
         else:  # one rank: its statistics are the global ones
             global_max = local_max

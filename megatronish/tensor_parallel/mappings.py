@@ -26,16 +26,25 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 
 # The primitives below run only at TP > 1: the public ops return their input at TP = 1 (_apply).
+# Within a CPU TP group on one host they use shared memory (megatronish/shm_collectives.py), else the group's backend.
 def _tp_group_and_size():
     return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
 
 
+def all_reduce_in_tensor_model_parallel_group(x: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
+    """dist.all_reduce over the TP group (in place), through shared memory where the group has it."""
+    shared_memory = parallel_state.get_tensor_model_parallel_shared_memory()
+    if shared_memory is not None and shared_memory.fits(x) and op in (dist.ReduceOp.SUM, dist.ReduceOp.MAX):
+        shared_memory.all_reduce(x, op)
+    else:
+        dist.all_reduce(x, op=op, group=parallel_state.get_tensor_model_parallel_group())
+
+
 def _reduce(x):
-    group, size = _tp_group_and_size()
     # all-reduce works in place: reduce a copy, never the caller's tensor (an incoming
     # gradient may be shared with other consumers of the graph).
     x = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(x, group=group)
+    all_reduce_in_tensor_model_parallel_group(x)
     return x
 
 
@@ -64,7 +73,11 @@ def _gather_along_first_dim(x):
     group, size = _tp_group_and_size()
     x = x.contiguous()
     out = torch.empty((size * x.size(0), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_single(out, x, group=group)
+    shared_memory = parallel_state.get_tensor_model_parallel_shared_memory()
+    if shared_memory is not None and shared_memory.fits(x):
+        shared_memory.all_gather_into_tensor(out, x)
+    else:
+        _all_gather_single(out, x, group=group)
     return out
 
 
@@ -73,7 +86,11 @@ def _reduce_scatter_along_first_dim(x):
     length = divide(x.size(0), size, "sequence length")
     x = x.contiguous()
     out = torch.empty((length, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_single(out, x, group=group)
+    shared_memory = parallel_state.get_tensor_model_parallel_shared_memory()
+    if shared_memory is not None and shared_memory.fits(x):
+        shared_memory.reduce_scatter_tensor(out, x)
+    else:
+        _reduce_scatter_single(out, x, group=group)
     return out
 
 

@@ -15,7 +15,7 @@ the operation.)
 import contextlib
 
 _TIMEOUT_MARKERS = ("timed out", "timeout")
-_PEER_LOST_MARKERS = ("connection closed", "connection reset", "broken pipe", "connection refused")
+_PEER_LOST_MARKERS = ("connection closed", "connection reset", "broken pipe", "connection refused", "peer exited")
 
 
 class CollectiveError(RuntimeError):
