@@ -72,35 +72,35 @@ class SharedMemoryCollectives:
         return cls(mapping, rank, len(ranks), capacity, timeout)
 
     def fits(self, tensor: torch.Tensor) -> bool:
-        return tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.numel() * tensor.element_size() <= self.capacity
+        return tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() <= self.capacity
 
-    def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
-        """In place, like dist.all_reduce; op is SUM or MAX."""
-        slots = self._exchange(tensor)
-        out = tensor.view(-1)
-        if op == dist.ReduceOp.SUM:
-            torch.sum(slots, dim=0, out=out)
-        elif op == dist.ReduceOp.MAX:
-            torch.amax(slots, dim=0, out=out)
-        else:
+    def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """Like dist.all_reduce (op SUM or MAX): in place (a contiguous tensor), or into `out` (contiguous)
+        leaving `tensor` (any strides) as it is."""
+        if op not in (dist.ReduceOp.SUM, dist.ReduceOp.MAX):
             raise ValueError(f"shared-memory all-reduce supports SUM and MAX, not {op}")
+        out = tensor if out is None else out
+        slots = self._exchange(tensor)
+        (torch.sum if op == dist.ReduceOp.SUM else torch.amax)(slots, dim=0, out=out.view(-1))
+        return out
 
     def all_gather_into_tensor(self, output: torch.Tensor, tensor: torch.Tensor) -> None:
-        """output (size * n elements, contiguous) = every rank's tensor (n elements), in rank order."""
+        """output (contiguous, size * n elements) = every rank's tensor (n elements), in rank order."""
         slots = self._exchange(tensor)
         output.view(self.size, -1).copy_(slots)
 
     def reduce_scatter_tensor(self, output: torch.Tensor, tensor: torch.Tensor) -> None:
-        """output (n elements) = the sum over ranks of their tensor's (size * n elements) chunk `rank`."""
+        """output (contiguous, n elements) = the sum over ranks of chunk `rank` of their tensor (size * n elements)."""
         slots = self._exchange(tensor)
         torch.sum(slots.view(self.size, self.size, -1)[:, self.rank], dim=0, out=output.view(-1))
 
     def _exchange(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Publish this rank's tensor; return every rank's, as [size, numel] views of the shared slots."""
+        """Publish this rank's tensor (any strides); return every rank's, as [size, numel] views of the shared slots."""
         self._count += 1
         nbytes = tensor.numel() * tensor.element_size()
         slots = self._slots[self._count % 2, :, :nbytes].view(tensor.dtype)
-        slots[self.rank].copy_(tensor.view(-1))
+        slots[self.rank].view(tensor.shape).copy_(tensor)
         self._flags[self.rank] = self._count  # after the data (x86 store order)
         self._wait_for_all(self._count)
         return slots

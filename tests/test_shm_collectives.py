@@ -57,6 +57,10 @@ def _compare_with_gloo(tp):
         summed = x.clone()
         shared_memory.all_reduce(summed, dist.ReduceOp.SUM)
         torch.testing.assert_close(summed.double(), exact_sum, **tolerance)
+        strided, before = x.transpose(1, 2), x.clone()  # out of place, from a non-contiguous view
+        out = shared_memory.all_reduce(strided, out=torch.empty(strided.shape, dtype=dtype))
+        torch.testing.assert_close(out.double(), exact_sum.transpose(1, 2), **tolerance)
+        assert torch.equal(x, before)
 
         chunk = x.size(0) // tp  # reduce-scatter: this rank gets the sum of every rank's chunk `rank`
         scattered = torch.empty((chunk, 3, 7), dtype=dtype)

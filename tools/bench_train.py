@@ -14,7 +14,8 @@ It prints ms/iteration, tokens/s and model FLOP utilization (MFU): the model FLO
 iteration (formula in megatronish/training/training_log.py) per second, divided by the
 rate of a plain fp32 torch.mm (1024^3, --threads threads) measured in the same run, which is
 the machine's practical matmul peak. Goal of the issue: TP=2 reaches >= 0.8x TP=1's tokens/s.
-Timings on a shared machine are noisy: each configuration reports the median of --repeats runs.
+Timings on a shared machine are noisy: the configurations take turns, and each reports the median
+of its --repeats runs.
 """
 
 import argparse
@@ -94,17 +95,20 @@ def main(argv=None):
           f"median of {args.repeats} runs")
     results = {}
     layouts = ((1, 1, args.threads), (1, 1, 1), (2, 2, max(1, args.threads // 2)))  # TP=1 x 1 thread: context
-    for tp, ranks, threads in layouts:
-        runs = [max(run_distributed(_time_training, ranks, args=(tp, threads, args.iters, args.warmup), timeout=600))
-                for _ in range(args.repeats)]
-        seconds = statistics.median(runs)
+    runs = {layout: [] for layout in layouts}
+    for _ in range(args.repeats):  # the layouts take turns, so that a busy spell slows each alike
+        for tp, ranks, threads in layouts:
+            per_rank = run_distributed(_time_training, ranks, args=(tp, threads, args.iters, args.warmup), timeout=600)
+            runs[tp, ranks, threads].append(max(per_rank))
+    for (tp, ranks, threads), layout_runs in runs.items():
+        seconds = statistics.median(layout_runs)
         # MFU counts the FLOPs of the true model (vocabulary 65 padded as at TP=1), whatever the layout.
         flops = num_floating_point_operations(flops_args, padded_vocab[1])
         tokens_per_second = MICRO_BATCH * SEQ / seconds
         results.setdefault(tp, tokens_per_second)
         print(f"TP={tp} ({ranks} rank(s) x {threads} thread(s)): {seconds * 1000:8.1f} ms/iteration  "
               f"{tokens_per_second:9.0f} tokens/s  MFU {flops / seconds / (peak * 1e9) * 100:5.1f}%  "
-              f"(runs: {', '.join(f'{r * 1000:.0f}' for r in runs)} ms)")
+              f"(runs: {', '.join(f'{r * 1000:.0f}' for r in layout_runs)} ms)")
     print(f"TP=2 / TP=1 ({args.threads} threads) tokens/s: {results[2] / results[1]:.2f}x (goal >= 0.8x)")
 
 

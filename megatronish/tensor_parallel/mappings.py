@@ -31,21 +31,32 @@ def _tp_group_and_size():
     return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
 
 
-def all_reduce_in_tensor_model_parallel_group(x: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
-    """dist.all_reduce over the TP group (in place), through shared memory where the group has it."""
+def _shared_memory_for(x: torch.Tensor, op=dist.ReduceOp.SUM):
     shared_memory = parallel_state.get_tensor_model_parallel_shared_memory()
     if shared_memory is not None and shared_memory.fits(x) and op in (dist.ReduceOp.SUM, dist.ReduceOp.MAX):
+        return shared_memory
+    return None
+
+
+def all_reduce_in_tensor_model_parallel_group(x: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
+    """dist.all_reduce over the TP group (in place), through shared memory where the group has it."""
+    shared_memory = _shared_memory_for(x, op)
+    if shared_memory is not None and x.is_contiguous():
         shared_memory.all_reduce(x, op)
     else:
         dist.all_reduce(x, op=op, group=parallel_state.get_tensor_model_parallel_group())
 
 
 def _reduce(x):
-    # all-reduce works in place: reduce a copy, never the caller's tensor (an incoming
-    # gradient may be shared with other consumers of the graph).
-    x = x.clone(memory_format=torch.contiguous_format)
-    all_reduce_in_tensor_model_parallel_group(x)
-    return x
+    # The sum goes into a new tensor, never into the caller's (an incoming gradient may be
+    # shared with other consumers of the graph).
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    shared_memory = _shared_memory_for(x)
+    if shared_memory is not None:
+        return shared_memory.all_reduce(x, out=out)
+    out.copy_(x)
+    dist.all_reduce(out, group=parallel_state.get_tensor_model_parallel_group())
+    return out
 
 
 def _split_along_last_dim(x):
@@ -73,8 +84,8 @@ def _gather_along_first_dim(x):
     group, size = _tp_group_and_size()
     x = x.contiguous()
     out = torch.empty((size * x.size(0), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    shared_memory = parallel_state.get_tensor_model_parallel_shared_memory()
-    if shared_memory is not None and shared_memory.fits(x):
+    shared_memory = _shared_memory_for(x)
+    if shared_memory is not None:
         shared_memory.all_gather_into_tensor(out, x)
     else:
         _all_gather_single(out, x, group=group)
@@ -86,8 +97,8 @@ def _reduce_scatter_along_first_dim(x):
     length = divide(x.size(0), size, "sequence length")
     x = x.contiguous()
     out = torch.empty((length, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    shared_memory = parallel_state.get_tensor_model_parallel_shared_memory()
-    if shared_memory is not None and shared_memory.fits(x):
+    shared_memory = _shared_memory_for(x)
+    if shared_memory is not None:
         shared_memory.reduce_scatter_tensor(out, x)
     else:
         _reduce_scatter_single(out, x, group=group)
