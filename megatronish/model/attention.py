@@ -54,14 +54,15 @@ class ParallelAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, rotary=None):
         """hidden_states [s, b, h] (or [s/tp, b, h] sequence parallel) -> (output, bias) of the same shape."""
-        mixed, _ = self.linear_qkv(hidden_states)  # [s, b, np * 3 * hn], full sequence
-        s, b = mixed.shape[:2]
-        # One copy into batch-first memory [b, s, np, 3, hn]. SDPA takes q, k, v as views of it and
-        # returns its context in [b, s, np, hn] memory, which is the layout its CPU kernels work in;
-        # copying q, k and v one by one into [b, np, s, hn] instead measured 1.8x slower for
-        # attention forward + backward on CPU (nanoGPT config), mostly in the backward's copies.
-        qkv = mixed.transpose(0, 1).contiguous().view(b, s, self.heads_per_rank, 3, self.head_dim)
-        query, key, value = qkv.unbind(dim=3)  # [b, s, np, hn] views
+        # Attention works batch-first: SDPA takes q, k, v as views of [b, s, np, 3, hn] memory and returns
+        # its context in [b, s, np, hn] memory, the layout its CPU kernels work in. (Copying q, k and v
+        # one by one into [b, np, s, hn] instead measured 1.8x slower forward + backward on CPU.)
+        if self.config.sequence_parallel:  # the projection gathers the sequence first: transpose its output
+            mixed = self.linear_qkv(hidden_states)[0].transpose(0, 1).contiguous()
+        else:  # transpose the input, 3x narrower than the output
+            mixed, _ = self.linear_qkv(hidden_states.transpose(0, 1).contiguous())
+        b, s = mixed.shape[:2]
+        query, key, value = mixed.view(b, s, self.heads_per_rank, 3, self.head_dim).unbind(dim=3)  # [b, s, np, hn]
         if rotary is not None:  # the rotary op takes [s, b, n, d] of any strides
             query, key = (t.transpose(0, 1) for t in ops.apply_rotary_pos_emb(
                 query.transpose(0, 1), key.transpose(0, 1), *rotary))

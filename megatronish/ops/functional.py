@@ -28,9 +28,10 @@ def _require_vector(name: str, tensor, size: int) -> None:
 
 def _kernel_for(x: torch.Tensor, *others):
     """The extension when x is a CUDA tensor, every given tensor has a kernel dtype and the kernels are available."""
-    if any(t is not None and t.dtype not in KERNEL_DTYPES for t in (x, *others)):
+    ext = extension.cuda_module_for(x)  # None at once for CPU tensors: the common CPU case stays cheap
+    if ext is None or any(t is not None and t.dtype not in KERNEL_DTYPES for t in (x, *others)):
         return None  # float64 and friends: PyTorch only
-    return extension.cuda_module_for(x)
+    return ext
 
 
 def _same_dtype(x: torch.Tensor, *others) -> bool:

@@ -123,7 +123,9 @@ class DistributedDataParallel(nn.Module):
     def zero_grad_buffer(self) -> None:
         self.grad_buffer.zero_()
         for param in self.param_range:
-            param.grad = None
+            # An fp32 parameter's .grad is its slice of the buffer: autograd adds into an existing .grad
+            # in place, so no gradient tensor is allocated and none is copied in afterwards.
+            param.grad = param.main_grad if param.dtype == torch.float32 else None
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -136,8 +138,9 @@ class DistributedDataParallel(nn.Module):
 
     @torch.no_grad()
     def _accumulate_into_main_grad(self, param: torch.Tensor) -> None:
-        param.main_grad.add_(param.grad)
-        param.grad = None
+        if param.grad.data_ptr() != param.main_grad.data_ptr():  # bf16/fp16 (or .grad reset by a caller)
+            param.main_grad.add_(param.grad)
+            param.grad = None
         if self.overlap_grad_reduce and self._sync_enabled:
             bucket = self.bucket_of[param]
             if bucket.started:
