@@ -39,7 +39,9 @@ _SPIN_S = 0.05  # wait this long with sched_yield (fast wake-up), then sleep in 
 
 
 class SharedMemoryCollectives:
-    """All-reduce (sum, max), all-gather and reduce-scatter of contiguous CPU tensors within one group."""
+    """All-reduce (sum, max), all-gather and reduce-scatter of CPU tensors within one group."""
+
+    REDUCE_OPS = (dist.ReduceOp.SUM, dist.ReduceOp.MAX)
 
     def __init__(self, mapping: mmap.mmap, rank: int, size: int, capacity: int, timeout: timedelta):
         self.rank, self.size, self.capacity, self.timeout = rank, size, capacity, timeout
@@ -48,7 +50,7 @@ class SharedMemoryCollectives:
         self._pids[rank] = os.getpid()  # read by the others only after create()'s all-reduce
         data = torch.frombuffer(mapping, dtype=torch.uint8)[size * _LINE:]
         self._slots = data.view(2, size, capacity)
-        self._count = int(self._flags[rank])  # 0 in a fresh file
+        self._count = 0  # collectives this rank has joined
 
     @classmethod
     def create(cls, group: dist.ProcessGroup, ranks: list[int], timeout: timedelta) -> "SharedMemoryCollectives | None":
@@ -78,7 +80,7 @@ class SharedMemoryCollectives:
                    out: torch.Tensor | None = None) -> torch.Tensor:
         """Like dist.all_reduce (op SUM or MAX): in place (a contiguous tensor), or into `out` (contiguous)
         leaving `tensor` (any strides) as it is."""
-        if op not in (dist.ReduceOp.SUM, dist.ReduceOp.MAX):
+        if op not in self.REDUCE_OPS:
             raise ValueError(f"shared-memory all-reduce supports SUM and MAX, not {op}")
         out = tensor if out is None else out
         slots = self._exchange(tensor)

@@ -31,17 +31,16 @@ def _tp_group_and_size():
     return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
 
 
-def _shared_memory_for(x: torch.Tensor, op=dist.ReduceOp.SUM):
+def _shared_memory_for(x: torch.Tensor):
+    """The TP group's shared-memory collectives if it has them and `x` fits, else None (use the backend)."""
     shared_memory = parallel_state.get_tensor_model_parallel_shared_memory()
-    if shared_memory is not None and shared_memory.fits(x) and op in (dist.ReduceOp.SUM, dist.ReduceOp.MAX):
-        return shared_memory
-    return None
+    return shared_memory if shared_memory is not None and shared_memory.fits(x) else None
 
 
 def all_reduce_in_tensor_model_parallel_group(x: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
     """dist.all_reduce over the TP group (in place), through shared memory where the group has it."""
-    shared_memory = _shared_memory_for(x, op)
-    if shared_memory is not None and x.is_contiguous():
+    shared_memory = _shared_memory_for(x)
+    if shared_memory is not None and x.is_contiguous() and op in shared_memory.REDUCE_OPS:
         shared_memory.all_reduce(x, op)
     else:
         dist.all_reduce(x, op=op, group=parallel_state.get_tensor_model_parallel_group())
