@@ -56,7 +56,7 @@ class SharedMemoryCollectives:
     def create(cls, group: dist.ProcessGroup, ranks: list[int], timeout: timedelta) -> "SharedMemoryCollectives | None":
         """Set up shared memory for `group` (every rank of it must call this); None on every rank
         where it cannot be used (off, not x86, ranks on different hosts, /dev/shm too small)."""
-        slot_mb = int(os.environ.get(ENV_SLOT_MB, DEFAULT_SLOT_MB))
+        slot_mb = _slot_mb()
         if len(ranks) < 2 or slot_mb <= 0 or platform.machine().lower() not in ("x86_64", "amd64"):
             return None
         capacity = slot_mb << 20
@@ -139,6 +139,14 @@ def _process_gone(pid: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def _slot_mb() -> int:
+    value = os.environ.get(ENV_SLOT_MB, str(DEFAULT_SLOT_MB))
+    if not value.strip().isdigit():
+        raise ValueError(f"{ENV_SLOT_MB}={value!r}: give the size of a rank's slot as a whole number of MiB "
+                         f"(default {DEFAULT_SLOT_MB}), or 0 to use gloo instead of shared memory")
+    return int(value)
 
 
 def _make_shared_file(nbytes: int) -> str | None:

@@ -147,3 +147,9 @@ def test_a_rank_that_exited_is_reported_at_once():
                                            r"before joining shared-memory collective #1"):
         shared_memory.all_reduce(torch.ones(4))
     assert time.monotonic() - start < 5  # not the 300 s timeout
+
+
+def test_a_bad_slot_size_is_named(monkeypatch):
+    monkeypatch.setenv(ENV_SLOT_MB, "16MB")
+    with pytest.raises(ValueError, match=r"MEGATRONISH_SHM_SLOT_MB='16MB': give the size .* whole number of MiB"):
+        SharedMemoryCollectives.create(None, [0, 1], timedelta(seconds=1))
