@@ -91,6 +91,13 @@ def _accumulate_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def _target_columns(target: torch.Tensor, vocab_start: int, n_valid: int):
+    """Each row's target as a column of this rank's valid logits (clamped into range), and whether this rank owns it."""
+    local_target = target - vocab_start
+    owned = (local_target >= 0) & (local_target < n_valid)
+    return local_target.clamp_(0, n_valid - 1), owned
+
+
 @torch.no_grad()
 def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab_size: int):
     n = logits.size(0)
@@ -102,9 +109,8 @@ def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start:
     x = logits[:, :n_valid].to(acc)
     local_max = x.amax(dim=-1)
     sum_exp = (x - local_max[:, None]).exp_().sum(dim=-1)
-    local_target = target - vocab_start
-    owned = (local_target >= 0) & (local_target < n_valid)
-    picked = x.gather(1, local_target.clamp(0, n_valid - 1)[:, None]).squeeze(1)
+    column, owned = _target_columns(target, vocab_start, n_valid)
+    picked = x.gather(1, column[:, None]).squeeze(1)
     target_logit = torch.where(owned, picked, torch.zeros_like(picked))
     return local_max, sum_exp, target_logit, x.sum(dim=-1)
 
@@ -123,9 +129,8 @@ def cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_l
     if n_valid == 0:
         return logits
     # -(1 - eps) goes to the target column of each row whose target this rank owns, 0 elsewhere
-    local_target = target - vocab_start
-    owned = (local_target >= 0) & (local_target < n_valid)
-    onehot_column = local_target.clamp_(0, n_valid - 1).unsqueeze(1)
+    column, owned = _target_columns(target, vocab_start, n_valid)
+    onehot_column = column.unsqueeze(1)
     onehot_value = owned.to(lse.dtype).mul_(label_smoothing - 1.0).unsqueeze(1)
     in_place = logits.dtype == lse.dtype
     rows_per_step = n if in_place else max(1, _CE_BACKWARD_ELEMENTS // n_valid)
