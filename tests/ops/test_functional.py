@@ -155,6 +155,21 @@ def test_bias_gelu(dtype, with_bias):
     _check_forward_backward(op, reference, made, twins, dtype, grad_scale=4.0)
 
 
+def test_bias_gelu_at_zero_tiny_and_large_inputs():
+    # The PyTorch path takes the gate back as output / input in backward: 0 / 0 at zero, and the
+    # sigmoid saturates to exactly 0 or 1 for large |x|. Values and gradients must still match.
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-40, 20.0, -20.0, 200.0, -200.0, 3.0, -3.0])
+    x = torch.cat([special, torch.randn(21) * 4]).requires_grad_()
+    twin = x.detach().double().requires_grad_()
+    weight = torch.randn(x.shape, dtype=torch.float64)
+    out = ops.bias_gelu(x, None)
+    (out.double() * weight).sum().backward()
+    (_reference_gelu_tanh(twin) * weight).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    _close(out, _reference_gelu_tanh(twin), torch.float32)
+    _close(x.grad, twin.grad, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_bias_swiglu(dtype, with_bias):
