@@ -42,7 +42,7 @@ from megatronish.optimizer import DistributedDataParallel, OptimizerConfig, get_
 from megatronish.tensor_parallel import model_parallel_manual_seed
 from megatronish.testing import find_free_port
 from megatronish.training.training import train_step
-from megatronish.training.utils import freeze_setup_objects
+from megatronish.training.utils import prepare_process_for_training_loop
 
 
 class BaselineBlock(nn.Module):
@@ -170,7 +170,7 @@ def main(argv=None):
         "megatronish": make_step(ours, lambda: ours(ids, labels=labels).mean()),
         "train_step": lambda: train_step([batch], trained, trained_optimizer),
     }
-    freeze_setup_objects()  # as pretrain_gpt.py does before its loop; process-wide, so for all three alike
+    prepare_process_for_training_loop()  # as pretrain_gpt.py does before its loop; process-wide, so for all three alike
     for step in steps.values():
         for _ in range(args.warmup):
             step()

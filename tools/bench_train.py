@@ -32,7 +32,7 @@ from megatronish.optimizer import DistributedDataParallel, OptimizerConfig, get_
 from megatronish.testing import run_distributed
 from megatronish.training.training import train_step
 from megatronish.training.training_log import num_floating_point_operations
-from megatronish.training.utils import freeze_setup_objects
+from megatronish.training.utils import prepare_process_for_training_loop
 
 SHAPE = dict(num_layers=4, num_attention_heads=4, hidden_size=128, vocab_size=65, max_position_embeddings=64)
 SEQ, MICRO_BATCH = 64, 12
@@ -69,7 +69,7 @@ def _time_training(tp: int, threads: int, iters: int, warmup: int) -> float:
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, SHAPE["vocab_size"], (warmup + iters, MICRO_BATCH, SEQ + 1), generator=generator)
     batches = [{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(MICRO_BATCH, SEQ)} for t in tokens]
-    freeze_setup_objects()  # as pretrain_gpt.py does before its loop
+    prepare_process_for_training_loop()  # as pretrain_gpt.py does before its loop
     for batch in batches[:warmup]:
         train_step([batch], model, optimizer)
     torch.distributed.barrier()

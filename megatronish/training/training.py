@@ -44,7 +44,7 @@ from megatronish.training.training_log import (
     training_log_line,
     validation_log_lines,
 )
-from megatronish.training.utils import freeze_setup_objects, print_rank_0, print_rank_last
+from megatronish.training.utils import prepare_process_for_training_loop, print_rank_0, print_rank_last
 
 
 @dataclass
@@ -109,7 +109,7 @@ def pretrain(args: argparse.Namespace) -> TrainingResult:
     exit_conditions = ExitConditions(args.exit_interval, args.exit_duration_in_mins)  # SIGTERM/SIGUSR1 from here on
     exit_reason = None
     ddp_model.train()
-    freeze_setup_objects()
+    prepare_process_for_training_loop()
     while progress.iteration < args.train_iters and not args.skip_train:
         batches = [_to_device(next(train_iter), device) for _ in range(num_microbatches)]
         with named_collective(f"at iteration {progress.iteration + 1}"):
