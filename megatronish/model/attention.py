@@ -52,15 +52,19 @@ class ParallelAttention(nn.Module):
         self.linear_proj = RowParallelLinear(config.hidden_size, config.hidden_size, input_is_parallel=True,
                                              skip_bias_add=config.defer_residual_bias(tp), **config.linear_kwargs())
 
-    def forward(self, hidden_states: torch.Tensor, rotary=None):
-        """hidden_states [s, b, h] (or [s/tp, b, h] sequence parallel) -> (output, bias) of the same shape."""
+    def forward(self, hidden_states: torch.Tensor, rotary=None, batch_first: bool = False):
+        """hidden_states [s, b, h] (or [s/tp, b, h] sequence parallel) -> (output, bias) of the same shape.
+
+        With batch_first=True (not under sequence parallelism) the input is [b, s, h] instead; the
+        output stays [s, b, h].
+        """
         # Attention works batch-first: SDPA takes q, k, v as views of [b, s, np, 3, hn] memory and returns
         # its context in [b, s, np, hn] memory, the layout its CPU kernels work in. (Copying q, k and v
         # one by one into [b, np, s, hn] instead measured 1.8x slower forward + backward on CPU.)
         if self.config.sequence_parallel:  # the projection gathers the sequence first: transpose its output
             mixed = self.linear_qkv(hidden_states)[0].transpose(0, 1).contiguous()
-        else:  # transpose the input, 3x narrower than the output
-            mixed, _ = self.linear_qkv(hidden_states.transpose(0, 1).contiguous())
+        else:  # transpose the input, 3x narrower than the output (TransformerLayer does it before the norm)
+            mixed, _ = self.linear_qkv(hidden_states if batch_first else hidden_states.transpose(0, 1).contiguous())
         b, s = mixed.shape[:2]
         query, key, value = mixed.view(b, s, self.heads_per_rank, 3, self.head_dim).unbind(dim=3)  # [b, s, np, hn]
         if rotary is not None:  # the rotary op takes [s, b, n, d] of any strides

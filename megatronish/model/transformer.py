@@ -49,7 +49,13 @@ class TransformerLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, rotary=None) -> torch.Tensor:
         dropout = self.config.hidden_dropout
-        attention_out, attention_bias = self.self_attention(self.input_layernorm(hidden_states), rotary)
+        if self.config.sequence_parallel:
+            attention_out, attention_bias = self.self_attention(self.input_layernorm(hidden_states), rotary)
+        else:
+            # Attention wants its input batch-first. Transposing before the norm (which works per token, so
+            # it commutes) rather than after it hands the norm's backward a contiguous gradient: a copy less.
+            attention_out, attention_bias = self.self_attention(
+                self.input_layernorm(hidden_states.transpose(0, 1).contiguous()), rotary, batch_first=True)
         with hidden_dropout_rng(self.config, self.training):
             hidden_states = ops.bias_dropout_add(attention_out, attention_bias, hidden_states, dropout, self.training)
         mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(hidden_states))
