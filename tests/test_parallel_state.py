@@ -1,4 +1,5 @@
 import pytest
+import torch
 import torch.distributed as dist
 
 from megatronish import parallel_state as ps
@@ -67,3 +68,29 @@ def test_default_backend_and_device_without_gpu():
     assert ps.default_device("gloo").type == "cpu"
     with pytest.raises(RuntimeError, match="use --distributed-backend gloo"):
         ps.initialize_distributed("nccl")
+
+
+def _all_reduce_in_groups(tp):
+    """Sum and max of rank-dependent values over the TP group, the DP group and the world; count gloo calls."""
+    ps.initialize_model_parallel(tp)
+    calls = []
+    real_all_reduce = dist.all_reduce
+    dist.all_reduce = lambda *args, **kwargs: calls.append(1) or real_all_reduce(*args, **kwargs)
+    try:
+        rank = float(dist.get_rank())
+        out = []
+        for group in (ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group(), None):
+            total, largest = torch.tensor([rank]), torch.tensor([rank])
+            ps.all_reduce_in_group(total, group)
+            ps.all_reduce_in_group(largest, group, op=dist.ReduceOp.MAX)
+            out.append((total.item(), largest.item()))
+    finally:
+        dist.all_reduce = real_all_reduce
+    return out, len(calls)
+
+
+def test_all_reduce_in_group_reduces_and_skips_groups_of_one_rank():
+    # 2 ranks, TP 2: the TP group and the world hold both ranks, each DP group one rank.
+    for rank, (results, gloo_calls) in enumerate(run_distributed(_all_reduce_in_groups, 2, args=(2,))):
+        assert results == [(1.0, 1.0), (float(rank), float(rank)), (1.0, 1.0)]
+        assert gloo_calls == 4  # TP and world, sum and max; none for the one-rank DP group

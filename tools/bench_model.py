@@ -12,9 +12,11 @@ A step is forward + backward + AdamW step on a fixed random batch, fp32, dropout
    train_step    megatronish's optimizer (fused AdamW, grad norm; clipping off, as the baseline has
                  none) and megatronish.training.train_step
 They run interleaved in one process (rounds of --steps steps each, after --warmup steps), so
-that a busy machine slows all alike; the per-round medians are reported, of wall-clock time
-and of the process's CPU time (on a shared machine, CPU time is the steadier measure: it does
-not count time spent waiting for a core).
+that a busy machine slows all alike. Reported: the median over rounds of each one's time per
+step, and the speed ratio to the baseline as the median over rounds of the ratio within each
+round (the two ran seconds apart, so a busy spell mostly cancels), of wall-clock time and of
+the process's CPU time (on a shared machine the steadier one: it does not count time spent
+waiting for a core). One thread by default, as each TP rank runs on CPU.
 
 FLOPs per step (matmuls only, causal attention counted as full s x s, as Megatron does), for
 T = batch * seq tokens, L layers, hidden h, FFN width f, sequence s and true vocabulary V:
@@ -122,11 +124,16 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--vocab", type=int, default=65)
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    p.add_argument("--steps", type=int, default=10, help="steps per model per round")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="steps per model per round")
+    p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1, as torchrun runs each CPU rank; 0: torch's default)")
+    args = p.parse_args(argv)
+    if args.rounds < 2 or args.steps < 1:
+        p.error(f"--rounds {args.rounds} / --steps {args.steps}: need at least 2 rounds (the ratio is a median "
+                "over rounds) of at least 1 step")
+    return args
 
 
 def make_step(model, loss_fn):
@@ -193,13 +200,15 @@ def main(argv=None):
     print(f"initial loss: baseline {losses['baseline']:.5f}, megatronish {losses['megatronish']:.5f} (same weights)")
     print(f"FLOPs/step = 3 T (L (8h^2 + 4hf + 4sh) + 2hV) = {flops / 1e9:.3f} GFLOP")
     for label, times in (("wall", wall), ("cpu", cpu)):
-        median = {name: statistics.median(per_round) for name, per_round in times.items()}
-        for name, seconds in median.items():
-            spread = max(times[name]) / min(times[name]) - 1
+        for name, per_round in times.items():
+            seconds, spread = statistics.median(per_round), max(per_round) / min(per_round) - 1
             print(f"{label:4s} {name:12s} {seconds * 1e3:8.2f} ms/step  {tokens / seconds:10.0f} tokens/s  "
                   f"{flops / seconds / 1e9:7.2f} GFLOP/s  (spread over rounds {spread:.0%})")
         for name in ("megatronish", "train_step"):
-            print(f"{label:4s} ratio {name} / baseline speed: {median['baseline'] / median[name]:.3f}")
+            ratios = [base / ours for base, ours in zip(times["baseline"], times[name])]
+            low, _, high = statistics.quantiles(ratios, n=4)
+            print(f"{label:4s} speed {name} / baseline: {statistics.median(ratios):.3f} "
+                  f"(median of the {len(ratios)} rounds; quartiles {low:.3f}-{high:.3f})")
     return wall, cpu
 
 

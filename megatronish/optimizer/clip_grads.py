@@ -10,6 +10,8 @@ the same gradients and the sum is reduced over TP only.
 import torch
 import torch.distributed as dist
 
+from megatronish import parallel_state
+
 
 def global_grad_norm(grads_counted: list[torch.Tensor], group: dist.ProcessGroup | None,
                      device: torch.device) -> float:
@@ -18,7 +20,7 @@ def global_grad_norm(grads_counted: list[torch.Tensor], group: dist.ProcessGroup
         sum_sq = torch.stack(torch._foreach_norm(grads_counted, 2.0)).float().square().sum()
     else:
         sum_sq = torch.zeros((), dtype=torch.float32, device=device)
-    dist.all_reduce(sum_sq, group=group)
+    parallel_state.all_reduce_in_group(sum_sq, group)
     return sum_sq.sqrt().item()
 
 

@@ -124,7 +124,7 @@ class MixedPrecisionOptimizer:
         inv_scale = torch.full((1,), 1.0 / self.grad_scaler.scale.item(), dtype=torch.float32, device=device)
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
-        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+        parallel_state.all_reduce_in_group(found_inf, op=dist.ReduceOp.MAX)
         return found_inf.item() > 0
 
     def _write_back(self) -> None:

@@ -43,7 +43,7 @@ class ExitConditions:
         time_is_up = (self.exit_duration_in_mins is not None
                       and time.monotonic() - self.start > self.exit_duration_in_mins * 60.0)
         flags = torch.tensor([float(self.received or 0), float(time_is_up)], device=parallel_state.get_device())
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        parallel_state.all_reduce_in_group(flags, op=dist.ReduceOp.MAX)
         if flags[0] > 0:
             return f"received {signal.Signals(int(flags[0])).name}"
         if flags[1] > 0:

@@ -293,7 +293,7 @@ def _print_setup(args, config, model, num_microbatches: int, dp: int) -> None:
 
 def _average_over_dp(value: torch.Tensor) -> float:
     value = value.detach().float().clone()
-    dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+    parallel_state.all_reduce_in_group(value, parallel_state.get_data_parallel_group())
     return value.item() / parallel_state.get_data_parallel_world_size()
 
 
