@@ -16,7 +16,7 @@ that a busy machine slows all alike. Reported: the median over rounds of each on
 step, and the speed ratio to the baseline as the median over rounds of the ratio within each
 round (the two ran seconds apart, so a busy spell mostly cancels), of wall-clock time and of
 the process's CPU time (on a shared machine the steadier one: it does not count time spent
-waiting for a core). One thread by default, as each TP rank runs on CPU.
+waiting for a core). One thread by default (see --threads).
 
 FLOPs per step (matmuls only, causal attention counted as full s x s, as Megatron does), for
 T = batch * seq tokens, L layers, hidden h, FFN width f, sequence s and true vocabulary V:
@@ -128,8 +128,11 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1, as torchrun runs each CPU rank; 0: torch's default)")
+                   help="torch threads (default 1: what each rank gets when the ranks fill the cores, and the "
+                        "steadier timing on a shared machine; 0: every core)")
     args = p.parse_args(argv)
+    if args.threads < 0:
+        p.error(f"--threads {args.threads}: give a thread count >= 1, or 0 for every core")
     if args.rounds < 2 or args.steps < 1:
         p.error(f"--rounds {args.rounds} / --steps {args.steps}: need at least 2 rounds (the ratio is a median "
                 "over rounds) of at least 1 step")

@@ -51,7 +51,8 @@ def _add_bias_fp32(x: torch.Tensor, bias) -> torch.Tensor:
 
 # GeLU, tanh form: 0.5 y (1 + tanh(u)) with u = sqrt(2/pi) (y + 0.044715 y^3), which equals
 # y * sigmoid(2u). The sigmoid form is what runs: PyTorch's CPU tanh kernel is ~3x slower than its
-# sigmoid, and F.gelu(approximate="tanh") uses tanh (forward measured 2.5x, backward 3x faster this way).
+# sigmoid, and F.gelu(approximate="tanh") uses tanh. Measured on the MLP activation of nanoGPT's CPU
+# config: forward 2.5x, backward 3x faster alone; a training step ~6% faster.
 _GELU_LINEAR = 2 * math.sqrt(2 / math.pi)  # 2u = y (_GELU_LINEAR + _GELU_CUBIC y^2)
 _GELU_CUBIC = _GELU_LINEAR * 0.044715
 
