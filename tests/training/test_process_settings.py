@@ -39,6 +39,7 @@ def _faults_per_step(mode: str) -> float:
 def test_retained_memory_saves_the_page_faults_of_each_step():
     default, retained = _faults_per_step("default"), _faults_per_step("retain")
     # measured: default 660-1530 faults per step (2048 pages per 8 MB activation), retained 0-205
-    assert default > 400, f"the default allocator faulted only {default} times per step: the test shows nothing"
+    if default <= 400:
+        pytest.skip(f"this machine's default allocator faults only {default} times per step: nothing to save")
     assert retained < default / 2, f"{retained} faults per step with memory retained, {default} without"
 
