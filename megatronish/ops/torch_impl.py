@@ -62,8 +62,9 @@ class _TanhGelu(torch.autograd.Function):
     def forward(ctx, y):
         gate = torch.addcmul(y.new_tensor(_GELU_LINEAR), y, y, value=_GELU_CUBIC).mul_(y).sigmoid_()  # sigmoid(2u)
         out = gate.mul_(y)
-        # Backward takes the gate back as out / y rather than recomputing the sigmoid. The output is
-        # the tensor the next linear layer saves anyway, so in fp32 this costs no memory.
+        # Backward takes the gate back as out / y rather than recomputing the sigmoid. For fp32 input the
+        # output is the tensor the next linear layer saves anyway, so this costs no memory; for fp16/bf16
+        # (on this path: CPU, or CUDA without the kernels) it keeps this fp32 output alive too.
         ctx.save_for_backward(y, out)
         return out
 
