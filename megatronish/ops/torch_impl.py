@@ -57,10 +57,15 @@ _GELU_LINEAR = 2 * math.sqrt(2 / math.pi)  # 2u = y (_GELU_LINEAR + _GELU_CUBIC 
 _GELU_CUBIC = _GELU_LINEAR * 0.044715
 
 
+def _gelu_polynomial(y: torch.Tensor, cubic: float) -> torch.Tensor:
+    """_GELU_LINEAR + cubic * y^2, in a new tensor (one pass)."""
+    return torch.addcmul(y.new_tensor(_GELU_LINEAR), y, y, value=cubic)
+
+
 class _TanhGelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y):
-        gate = torch.addcmul(y.new_tensor(_GELU_LINEAR), y, y, value=_GELU_CUBIC).mul_(y).sigmoid_()  # sigmoid(2u)
+        gate = _gelu_polynomial(y, _GELU_CUBIC).mul_(y).sigmoid_()  # sigmoid(2u)
         out = gate.mul_(y)
         # Backward takes the gate back as out / y rather than recomputing the sigmoid. For fp32 input the
         # output is the tensor the next linear layer saves anyway, so this costs no memory; for fp16/bf16
@@ -73,7 +78,7 @@ class _TanhGelu(torch.autograd.Function):
         y, out = ctx.saved_tensors
         gate = torch.div(out, y).nan_to_num_(0.5)  # 0 / 0 where y = 0, and sigmoid(0) = 1/2
         # d/dy [y gate] = gate (1 + slope (1 - gate)), slope = y d(2u)/dy = y (_GELU_LINEAR + 3 _GELU_CUBIC y^2)
-        slope = torch.addcmul(y.new_tensor(_GELU_LINEAR), y, y, value=3 * _GELU_CUBIC).mul_(y)
+        slope = _gelu_polynomial(y, 3 * _GELU_CUBIC).mul_(y)
         return slope.addcmul_(slope, gate, value=-1).add_(1).mul_(gate).mul_(grad)
 
 
