@@ -36,8 +36,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float().to(device), persistent=False)
         self.register_buffer("sin", angles.sin().float().to(device), persistent=False)
 
-    def forward(self, seq_length: int):
-        return self.cos[:seq_length], self.sin[:seq_length]
+    def forward(self, seq_length: int, position_ids: torch.Tensor | None = None):
+        """The tables for positions 0..seq_length-1, or for position_ids [b, s]: [s, d/2] when one row of
+        positions serves the whole batch (the fused kernel's shape), else [s, b, d/2]."""
+        if position_ids is None:
+            return self.cos[:seq_length], self.sin[:seq_length]
+        positions = position_ids.t()
+        if positions.size(1) == 1:
+            positions = positions[:, 0]
+        return self.cos[positions], self.sin[positions]
 
 
 class ParallelAttention(nn.Module):
@@ -52,11 +59,12 @@ class ParallelAttention(nn.Module):
         self.linear_proj = RowParallelLinear(config.hidden_size, config.hidden_size, input_is_parallel=True,
                                              skip_bias_add=config.defer_residual_bias(tp), **config.linear_kwargs())
 
-    def forward(self, hidden_states: torch.Tensor, rotary=None, batch_first: bool = False):
+    def forward(self, hidden_states: torch.Tensor, rotary=None, batch_first: bool = False, inference_context=None):
         """hidden_states [s, b, h] (or [s/tp, b, h] sequence parallel) -> (output, bias) of the same shape.
 
         With batch_first=True (not under sequence parallelism) the input is [b, s, h] instead; the
-        output stays [s, b, h].
+        output stays [s, b, h]. With an inference_context (megatronish.inference.InferenceContext) the
+        new keys and values go into its KV cache and the queries attend to the cached ones its mask allows.
         """
         # Attention works batch-first: SDPA takes q, k, v as views of [b, s, np, 3, hn] memory and returns
         # its context in [b, s, np, hn] memory, the layout its CPU kernels work in. (Copying q, k and v
@@ -70,14 +78,20 @@ class ParallelAttention(nn.Module):
         if rotary is not None:  # the rotary op takes [s, b, n, d] of any strides
             query, key = (t.transpose(0, 1) for t in ops.apply_rotary_pos_emb(
                 query.transpose(0, 1), key.transpose(0, 1), *rotary))
-        if self.config.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
+        if inference_context is not None:
+            key, value = inference_context.store(self, key, value)
+            context = self.core_attention(query, key, value, inference_context.attention_mask)
+        elif self.config.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
             context = checkpoint(self.core_attention, query, key, value)
         else:
             context = self.core_attention(query, key, value)
         return self.linear_proj(context)
 
-    def core_attention(self, query, key, value):
-        """Causal attention of this rank's heads: q, k, v [b, s, np, hn] -> context [s, b, np * hn].
+    def core_attention(self, query, key, value, attention_mask=None):
+        """Attention of this rank's heads: q [b, s, np, hn], k and v [b, sk, np, hn] -> context [s, b, np * hn].
+
+        Causal (sk = s) without a mask; with attention_mask (bool [b, 1, s, sk], True = attend) each
+        query sees the keys its row allows (a KV cache, padded rows, token trees).
 
         The heads are split across TP ranks, so attention dropout draws from the per-TP-rank
         stream of the RNG tracker (a single process would draw different masks for them too);
@@ -89,11 +103,14 @@ class ParallelAttention(nn.Module):
         scale = 1.0 / math.sqrt(self.head_dim)
         with get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
             if self.config.attention_backend == "sdpa":
-                context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True,
-                                                         scale=scale)
+                context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                                         is_causal=attention_mask is None, scale=scale)
             else:
-                scores = torch.matmul(query, key.transpose(-2, -1))  # [b, np, s, s]
-                probs = ops.scaled_causal_softmax(scores, scale)
+                scores = torch.matmul(query, key.transpose(-2, -1))  # [b, np, s, sk]
+                if attention_mask is None:
+                    probs = ops.scaled_causal_softmax(scores, scale)
+                else:
+                    probs = ops.scaled_masked_softmax(scores, ~attention_mask, scale)
                 context = torch.matmul(F.dropout(probs, dropout, training=dropout > 0), value)
         # [b, np, s, hn] (memory [b, s, np, hn]) -> contiguous [s, b, np * hn]: one copy, and a contiguous
         # input lets the projection add its bias inside the GEMM.

@@ -101,16 +101,18 @@ class GPTModel(nn.Module):
         initialize_weights(self, seed)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, inference_context=None) -> torch.Tensor:
         """input_ids [b, s] -> vocab-parallel logits [b, s, V_padded / tp], or fp32 losses [b, s] given labels [b, s].
 
-        position_ids [b, s] (learned position embeddings only) default to 0..s-1. Logit columns
-        past config.vocab_size are padding; the loss excludes them.
+        position_ids [b, s] default to 0..s-1. With an inference_context (megatronish.inference.
+        InferenceContext, prepared for these s tokens) the layers keep their keys and values in its
+        KV cache and attend to the cached tokens; position_ids then say where the tokens sit in their
+        sequences. Logit columns past config.vocab_size are padding; the loss excludes them.
         """
-        self._check_inputs(input_ids, position_ids, labels)
+        self._check_inputs(input_ids, position_ids, labels, inference_context)
         hidden_states = self.embedding(input_ids, position_ids)
-        rotary = self.rotary(input_ids.size(1)) if self.rotary is not None else None
-        hidden_states = self.decoder(hidden_states, rotary)
+        rotary = self.rotary(input_ids.size(1), position_ids) if self.rotary is not None else None
+        hidden_states = self.decoder(hidden_states, rotary, inference_context)
         if self.config.tie_word_embeddings:
             output_weight = self.embedding.word_embeddings.weight
         else:
@@ -125,7 +127,7 @@ class GPTModel(nn.Module):
                                               partition_vocab_size=output_weight.size(0))
         return losses.t().contiguous()
 
-    def _check_inputs(self, input_ids, position_ids, labels) -> None:
+    def _check_inputs(self, input_ids, position_ids, labels, inference_context) -> None:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, sequence] token ids, got shape {list(input_ids.shape)}")
         self.config.validate_sequence_length(input_ids.size(1), parallel_state.get_tensor_model_parallel_world_size())
@@ -133,10 +135,10 @@ class GPTModel(nn.Module):
             if tensor is not None and tensor.shape != input_ids.shape:
                 raise ValueError(f"{name} must have the shape of input_ids {list(input_ids.shape)}, "
                                  f"got {list(tensor.shape)}")
-        if position_ids is not None and self.rotary is not None:
-            raise ValueError("position_ids are only used with learned position embeddings; rotary embeddings "
-                             "take positions 0..s-1: drop position_ids or use position_embedding_type "
-                             "'learned_absolute'")
+        if inference_context is not None and self.config.sequence_parallel:
+            raise ValueError("a KV-cached forward cannot split the sequence across TP ranks: build the model with "
+                             "sequence_parallel=False for inference (the weights are the same; "
+                             "megatronish.inference.without_sequence_parallel(model) shares them)")
 
 
 def _name_seed(seed: int, name: str) -> int:

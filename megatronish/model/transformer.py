@@ -47,15 +47,17 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_layernorm = make_norm(config)
         self.mlp = ParallelMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor, rotary=None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, rotary=None, inference_context=None) -> torch.Tensor:
         dropout = self.config.hidden_dropout
         if self.config.sequence_parallel:
-            attention_out, attention_bias = self.self_attention(self.input_layernorm(hidden_states), rotary)
+            attention_out, attention_bias = self.self_attention(self.input_layernorm(hidden_states), rotary,
+                                                                inference_context=inference_context)
         else:
             # Attention wants its input batch-first. Transposing before the norm (which works per token, so
             # it commutes) rather than after it hands the norm's backward a contiguous gradient: a copy less.
             attention_out, attention_bias = self.self_attention(
-                self.input_layernorm(hidden_states.transpose(0, 1).contiguous()), rotary, batch_first=True)
+                self.input_layernorm(hidden_states.transpose(0, 1).contiguous()), rotary, batch_first=True,
+                inference_context=inference_context)
         with hidden_dropout_rng(self.config, self.training):
             hidden_states = ops.bias_dropout_add(attention_out, attention_bias, hidden_states, dropout, self.training)
         mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(hidden_states))
@@ -70,12 +72,12 @@ class TransformerBlock(nn.Module):
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
         self.final_layernorm = make_norm(config)
 
-    def forward(self, hidden_states: torch.Tensor, rotary=None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, rotary=None, inference_context=None) -> torch.Tensor:
         full_recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if full_recompute:
                 # Keep only each layer's input; backward reruns the layer with the same dropout masks.
                 hidden_states = checkpoint(layer, hidden_states, rotary)
             else:
-                hidden_states = layer(hidden_states, rotary)
+                hidden_states = layer(hidden_states, rotary, inference_context)
         return self.final_layernorm(hidden_states)

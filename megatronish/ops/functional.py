@@ -160,7 +160,10 @@ def bias_dropout_add(x: torch.Tensor, bias, residual: torch.Tensor, prob: float,
 
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotate q [s, b, nq, d] and k [s, b, nk, d] by angles with cos/sin [s, d/2] (rotate-half convention,
-    as Hugging Face Llama): with x = [x1, x2], out = [x1*cos - x2*sin, x2*cos + x1*sin]."""
+    as Hugging Face Llama): with x = [x1, x2], out = [x1*cos - x2*sin, x2*cos + x1*sin].
+
+    cos/sin [s, b, d/2] give each sample its own positions (KV-cached decoding of a batch whose rows
+    have different lengths); that form takes the PyTorch path."""
     for name, t in (("q", q), ("k", k)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be [s, b, heads, d], got shape {list(t.shape)}")
@@ -171,10 +174,11 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     if d % 2:
         raise ValueError(f"rotary head dim must be even, got {d}")
     for name, t in (("cos", cos), ("sin", sin)):
-        if t.shape != (s, d // 2):
-            raise ValueError(f"{name} must be [s, d/2] = [{s}, {d // 2}], got {list(t.shape)}; slice the table to the sequence")
+        if t.shape not in ((s, d // 2), (s, b, d // 2)):
+            raise ValueError(f"{name} must be [s, d/2] = [{s}, {d // 2}] or [s, b, d/2] = [{s}, {b}, {d // 2}], "
+                             f"got {list(t.shape)}; slice the table to the sequence")
         _require_float(name, t)
-    ext = _kernel_for(q, k)
+    ext = _kernel_for(q, k) if cos.dim() == 2 else None
     if ext is None:
         return torch_impl.apply_rotary_pos_emb(q, k, cos, sin)
     return cuda_impl.Rotary.apply(q, cos, sin), cuda_impl.Rotary.apply(k, cos, sin)

@@ -105,9 +105,9 @@ def bias_dropout_add(x: torch.Tensor, bias, residual: torch.Tensor, prob: float,
 
 
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    # cos/sin [s, d/2] broadcast over batch and heads of [s, b, n, d/2].
-    cos = cos.float()[:, None, None, :]
-    sin = sin.float()[:, None, None, :]
+    # cos/sin [s, d/2] (or [s, b, d/2]) broadcast over the batch (if shared) and heads of [s, b, n, d/2].
+    cos = cos.float().reshape(cos.size(0), -1, 1, cos.size(-1))
+    sin = sin.float().reshape(sin.size(0), -1, 1, sin.size(-1))
 
     def rotate(t):
         t1, t2 = t.float().chunk(2, dim=-1)

@@ -86,8 +86,7 @@ def _model_errors():
         (dict(num_attention_heads=1, hidden_size=32), None),
         (dict(), lambda m: m(torch.zeros(1, 17, dtype=torch.long))),
         (dict(sequence_parallel=True), lambda m: m(torch.zeros(1, 5, dtype=torch.long))),
-        (dict(position_embedding_type="rope"), lambda m: m(torch.zeros(1, 4, dtype=torch.long),
-                                                            position_ids=torch.zeros(1, 4, dtype=torch.long))),
+        (dict(sequence_parallel=True), lambda m: m(torch.zeros(1, 4, dtype=torch.long), inference_context=object())),
         (dict(), lambda m: m(torch.zeros(4, dtype=torch.long))),
         (dict(), lambda m: m(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 3, dtype=torch.long))),
     ]:
@@ -107,7 +106,7 @@ def test_model_rejects_bad_config_and_inputs():
         "num_attention_heads 1 is not divisible by the tensor-parallel size 2",
         "sequence length 17 is longer than max_position_embeddings 16",
         "sequence length 5 is not divisible by the tensor-parallel size 2",
-        "position_ids are only used with learned position embeddings",
+        "a KV-cached forward cannot split the sequence across TP ranks: build the model with sequence_parallel=False",
         "input_ids must be [batch, sequence] token ids, got shape [4]",
         "labels must have the shape of input_ids [1, 4], got [1, 3]",
     ]

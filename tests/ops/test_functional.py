@@ -273,3 +273,16 @@ def test_rotary_accepts_a_strided_view_of_fused_qkv():
     q_out, k_out = ops.apply_rotary_pos_emb(q, k, torch.cos(angles), torch.sin(angles))
     torch.testing.assert_close(q_out, _reference_rotary(q.contiguous(), torch.cos(angles), torch.sin(angles)))
     torch.testing.assert_close(k_out, _reference_rotary(k.contiguous(), torch.cos(angles), torch.sin(angles)))
+
+
+def test_rotary_with_per_sample_tables_rotates_each_sample_by_its_own_angles():
+    s, b, n, d = 3, 4, 2, 6
+    q, k = torch.randn(s, b, n, d), torch.randn(s, b, 1, d)
+    angles = torch.rand(s, b, d // 2) * 10
+    q_out, k_out = ops.apply_rotary_pos_emb(q, k, torch.cos(angles), torch.sin(angles))
+    for row in range(b):
+        cos, sin = torch.cos(angles[:, row]), torch.sin(angles[:, row])
+        torch.testing.assert_close(q_out[:, row:row + 1], _reference_rotary(q[:, row:row + 1], cos, sin))
+        torch.testing.assert_close(k_out[:, row:row + 1], _reference_rotary(k[:, row:row + 1], cos, sin))
+    with pytest.raises(ValueError, match=r"cos must be \[s, d/2\] = \[3, 3\] or \[s, b, d/2\] = \[3, 4, 3\]"):
+        ops.apply_rotary_pos_emb(q, k, torch.cos(angles[:, :2]), torch.sin(angles[:, :2]))
