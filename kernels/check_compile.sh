@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile every kernels/*.cu for sm_90 with nvcc and fail on any error; needs no GPU and no torch.
+# Compile every kernels/*.cu for sm_90 with nvcc and fail on any error; needs no GPU and no torch. Then
+# build and run tests/kernels/host_checks.cu (helpers checked on the CPU).
 # The .cu files include only CUDA headers, so this catches every kernel/launcher compile error; the
 # binding (binding.cpp) needs a CUDA build of torch and is compiled by the real build only, or here
 # when BINDING_PYTHON names a python whose torch is a CUDA build (syntax check, no link).
@@ -41,6 +42,22 @@ export NVCC ARCH KERNELS_DIR OUT_DIR
 status=0
 find "$KERNELS_DIR" -maxdepth 1 -name '*.cu' -print0 | sort -z \
   | xargs -0 -n 1 -P "$JOBS" bash -c 'compile_one "$0"' || status=1
+
+# Host-side checks of the launch helpers and the cross-entropy accumulation (tests/kernels): built like a
+# kernel, run on the CPU; the timeout turns a helper that never returns into a failure.
+HOST_CHECKS="$KERNELS_DIR/../tests/kernels/host_checks.cu"
+if [[ -f "$HOST_CHECKS" ]]; then
+  if "$NVCC" -arch="$ARCH" -std=c++20 -O2 -I"$KERNELS_DIR" --expt-relaxed-constexpr \
+      -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+      -D__CUDA_NO_HALF2_OPERATORS__ "$HOST_CHECKS" -o "$OUT_DIR/host_checks" >"$OUT_DIR/host_checks.log" 2>&1 \
+      && timeout 60 "$OUT_DIR/host_checks" >>"$OUT_DIR/host_checks.log" 2>&1; then
+    echo "ok      host checks (tests/kernels/host_checks.cu)"
+  else
+    echo "FAILED  host checks (tests/kernels/host_checks.cu)"
+    cat "$OUT_DIR/host_checks.log"
+    status=1
+  fi
+fi
 
 if [[ -n "${BINDING_PYTHON:-}" ]]; then
   export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"

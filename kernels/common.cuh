@@ -23,7 +23,7 @@ template <> __device__ __forceinline__ __half from_float<__half>(float v) { retu
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // exp through the hardware exp2 unit; relative error about 2^-21 for the arguments softmax produces.
-__device__ __forceinline__ float fast_exp(float x) { return exp2f(x * 1.4426950408889634f); }
+__host__ __device__ __forceinline__ float fast_exp(float x) { return exp2f(x * 1.4426950408889634f); }
 
 // ---- vector access: VEC consecutive elements in one 16-byte (or smaller) transaction ----
 
@@ -104,9 +104,12 @@ struct RowPlan {
   int chunks;
 };
 
-inline int next_pow2(int64_t v) {
-  int p = 1;
-  while (p < v) p <<= 1;
+// The smallest power of two >= v, but at most `cap`. Callers only want a thread or chunk count, which has
+// a ceiling anyway; stopping there means no row length can overflow the doubling (an int doubled past
+// 2^30 wraps and the loop never ends).
+inline int64_t pow2_at_least(int64_t v, int64_t cap) {
+  int64_t p = 1;
+  while (p < v && p < cap) p <<= 1;
   return p;
 }
 
@@ -116,10 +119,11 @@ inline int next_pow2(int64_t v) {
 inline RowPlan plan_row(int64_t cols, int vec, bool vec_ok, int chunks_per_thread = 2) {
   if (!vec_ok) vec = 1;
   const int64_t chunks = (cols + vec - 1) / vec;
-  int64_t threads = next_pow2((chunks + chunks_per_thread - 1) / chunks_per_thread);
-  threads = threads < 32 ? 32 : (threads > kRowThreads ? kRowThreads : threads);
-  const int per_thread = next_pow2((chunks + threads - 1) / threads);
-  const int cached = (per_thread <= 8 && per_thread * vec <= 32) ? per_thread : 0;
+  int64_t threads = pow2_at_least((chunks + chunks_per_thread - 1) / chunks_per_thread, kRowThreads);
+  threads = threads < 32 ? 32 : threads;
+  // Capped at 16: anything above 8 chunks per thread is streamed, however long the row.
+  const int64_t per_thread = pow2_at_least((chunks + threads - 1) / threads, 16);
+  const int cached = (per_thread <= 8 && per_thread * vec <= 32) ? static_cast<int>(per_thread) : 0;
   return RowPlan{static_cast<int>(threads), vec, cached};
 }
 

@@ -17,9 +17,10 @@ __host__ __device__ inline int64_t valid_columns(int64_t v_local, int64_t vocab_
   return valid < 0 ? 0 : (valid < v_local ? valid : v_local);
 }
 
-// Adds VEC logits to a thread's running (max, sum of exp(x - max), sum of x).
+// Adds VEC logits to a thread's running (max, sum of exp(x - max), sum of x). Host too: tests/kernels checks it.
 template <int VEC>
-__device__ __forceinline__ void accumulate(const float (&v)[VEC], float& run_max, float& run_sum, float& logit_sum) {
+__host__ __device__ __forceinline__ void accumulate(const float (&v)[VEC], float& run_max, float& run_sum,
+                                                    float& logit_sum) {
   float chunk_max = v[0];
 #pragma unroll
   for (int e = 1; e < VEC; ++e) chunk_max = fmaxf(chunk_max, v[e]);
@@ -27,11 +28,14 @@ __device__ __forceinline__ void accumulate(const float (&v)[VEC], float& run_max
     run_sum *= fast_exp(run_max - chunk_max);  // run_max = -inf: 0 * 0, the sum was empty
     run_max = chunk_max;
   }
+  // -inf logits (masked-out tokens) add exp(-inf) = 0. While every logit seen is -inf, run_max is -inf too
+  // and exp(v - run_max) would be exp(-inf + inf) = NaN: nothing to add yet.
+  if (run_max != kNegInf) {
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) {
-    run_sum += fast_exp(v[e] - run_max);
-    logit_sum += v[e];
+    for (int e = 0; e < VEC; ++e) run_sum += fast_exp(v[e] - run_max);
   }
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) logit_sum += v[e];
 }
 
 template <typename T, int VEC>
@@ -94,8 +98,8 @@ cross_entropy_backward_kernel(T* logits, int64_t row_stride, const int64_t* __re
 }
 
 unsigned threads_for(int64_t columns) {
-  int64_t threads = next_pow2((columns + 3) / 4);
-  return static_cast<unsigned>(threads < 32 ? 32 : (threads > kRowThreads ? kRowThreads : threads));
+  const int64_t threads = pow2_at_least((columns + 3) / 4, kRowThreads);
+  return static_cast<unsigned>(threads < 32 ? 32 : threads);
 }
 
 template <typename T>

@@ -58,8 +58,8 @@ cudaError_t rotary(const T* t, T* out, const float* cos, const float* sin, int64
   const float sign = inverse ? -1.0f : 1.0f;
   // As many threads as a (position, batch) pair has items, in whole warps, at most kThreads.
   const int64_t items = n * (vec_ok ? half / vec : half);
-  const int64_t wanted = next_pow2(items);
-  const int threads = static_cast<int>(wanted < 32 ? 32 : (wanted > kThreads ? kThreads : wanted));
+  const int64_t wanted = pow2_at_least(items, kThreads);
+  const int threads = static_cast<int>(wanted < 32 ? 32 : wanted);
   if (vec_ok) {
     rotary_kernel<T, vec><<<grid, threads, 0, stream>>>(t, out, cos, sin, s, b, static_cast<int>(n), half, stride_s,
                                                        stride_b, stride_n, sign);

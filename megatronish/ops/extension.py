@@ -20,6 +20,7 @@ KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
 EXTENSION_NAME = "megatronish_kernels"
 ENV_SWITCH = "MEGATRONISH_KERNELS"  # "0" forces the PyTorch paths
 ENV_CACHE = "MEGATRONISH_KERNEL_CACHE"  # overrides the build cache folder
+TORCH_BUILD_LOCK = "lock"  # the file torch.utils.cpp_extension creates in the build folder while it builds
 
 _enabled = os.environ.get(ENV_SWITCH, "1") != "0"
 _build_tried = False
@@ -81,10 +82,14 @@ def source_files():
     return sorted(KERNEL_DIR.glob("*.cu")) + sorted(KERNEL_DIR.glob("*.cpp"))
 
 
+def header_files():
+    return sorted(path for pattern in ("*.h", "*.cuh") for path in KERNEL_DIR.glob(pattern))
+
+
 def build_dir_for(arch: str) -> Path:
-    """Cache folder of one build: a different torch, CUDA, GPU architecture or source gets its own."""
+    """Cache folder of one build: a different torch, CUDA, GPU architecture, source or header gets its own."""
     digest = hashlib.sha256()
-    for path in sorted(KERNEL_DIR.glob("*.cu")) + sorted(KERNEL_DIR.glob("*.cpp")) + sorted(KERNEL_DIR.glob("*.h")):
+    for path in source_files() + header_files():
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     root = os.environ.get(ENV_CACHE) or cache_root() / "kernels"
@@ -112,21 +117,33 @@ def _build():
     previous_arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # only this GPU's architecture: one pass, less time
     try:
-        with file_lock(build_dir / "build.lock"):
-            return cpp_extension.load(
-                name=EXTENSION_NAME,
-                sources=[str(path) for path in source_files()],
-                extra_include_paths=[str(KERNEL_DIR)],
-                extra_cflags=host_flags,
-                extra_cuda_cflags=["-O3", "-lineinfo"],
-                build_directory=str(build_dir),
-                verbose=os.environ.get("MEGATRONISH_KERNELS_VERBOSE") == "1",
-            )
+        return build_under_lock(build_dir, lambda: cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=[str(path) for path in source_files()],
+            extra_include_paths=[str(KERNEL_DIR)],
+            extra_cflags=host_flags,
+            extra_cuda_cflags=["-O3", "-lineinfo"],
+            build_directory=str(build_dir),
+            verbose=os.environ.get("MEGATRONISH_KERNELS_VERBOSE") == "1",
+        ))
     finally:
         if previous_arch_list is None:
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = previous_arch_list
+
+
+def build_under_lock(build_dir: Path, build):
+    """Run `build()` holding the build folder's flock, so that the ranks of a node build once.
+
+    torch's cpp_extension guards a build with a lock *file* of its own (`lock` in the folder) and a
+    second builder waits until that file is gone; a build killed half-way leaves it behind and every
+    later build would wait forever. Our flock dies with its holder, and while we hold it no other
+    build of this folder runs: a `lock` file found here is such a leftover and is removed.
+    """
+    with file_lock(build_dir / "build.lock"):
+        (build_dir / TORCH_BUILD_LOCK).unlink(missing_ok=True)
+        return build()
 
 
 def _pip_cuda_include_dirs():

@@ -143,7 +143,10 @@ def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start:
         return torch.full_like(zeros, float("-inf")), zeros, zeros.clone(), zeros.clone()
     x = logits[:, :n_valid].to(acc)
     local_max = x.amax(dim=-1)
-    sum_exp = (x - local_max[:, None]).exp_().sum(dim=-1)
+    # A row whose logits are all -inf (masked out) is shifted by 0, not by its max: exp(-inf) = 0, where
+    # exp(-inf - (-inf)) would be NaN. Such a row adds nothing here, as a rank without valid columns.
+    shift = torch.where(local_max == float("-inf"), torch.zeros_like(local_max), local_max)
+    sum_exp = (x - shift[:, None]).exp_().sum(dim=-1)
     column, owned = _target_columns(target, vocab_start, n_valid)
     picked = x.gather(1, column[:, None]).squeeze(1)
     target_logit = torch.where(owned, picked, torch.zeros_like(picked))

@@ -29,6 +29,8 @@ def _combined_loss(logits, target, vocab_size, tp, label_smoothing):
     target_logit = sum(s[2] for s in stats)
     mean_logit = sum(s[3] for s in stats) / vocab_size
     nll = lse - target_logit
+    if not label_smoothing:  # as the real caller: -inf logits make mean_logit -inf, and 0 * inf is NaN
+        return nll, lse
     return (1 - label_smoothing) * nll + label_smoothing * (lse - mean_logit), lse
 
 
@@ -84,3 +86,20 @@ def test_stats_exclude_padding_and_pick_owned_targets_only():
     torch.testing.assert_close(sum_exp, torch.exp(valid - valid.amax(1, keepdim=True)).sum(1))
     torch.testing.assert_close(target_logit, torch.stack([valid[0, 2], torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)]))
     torch.testing.assert_close(sum_logits, valid.sum(1))
+
+
+def test_minus_inf_logits_are_excluded_not_nan():
+    """Masked-out tokens as -inf logits (some rows wholly on one TP rank) give the dense loss, never NaN."""
+    logits = torch.randn(4, 16) * 3
+    logits[0, 3:9] = float("-inf")  # part of a row, across both shards
+    logits[1, :8] = float("-inf")  # the whole of rank 0's shard of this row
+    logits[2, 0] = float("-inf")
+    target = torch.tensor([1, 12, 5, 15])  # none is a masked column
+    dense = logits.double().requires_grad_()
+    dense_loss = F.cross_entropy(dense, target, reduction="none")
+    loss, lse = _combined_loss(logits, target, 16, 2, 0.0)
+    torch.testing.assert_close(loss.double(), dense_loss.detach(), rtol=1e-5, atol=1e-6)
+    dense_loss.backward(torch.ones(4, dtype=torch.float64))
+    grads = [ops.cross_entropy_backward_(shard, target, start, 16, lse, torch.ones(4), 0.0)
+             for start, shard in _shards(logits, 2)]
+    torch.testing.assert_close(torch.cat(grads, dim=1).double(), dense.grad, rtol=1e-5, atol=1e-6)

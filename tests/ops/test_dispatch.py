@@ -1,8 +1,13 @@
 """Path choice, the kernel switch, the one-warning fallback, the build cache key and input checks."""
 
 import importlib
+import os
 import runpy
+import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +112,60 @@ def test_build_cache_key_names_torch_cuda_arch_and_sources(monkeypatch, tmp_path
     assert folder.parent == tmp_path
     assert f"torch{torch.__version__}" in folder.name and "sm90" in folder.name and f"cuda{torch.version.cuda}" in folder.name
     assert extension.build_dir_for("80") != folder
+
+
+def test_build_cache_key_covers_every_source_and_header(monkeypatch, tmp_path):
+    kernels = tmp_path / "kernels"
+    shutil.copytree(extension.KERNEL_DIR, kernels)
+    monkeypatch.setattr(extension, "KERNEL_DIR", kernels)
+    monkeypatch.setenv(extension.ENV_CACHE, str(tmp_path / "cache"))
+    seen = {extension.build_dir_for("90")}
+    for name in ("common.cuh", "ops.h", "softmax.cu", "binding.cpp"):
+        with open(kernels / name, "a") as f:
+            f.write("\n// changed\n")
+        seen.add(extension.build_dir_for("90"))
+    assert len(seen) == 5, "a change to any kernel source or header must give a new build folder"
+
+
+# A build that takes torch's lock file as cpp_extension.load does (torch.utils.file_baton.FileBaton),
+# run in a child process under build_under_lock: "hold" stops inside the build, "build" finishes.
+_BUILD_CHILD = """
+import sys, time
+from pathlib import Path
+from torch.utils.file_baton import FileBaton
+from megatronish.ops import extension
+
+build_dir, mode = Path(sys.argv[1]), sys.argv[2]
+
+def torch_like_build():
+    baton = FileBaton(str(build_dir / extension.TORCH_BUILD_LOCK))
+    if not baton.try_acquire():
+        baton.wait()  # what torch does when another build holds the lock file: wait until it is gone
+        return "waited"
+    if mode == "hold":
+        print("building", flush=True)
+        time.sleep(600)  # killed here, half-way
+    baton.release()
+    return "built"
+
+print(extension.build_under_lock(build_dir, torch_like_build), flush=True)
+"""
+
+
+def test_a_build_killed_half_way_does_not_block_the_next(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    command = [sys.executable, "-c", _BUILD_CHILD, str(tmp_path)]
+    killed = subprocess.Popen(command + ["hold"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert killed.stdout.readline().strip() == "building"
+        assert (tmp_path / extension.TORCH_BUILD_LOCK).exists()
+    finally:
+        killed.kill()
+        killed.wait()
+    after = subprocess.run(command + ["build"], capture_output=True, text=True, env=env, timeout=60)
+    assert after.returncode == 0, after.stderr
+    assert after.stdout.strip() == "built"
+    assert not (tmp_path / extension.TORCH_BUILD_LOCK).exists()
 
 
 def test_kernel_sources_are_where_the_build_looks():
