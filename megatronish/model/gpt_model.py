@@ -120,9 +120,8 @@ class GPTModel(nn.Module):
         if labels is None:
             logits, _ = self.output_layer(hidden_states, output_weight)  # [s, b, V_padded / tp]
             return logits.transpose(0, 1).contiguous()
-        # The loss ignores the padding columns, so they are not computed: only this rank's rows of
-        # real vocabulary take part in the output GEMMs (vocab 65 padded to 128 halves them).
-        logits, _ = self.output_layer(hidden_states, output_weight[:self._real_vocab_rows])
+        rows = loss_vocab_rows(self._real_vocab_rows, output_weight.size(0), hidden_states.device)
+        logits, _ = self.output_layer(hidden_states, output_weight[:rows])
         losses = vocab_parallel_cross_entropy(logits, labels.t(), vocab_size=self.config.vocab_size,
                                               partition_vocab_size=output_weight.size(0))
         return losses.t().contiguous()
@@ -139,6 +138,19 @@ class GPTModel(nn.Module):
             raise ValueError("a KV-cached forward cannot split the sequence across TP ranks: build the model with "
                              "sequence_parallel=False for inference (the weights are the same; "
                              "megatronish.inference.without_sequence_parallel(model) shares them)")
+
+
+def loss_vocab_rows(real_rows: int, padded_rows: int, device: torch.device) -> int:
+    """How many of this rank's output-weight rows the output GEMM multiplies when the loss follows.
+
+    The loss excludes the padding columns either way; the choice is only about speed, per device:
+    - CUDA: every row. The padded width is a multiple of 128 / tp (and of 16-byte vectors), which keeps
+      the GEMM on its aligned tensor-core tiles and the cross-entropy kernels on packed loads; the odd
+      true width (50257 for GPT-2) puts both on their slow unaligned paths.
+    - CPU: only the real rows. There the GEMM costs what its columns cost, so the padding would be
+      computed for nothing (vocab 65 padded to 128 halves the output GEMMs of nanoGPT's CPU config).
+    """
+    return padded_rows if device.type == "cuda" else real_rows
 
 
 def _name_seed(seed: int, name: str) -> int:

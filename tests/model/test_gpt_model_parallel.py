@@ -9,11 +9,14 @@ different TP sizes by design) and on for the recompute comparisons. bf16 and fp1
 must train with finite gradients and losses within 0.05 of fp32.
 """
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
 
 from megatronish import parallel_state
+from megatronish.model import gpt_model
 from megatronish.model import (
     GPTModel,
     TransformerConfig,
@@ -135,6 +138,26 @@ def _padding_never_generated():
     return greedy.numpy(), sampled.numpy()
 
 
+def _padded_vocab_loss_path():
+    """Losses, gradients and logit widths with the output GEMM over the padded vocabulary (the CUDA choice of
+    gpt_model.loss_vocab_rows, forced here on CPU) and over the real rows only (the CPU choice)."""
+    out = {}
+    for case in ("gpt2", "llama"):  # tied and untied output weights
+        for choice in ("real", "padded"):
+            widths = []
+            forced = (lambda real, padded, device: padded) if choice == "padded" else gpt_model.loss_vocab_rows
+            with mock.patch.object(gpt_model, "loss_vocab_rows", forced):
+                model_parallel_manual_seed(SEED)
+                model = GPTModel(TransformerConfig(**CASES[case]), seed=SEED)
+                model.output_layer.register_forward_hook(lambda module, inputs, output: widths.append(output[0].size(-1)))
+                ids, labels, weights = _batch()
+                losses = model(ids, labels=labels)
+                (losses * weights).sum().backward()
+            out[case, choice] = dict(losses=losses.detach().numpy(), width=widths[0],
+                                     grads=_numpy({name: p.grad for name, p in model.named_parameters()}))
+    return out
+
+
 def _load_reference(reference_state):
     """Load the TP = 1 run's weights (full, unpadded) into a model built at this TP size with another seed."""
     model = GPTModel(TransformerConfig(**CASES["llama"]), seed=SEED + 1)
@@ -161,7 +184,7 @@ def _half_precision_losses():
 def _all_checks(tp: int, reference_state):
     parallel_state.initialize_model_parallel(tp)
     results = dict(equality=_equality_checks(), recompute=_recompute_checks(), padding=_padding_never_generated(),
-                   half=_half_precision_losses())
+                   half=_half_precision_losses(), padded_vocab=_padded_vocab_loss_path())
     if reference_state is not None:
         results["loaded_logits"] = _load_reference(reference_state)
     return results
@@ -230,6 +253,23 @@ def test_recompute_replays_dropout_exactly(results, case, tp):
         for name in reference["grads"]:
             np.testing.assert_allclose(got["grads"][name], reference["grads"][name], rtol=1e-5, atol=1e-6,
                                        err_msg=f"{granularity}: grad of {name}")
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+@pytest.mark.parametrize("case", ["gpt2", "llama"])
+def test_loss_over_the_padded_vocabulary_equals_the_loss_over_real_rows(results, case, tp):
+    """Both choices of loss_vocab_rows give the same losses and gradients (padding never reaches the loss);
+    the padded one really computes the padded width (a multiple of 128 per rank here), the other only
+    the real rows (none on the ranks that hold only padding at TP = 4)."""
+    for rank, rank_results in enumerate(results[tp]):
+        real, padded = rank_results["padded_vocab"][case, "real"], rank_results["padded_vocab"][case, "padded"]
+        assert padded["width"] == 128 and real["width"] == min(128, max(0, VOCAB - 128 * rank))
+        np.testing.assert_allclose(padded["losses"], real["losses"], **LOGIT_TOL, err_msg=f"rank {rank} losses")
+        for name in real["grads"]:
+            np.testing.assert_allclose(padded["grads"][name], real["grads"][name], **GRAD_TOL,
+                                       err_msg=f"rank {rank} grad of {name}")
+    np.testing.assert_allclose(results[tp][0]["padded_vocab"][case, "padded"]["losses"],
+                               results[1][0]["equality"][case]["losses"], **LOGIT_TOL)
 
 
 @pytest.mark.parametrize("tp", TP_SIZES[1:])
