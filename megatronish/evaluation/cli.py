@@ -11,7 +11,7 @@ import sys
 
 import torch.distributed as dist
 
-from megatronish import parallel_state
+from megatronish import ops, parallel_state
 from megatronish.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 from megatronish.evaluation.inputs import read_text_rows
 from megatronish.evaluation.lambada import evaluate_lambada
@@ -77,6 +77,7 @@ def _setup(args, rows_jsonl: bool, check_seq_length=None):
     if not dist.is_initialized():  # a caller that set torch.distributed up (a test harness) keeps its setup
         parallel_state.initialize_distributed(args.distributed_backend)
     parallel_state.initialize_model_parallel(args.tp)
+    ops.initialize_kernels()  # every rank on the same op path
     return rows, tokenizer, load_model(args.load, args.hf_model), seq_length
 
 

@@ -2,9 +2,10 @@
 
 Callers never check for CUDA: CPU tensors take the PyTorch path; CUDA tensors take the kernel unless
 MEGATRONISH_KERNELS=0 / set_kernels_enabled(False), or the extension failed to build (one warning says why).
+A distributed job calls initialize_kernels() on every rank first, so that all ranks take the same path.
 """
 
-from megatronish.ops.extension import apex_fused_adam_class, kernels_enabled, set_kernels_enabled
+from megatronish.ops.extension import apex_fused_adam_class, initialize_kernels, kernels_enabled, set_kernels_enabled
 from megatronish.ops.functional import (
     apply_rotary_pos_emb,
     bias_dropout_add,
@@ -27,6 +28,7 @@ __all__ = [
     "bias_swiglu",
     "cross_entropy_backward_",
     "cross_entropy_stats",
+    "initialize_kernels",
     "kernel_status",
     "kernels_enabled",
     "layer_norm",

@@ -1,9 +1,15 @@
 """Finding the implementation a tensor should use: the CUDA extension built from kernels/, apex, or PyTorch.
 
 The extension is compiled with torch.utils.cpp_extension (ninja) the first time a CUDA tensor reaches
-an op, into a cache folder keyed by torch version, CUDA version, GPU architecture and a hash of the
-sources, under a file lock so that the ranks of one node build it once. Nothing here ever raises to
-the caller: a failed build is reported by one warning and every op falls back to PyTorch.
+an op (or at `initialize_kernels()`), into a cache folder keyed by torch version, CUDA version, GPU
+architecture and a hash of the sources, under a file lock so that the ranks of one node build it once.
+In one process a failed build is reported by one warning and every op falls back to PyTorch.
+
+In a job of several ranks the fallback must not be per rank: a rank on the PyTorch path draws other
+dropout masks than its peers on the kernel path, and replicated activations would silently differ
+across TP ranks. So a distributed job calls `initialize_kernels()` on every rank before its first op
+(pretrain does): the ranks agree, and if the extension is missing on any of them none uses it. A job
+that skipped that step and whose build fails on a rank stops with an error instead of falling back.
 """
 
 import hashlib
@@ -13,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megatronish.cache import cache_root, file_lock
 
@@ -27,6 +34,7 @@ _build_tried = False
 _module = None
 _failure = None  # why the extension is not available, once a build was tried (one line)
 _failure_detail = None  # the same with the whole compiler output
+_agreed = False  # initialize_kernels() made every rank of the job take the same path
 
 
 def set_kernels_enabled(enabled: bool) -> None:
@@ -48,20 +56,67 @@ def cuda_module_for(tensor: torch.Tensor):
 
 def load():
     """Build (once per process, once per node and source version) and import the extension; None on failure."""
-    global _build_tried, _module, _failure, _failure_detail
     if not _build_tried:
-        _build_tried = True
-        try:
-            _module = _build()
-        except Exception as error:  # a broken build must never break training: fall back, say why once
-            _failure, _failure_detail = _summarize(error), f"{type(error).__name__}: {error}"
-            warnings.warn(
-                f"megatronish.ops: the CUDA kernels are not available ({_failure}); "
-                f"every op falls back to its PyTorch path. Set {ENV_SWITCH}=0 to choose that explicitly.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        _try_build()
+        if _module is None and not (_in_distributed_job() and not _agreed):
+            _warn_fallback(_failure)
+    if _module is None and _in_distributed_job() and not _agreed:
+        raise RuntimeError(
+            f"megatronish.ops: the CUDA kernels failed to build on rank {dist.get_rank()} ({_failure}), and other "
+            "ranks may be using them: their dropout masks would differ from this rank's. Call "
+            f"megatronish.ops.initialize_kernels() on every rank before the first op, or set {ENV_SWITCH}=0")
     return _module
+
+
+def _try_build() -> None:
+    global _build_tried, _module, _failure, _failure_detail
+    _build_tried = True
+    try:
+        _module = _build()
+    except Exception as error:  # a broken build must never break training: the caller falls back
+        _failure, _failure_detail = _summarize(error), f"{type(error).__name__}: {error}"
+
+
+def initialize_kernels() -> str:
+    """Build the extension where this rank would use it and make every rank of the job take the same path.
+
+    A collective over the world group: call it on every rank, after torch.distributed is initialized
+    and before the first op (in one process it just builds). If the kernels are unusable on some ranks
+    (no GPU, switched off, build failed), every rank switches them off and warns, naming those ranks
+    and why. Returns what the ops will run, in words.
+    """
+    global _agreed, _enabled, _module, _failure
+    if torch.cuda.is_available() and _enabled and not _build_tried:
+        _try_build()
+    usable = torch.cuda.is_available() and _enabled and _module is not None
+    why_not = None if usable else (_failure or ("switched off" if not _enabled else "no CUDA device"))
+    if _in_distributed_job():
+        reasons = [None] * dist.get_world_size()
+        dist.all_gather_object(reasons, why_not)
+        missing = {rank: why for rank, why in enumerate(reasons) if why is not None}
+        if missing and len(missing) < len(reasons):  # usable on some ranks only: used on none
+            listed = "; ".join(f"rank {rank}: {why}" for rank, why in missing.items())
+            why_not = f"unusable on {len(missing)} of {len(reasons)} ranks ({listed}), so off on every rank"
+            _enabled, _module, _failure, usable = False, None, why_not, False
+        _agreed = True
+    if usable:
+        return "fused CUDA kernels (kernels/)"
+    if _failure is not None:
+        _warn_fallback(_failure)
+    return f"PyTorch paths ({why_not})"
+
+
+def _in_distributed_job() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _warn_fallback(why: str) -> None:
+    warnings.warn(
+        f"megatronish.ops: the CUDA kernels are not available ({why}); every op falls back to its PyTorch "
+        f"path. Set {ENV_SWITCH}=0 to choose that explicitly.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def build_failure(full: bool = False):

@@ -25,7 +25,8 @@ def kernel_status(build: bool = True) -> dict:
     if not torch.cuda.is_available():
         backend = "pytorch (no CUDA device; CPU tensors always take the PyTorch path)"
     elif not extension.kernels_enabled():
-        backend = f"pytorch (kernels switched off: {extension.ENV_SWITCH}=0 or set_kernels_enabled(False))"
+        why = extension.build_failure() or f"kernels switched off: {extension.ENV_SWITCH}=0 or set_kernels_enabled(False)"
+        backend = f"pytorch ({why})"
     elif (extension.load() if build else extension._module) is not None:
         backend = "cuda kernel"
     else:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megatronish import parallel_state
+from megatronish import ops, parallel_state
 from megatronish.data.default_corpus import default_corpus_prefix
 from megatronish.data.gpt_dataset import build_gpt_datasets
 from megatronish.data.samplers import build_pretraining_data_loader
@@ -65,6 +65,7 @@ def pretrain(args: argparse.Namespace) -> TrainingResult:
     validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before anything is built
     parallel_state.initialize_distributed(args.distributed_backend, args.distributed_timeout_minutes)
     parallel_state.initialize_model_parallel(args.tensor_model_parallel_size)
+    print_rank_0(f"> ops: {ops.initialize_kernels()}")  # every rank agrees on the op path before the first op
     model_parallel_manual_seed(args.seed)
     device = parallel_state.get_device()
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()

@@ -24,6 +24,7 @@ def fresh_extension_state(monkeypatch):
     monkeypatch.setattr(extension, "_failure", None)
     monkeypatch.setattr(extension, "_failure_detail", None)
     monkeypatch.setattr(extension, "_enabled", True)
+    monkeypatch.setattr(extension, "_agreed", False)
 
 
 def test_cpu_tensors_take_the_pytorch_path_without_building_or_warning(fresh_extension_state, monkeypatch):
