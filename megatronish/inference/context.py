@@ -36,6 +36,7 @@ class InferenceContext:
         self.pending = 0  # tokens written after every row's committed ones, not committed yet
         self.num_new = 0  # tokens per row of the forward in progress (between begin and end)
         self.attention_mask = None  # bool [b, 1, num_new, used slots] of the forward in progress, True = attend
+        self.logits_at = None  # [b]: the one token per row whose logits the forward in progress returns (None: all)
         self._write = None  # its slots: one slice for all rows, or (rows, slots) index tensors
         self._used = 0
         self._cache: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -45,12 +46,13 @@ class InferenceContext:
         starts = torch.tensor(self.lengths, device=self.device)[:, None] + self.pending
         return starts + torch.arange(num_tokens, device=self.device)
 
-    def begin(self, num_tokens: int, mask: torch.Tensor | None = None) -> None:
+    def begin(self, num_tokens: int, mask: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> None:
         """Prepare a forward of num_tokens tokens per row, written after the pending ones.
 
         mask: bool [q, p + q] or [b, q, p + q] (p pending tokens, q = num_tokens): which pending and
         new tokens each new token attends to, True = attend; default causal (all pending, new ones up
-        to itself). Committed tokens are always attended.
+        to itself). Committed tokens are always attended. logits_at [b]: the model returns logits
+        [b, 1, V] of only these tokens (one index per row, as each prompt's last), not [b, q, V].
         """
         if self.num_new:
             raise RuntimeError("InferenceContext.begin() called during a forward: call end() after each forward")
@@ -76,7 +78,7 @@ class InferenceContext:
         else:
             slots = torch.tensor(starts, device=self.device)[:, None] + torch.arange(num_tokens, device=self.device)
             self._write = (torch.arange(self.batch_size, device=self.device)[:, None], slots)
-        self.num_new, self._used = num_tokens, used
+        self.num_new, self._used, self.logits_at = num_tokens, used, logits_at
 
     def store(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor):
         """Write a layer's new keys and values [b, q, np, hn]; return all its used ones [b, used, np, hn]."""
@@ -97,7 +99,7 @@ class InferenceContext:
     def end(self) -> None:
         """The forward is done: its tokens become pending."""
         self.pending += self.num_new
-        self.num_new, self.attention_mask, self._write = 0, None, None
+        self.num_new, self.attention_mask, self._write, self.logits_at = 0, None, None, None
 
     def commit(self, counts) -> None:
         """Keep the first counts[r] pending tokens of row r (an int: the same for every row), drop the rest."""
@@ -122,15 +124,28 @@ class InferenceContext:
 
 
 def forward_step(model, context: InferenceContext, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Run tokens [b, q] through the model with the context's cache -> fp32 logits [b, q, vocab] (whole vocabulary).
+                 mask: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+    """Run tokens [b, q] through the model with the context's cache -> fp32 logits [b, q, vocab] (whole
+    vocabulary), or [b, 1, vocab] at logits_at [b] (one token per row).
 
     positions default to the slots after each row's committed and pending tokens; mask as in
     InferenceContext.begin. The tokens become pending; commit or keep them afterwards.
     """
     if positions is None:
         positions = context.next_positions(tokens.size(1))
-    context.begin(tokens.size(1), mask)
+    context.begin(tokens.size(1), mask, logits_at)
     logits = model(tokens, positions, inference_context=context)
     context.end()
     return gather_from_tensor_model_parallel_region(logits)[..., :model.config.vocab_size].float()
+
+
+def agree_across_tp(tokens: torch.Tensor) -> torch.Tensor:
+    """TP rank 0's copy of an integer tensor, on every rank of the TP group (in place).
+
+    Every rank computes the same choices from the same gathered logits; this makes sure that
+    the tokens they feed the next forward are identical even if a last bit differs somewhere.
+    """
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(tokens, parallel_state.get_tensor_model_parallel_src_rank(),
+                                    group=parallel_state.get_tensor_model_parallel_group())
+    return tokens

@@ -11,7 +11,6 @@ from megatronish.model.full_state import (
     load_full_state_dict,
     save_full_checkpoint,
 )
-from megatronish.model.generation import generate
 from megatronish.model.gpt_model import GPTModel
 from megatronish.model.sequence_parallel import allreduce_sequence_parallel_grads
 
@@ -21,7 +20,6 @@ __all__ = [
     "allreduce_sequence_parallel_grads",
     "full_grad_dict",
     "full_state_dict",
-    "generate",
     "load_full_checkpoint",
     "load_full_state_dict",
     "save_full_checkpoint",

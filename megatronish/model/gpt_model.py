@@ -113,6 +113,10 @@ class GPTModel(nn.Module):
         hidden_states = self.embedding(input_ids, position_ids)
         rotary = self.rotary(input_ids.size(1), position_ids) if self.rotary is not None else None
         hidden_states = self.decoder(hidden_states, rotary, inference_context)
+        if inference_context is not None and inference_context.logits_at is not None:
+            # Only the tokens whose successor is wanted (one per row, as each prompt's last) reach the output layer.
+            rows = torch.arange(hidden_states.size(1), device=hidden_states.device)
+            hidden_states = hidden_states[inference_context.logits_at, rows].unsqueeze(0)
         if self.config.tie_word_embeddings:
             output_weight = self.embedding.word_embeddings.weight
         else:

@@ -25,7 +25,8 @@ from megatronish.data.default_corpus import default_corpus_prefix
 from megatronish.data.gpt_dataset import build_gpt_datasets
 from megatronish.data.samplers import build_pretraining_data_loader
 from megatronish.data.tokenizers import build_tokenizer
-from megatronish.model import GPTModel, generate
+from megatronish.inference import Request, SamplingParams, generate, without_sequence_parallel
+from megatronish.model import GPTModel
 from megatronish.optimizer import (
     DistributedDataParallel,
     OptimizerConfig,
@@ -225,12 +226,14 @@ def evaluate(data_iter, model, args, num_microbatches: int, device, progress: Tr
 
 
 def generate_sample(model: GPTModel, tokenizer, args) -> str:
-    """Continue --sample-prompt by --sample-tokens tokens (temperature 0.8, top 40) and print it."""
-    prompt = torch.tensor([tokenizer.tokenize(args.sample_prompt)], dtype=torch.long, device=parallel_state.get_device())
-    generator = torch.Generator(device=prompt.device).manual_seed(args.seed)
-    tokens = generate(model, prompt, args.sample_tokens, temperature=0.8, top_k=40, generator=generator)
-    text = tokenizer.detokenize(tokens[0].tolist())
-    print_rank_0(f"generated sample ({args.sample_tokens} tokens after the prompt {args.sample_prompt!r}):\n"
+    """Continue --sample-prompt by --sample-tokens tokens (temperature 0.8, top 40; at most what the
+    model's positions leave after the prompt) and print it."""
+    prompt = tokenizer.tokenize(args.sample_prompt) or [tokenizer.eod]
+    count = max(0, min(args.sample_tokens, model.config.max_position_embeddings - len(prompt)))
+    request = Request(prompt, count, SamplingParams(temperature=0.8, top_k=40), seed=args.seed)
+    tokens = generate(without_sequence_parallel(model), [request]).completions[0].tokens
+    text = tokenizer.detokenize(prompt + tokens)
+    print_rank_0(f"generated sample ({len(tokens)} tokens after the prompt {args.sample_prompt!r}):\n"
                  f"{'-' * 60}\n{text}\n{'-' * 60}")
     return text
 

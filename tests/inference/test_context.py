@@ -1,7 +1,7 @@
 """KV-cached forwards equal full recomputation (fp32, 1e-5) at TP = 1 and 2.
 
 A batch of prompts of different lengths (right-padded with random tokens the rows must never
-see) is prefilled, decoded token by token, extended by a chain of which only part is kept, then
+see) is prefilled (all logits, and only each prompt's last), decoded token by token, extended by a chain of which only part is kept, then
 by a token tree written level by level (each level attends to its ancestors among the pending
 tokens) of which one path per row is kept and moved into place; every logit along the way is
 compared with the logits of the model run on that row's whole sequence from scratch.
@@ -73,6 +73,10 @@ def _worst_error(options: dict) -> float:
         for row, n in enumerate(PROMPT_LENGTHS):
             check(logits[row, :n], slice(0, n), row)
         context.commit(PROMPT_LENGTHS)
+        last_only = forward_step(model, InferenceContext(rows, max_length=40), padded,
+                                 logits_at=torch.tensor(PROMPT_LENGTHS) - 1)  # [b, 1, vocab]: each prompt's last
+        for row, n in enumerate(PROMPT_LENGTHS):
+            check(last_only[row], [n - 1], row)
         for _ in range(3):  # token-by-token decoding
             step = random_tokens(rows, 1)
             for row in range(rows):

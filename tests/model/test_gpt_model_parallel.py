@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from megatronish import parallel_state
+from megatronish.inference import Request, SamplingParams, generate, without_sequence_parallel
 from megatronish.model import gpt_model
 from megatronish.model import (
     GPTModel,
@@ -23,7 +24,6 @@ from megatronish.model import (
     allreduce_sequence_parallel_grads,
     full_grad_dict,
     full_state_dict,
-    generate,
     load_full_state_dict,
 )
 from megatronish.tensor_parallel import (
@@ -99,7 +99,7 @@ def _equality_checks():
         model.eval()
         with torch.no_grad():
             logits = _full_logits(model, _batch()[0]).numpy()
-            tokens = generate(model, _batch()[0][:, :5], max_new_tokens=6, temperature=0).numpy()
+            tokens = _generated(without_sequence_parallel(model), 5, 6, SamplingParams(temperature=0))
         out[case] = dict(initial=initial, losses=losses, grads=grads, logits=logits, tokens=tokens)
         if model.config.position_embedding_type == "learned_absolute":
             with torch.no_grad():
@@ -132,10 +132,13 @@ def _padding_never_generated():
         state = full_state_dict(model)
         state["output_layer.weight"].fill_(-1.0)
         load_full_state_dict(model, state)
-    greedy = generate(model, _batch()[0][:, :4], max_new_tokens=3, temperature=0)
-    sampled = generate(model, _batch()[0][:, :4], max_new_tokens=20, temperature=1.0,
-                       generator=torch.Generator().manual_seed(0))
-    return greedy.numpy(), sampled.numpy()
+    return _generated(model, 4, 3, SamplingParams(temperature=0)), _generated(model, 4, 20, SamplingParams(1.0))
+
+
+def _generated(model, prompt_length: int, new_tokens: int, sampling: SamplingParams) -> np.ndarray:
+    """[b, new_tokens] continuations of the batch's first prompt_length tokens."""
+    requests = [Request(row[:prompt_length].tolist(), new_tokens, sampling) for row in _batch()[0]]
+    return np.array([c.tokens for c in generate(model, requests).completions])
 
 
 def _padded_vocab_loss_path():
