@@ -15,6 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megatronish.attempt_store import torchelastic_attempt_store
 from megatronish.shm_collectives import SharedMemoryCollectives
 
 
@@ -86,25 +87,11 @@ def initialize_distributed(backend: str | None = None, timeout_minutes: float = 
             rank=int(os.environ.get("RANK", 0)),
             world_size=int(os.environ.get("WORLD_SIZE", 1)),
             timeout=timedelta(minutes=timeout_minutes),
-            store=_torchelastic_attempt_store(timedelta(minutes=timeout_minutes)),
+            store=torchelastic_attempt_store(timedelta(minutes=timeout_minutes)),
         )
     _state.device = device
     _state.timeout = timedelta(minutes=timeout_minutes)
     return device
-
-
-def _torchelastic_attempt_store(timeout: timedelta) -> dist.Store | None:
-    """Under torchrun, a store of this restart attempt's own (None elsewhere: init_process_group makes one).
-
-    torchrun's agent hosts one store for all attempts (`--max-restarts`); the keys the ranks of a
-    failed attempt left there would be read by the next attempt, whose gloo ranks then try to
-    connect to dead peers and hang. A key prefix per attempt keeps attempts apart.
-    """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
-                          is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"megatronish/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1, device: torch.device | str | None = None) -> None:

@@ -11,6 +11,8 @@ identical batches. The dataset is already shuffled (GPTDataset), hence no shuffl
 
 import torch
 
+from megatronish.stop_signals import ignore_stop_signals
+
 
 class PretrainingSampler:
     """Yields lists of `micro_batch_size` dataset indices for one data-parallel rank; the last
@@ -76,4 +78,5 @@ def build_pretraining_data_loader(
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals,  # the rank saves at SIGTERM: its workers must outlive the signal
     )

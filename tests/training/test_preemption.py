@@ -10,19 +10,15 @@
 
 import json
 import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from checkpoint_testing import build_corpus, run_pretrains, tiny_argv
+from launcher_testing import FAULT_ENTRY, TORCHRUN, finish, start
 
 from megatronish.testing import run_distributed
 from megatronish.training.checkpointing import read_latest_iteration
 
 ITERS = 6
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -56,46 +52,18 @@ def test_signals_and_time_limit_save_on_every_rank_and_resume_exactly(corpus, un
     assert restarted[0][0]["final_valid"] == uninterrupted["final_valid"]
 
 
-KILLING_ENTRY = """
-import json, os, signal, sys
-import torch.distributed as dist
-from megatronish.training import training
-from megatronish.training.arguments import parse_args
-
-real_train_step, calls, marker = training.train_step, [0], os.environ["KILL_MARKER"]
-
-def train_step(*args, **kwargs):  # rank 1 dies once, in the third iteration of the first attempt
-    calls[0] += 1
-    if calls[0] == 3 and os.environ["RANK"] == "1" and not os.path.exists(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_train_step(*args, **kwargs)
-
-training.train_step = train_step
-result = training.pretrain(parse_args(sys.argv[1:]))
-if os.environ["RANK"] == "0":
-    with open(os.environ["RESULT_FILE"], "w") as f:
-        json.dump({"losses": result.losses, "final_valid": result.final_valid_loss,
-                   "restart": os.environ["TORCHELASTIC_RESTART_COUNT"]}, f)
-dist.destroy_process_group()
-"""
-
-
 def test_torchrun_restarts_a_sigkilled_rank_from_the_latest_checkpoint(corpus, uninterrupted, tmp_path):
-    entry = tmp_path / "killing_pretrain.py"
-    entry.write_text(KILLING_ENTRY)
-    save = str(tmp_path / "ckpt")
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    env = dict(os.environ, KILL_MARKER=str(tmp_path / "killed"), RESULT_FILE=str(tmp_path / "result.json"),
-               PYTHONPATH=str(REPO))
-    command = [torchrun, "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", str(entry),
+    save, result_file = str(tmp_path / "ckpt"), tmp_path / "result.json"
+    command = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", FAULT_ENTRY,
                *_argv(corpus, "--save", save, "--load", save, "--save-interval", "2")]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path, check=False)
+    proc = start(command, tmp_path / "log.txt", tmp_path, KILL_AT="1:3", RESULT_FILE=result_file)
+    returncode = finish([proc], timeout=240)[0]
+    output = (tmp_path / "log.txt").read_text()
 
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (tmp_path / "killed").exists()
-    result = json.loads((tmp_path / "result.json").read_text())
+    assert returncode == 0, output[-3000:]
+    assert os.path.exists(f"{result_file}.kill-done")
+    result = json.loads(result_file.read_text())
     assert result["restart"] == "1"  # the second attempt finished the job
-    assert "loaded checkpoint" in proc.stdout and "at iteration 2" in proc.stdout
+    assert "loaded checkpoint" in output and "at iteration 2" in output
     assert result["losses"] == uninterrupted["losses"][2:]
     assert result["final_valid"] == uninterrupted["final_valid"]
