@@ -25,8 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from megatronish import parallel_state
 from megatronish.inference.context import InferenceContext, forward_step
+from megatronish.inference.generation import generate
 from megatronish.inference.tree import TokenTree
 
 
@@ -46,7 +49,8 @@ def tree_values(acceptance, max_size: int, max_depth: int):
         for k in range(ranks - 1, -1, -1):
             for r in range(1, max_size):
                 sizes = np.arange(1, r + 1)
-                options = acceptance[k] * below[sizes] + best[k + 1][r - sizes]
+                # (-inf where no subtree of that size fits: 0 * -inf would be nan)
+                options = np.where(np.isfinite(below[sizes]), acceptance[k] * below[sizes], -np.inf) + best[k + 1][r - sizes]
                 choice = int(np.argmax(options))
                 best[k][r], first[k][r] = options[choice], sizes[choice]
         for n in range(2, max_size + 1):
@@ -142,3 +146,24 @@ def measure_forward_seconds(model, max_tokens: int, context_length: int = 64, re
             context.commit(0)
         seconds.append(sorted(times)[len(times) // 2])
     return seconds
+
+
+def measure_acceptance(target, draft, requests, width: int = 8) -> list[float]:
+    """The acceptance vector of `width` ranks, measured by decoding the requests with a tree of one
+    level of `width` candidates (use the sampling settings of the run: greedy accepts differently)."""
+    stats = generate(target, requests, draft=draft, tree=TokenTree((-1,) + (0,) * width)).stats
+    rates = stats.acceptance_by_rank()
+    return rates + [0.0] * (width - len(rates))
+
+
+def plan_for_machine(target, draft, acceptance, max_size: int, max_depth: int) -> TreePlan:
+    """plan_tree with the target's and the draft's forward times measured here for 1..max_size tokens.
+    Every TP rank measures (the forwards are collectives) and all take TP rank 0's plan."""
+    plan = plan_tree(acceptance, measure_forward_seconds(target, max_size), measure_forward_seconds(draft, max_size),
+                     max_depth)
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        shared = [plan]
+        dist.broadcast_object_list(shared, parallel_state.get_tensor_model_parallel_src_rank(),
+                                   group=parallel_state.get_tensor_model_parallel_group())
+        plan = shared[0]
+    return plan

@@ -288,6 +288,11 @@ def read_checkpoint_config(load_dir: str) -> TransformerConfig:
     return TransformerConfig.from_dict(read_common(_resolve_folder(load_dir))["model_config"])
 
 
+def read_checkpoint_args(load_dir: str) -> dict:
+    """The training arguments saved with the checkpoint (JSON-able ones; empty if it saved none)."""
+    return read_common(_resolve_folder(load_dir)).get("args") or {}
+
+
 def load_model_for_inference(load_dir: str) -> GPTModel:
     """A GPTModel in eval mode, built for the current TP size from the saved config, with the saved
     weights (the newest checkpoint under `load_dir`, or `load_dir` itself if it is an iter_ folder).
@@ -323,9 +328,10 @@ def read_full_model_state(load_dir: str) -> tuple[TransformerConfig, dict, dict]
     return TransformerConfig.from_dict(common["model_config"]), full, common
 
 
-def save_model_only(save_dir: str, model, iteration: int = 0) -> str:
+def save_model_only(save_dir: str, model, iteration: int = 0, args=None) -> str:
     """Save only the weights of `model` (at this run's layout) as a checkpoint of this format: it
-    loads at any TP size with --finetune or --no-load-optim, and for inference. Collective."""
+    loads at any TP size with --finetune or --no-load-optim, and for inference. `args` (a Namespace)
+    are kept as the training arguments (the tokenizer for inference). Collective."""
     progress = TrainingProgress(iteration=iteration)
     final = checkpoint_dir(save_dir, iteration)
     if dist.get_rank() == 0:
@@ -333,7 +339,7 @@ def save_model_only(save_dir: str, model, iteration: int = 0) -> str:
         _remove_stale_temporaries(save_dir)
     dist.barrier()
     state = _model_blocks(model, lambda name, param: param.detach())
-    _write(state, _common_metadata(progress, model, None, None, None), final + ".tmp", final, save_dir, None, None)
+    _write(state, _common_metadata(progress, model, None, None, args), final + ".tmp", final, save_dir, None, None)
     return final
 
 

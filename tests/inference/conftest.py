@@ -62,3 +62,22 @@ def build_model(options: dict, state: dict) -> GPTModel:
     model = GPTModel(TransformerConfig(**options))
     load_full_state_dict(model, {name: torch.from_numpy(np.asarray(value)) for name, value in state.items()})
     return model.eval()
+
+
+def _save_checkpoints(states, directories):
+    from argparse import Namespace
+
+    from megatronish.training.checkpointing import save_model_only
+
+    parallel_state.initialize_model_parallel(1)
+    for options, state, directory in zip((TARGET, DRAFT), states, directories):
+        save_model_only(directory, build_model(options, state), args=Namespace(tokenizer_type="ByteTokenizer"))
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(trained_pair, tmp_path_factory):
+    """(target, draft) training checkpoints whose saved arguments name the ByteTokenizer."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    directories = (str(root / "target"), str(root / "draft"))
+    run_distributed(_save_checkpoints, 1, args=(trained_pair, directories))
+    return directories
