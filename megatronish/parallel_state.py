@@ -1,8 +1,11 @@
-"""Process groups for tensor parallelism (TP) and data parallelism (DP).
+"""The process-wide view of the parallel layout, with Megatron-core's names; device and backend choice.
 
-Ranks are laid out TP-first: with world size W and TP size t, ranks [0, t), [t, 2t), ...
-form the TP groups (adjacent ranks share a node's fast links), and ranks {i, i+t, i+2t, ...}
-form the DP groups. DP size = W / t.
+`initialize_distributed()` starts torch.distributed (NCCL + GPU where there is one, gloo + CPU
+otherwise); `initialize_model_parallel(tp, pp)` builds a `ParallelLayout` (parallel_layout.py:
+TP ranks adjacent, then DP, then PP) and makes it current. The getters below
+(`get_tensor_model_parallel_rank()`, `is_pipeline_first_stage()`, ...) describe the current
+layout, so scripts written for Megatron-core keep working; the package's own components take
+the layout (or its groups) explicitly and read nothing from here but defaults.
 
 All state lives in one `_State` object so that `destroy_model_parallel()` resets it
 completely (tests build and tear down many layouts in one process).
@@ -16,18 +19,16 @@ import torch
 import torch.distributed as dist
 
 from megatronish.attempt_store import torchelastic_attempt_store
+from megatronish.parallel_layout import ParallelLayout, shared_memory_for
 from megatronish.shm_collectives import SharedMemoryCollectives
 
 
 @dataclass
 class _State:
-    tp_group: dist.ProcessGroup | None = None
-    dp_group: dist.ProcessGroup | None = None
-    tp_ranks: list[int] | None = None
-    dp_ranks: list[int] | None = None
+    layout: ParallelLayout | None = None
+    virtual_pipeline_rank: int | None = None  # the model chunk running now (interleaved pipelines)
     device: torch.device | None = None
-    timeout: timedelta | None = None  # of the TP/DP groups (torch would give new groups 30 minutes)
-    tp_shared_memory: SharedMemoryCollectives | None = None  # the TP group's CPU collectives, where usable
+    timeout: timedelta | None = None  # of the layout's groups (torch would give new groups 30 minutes)
 
 
 _state = _State()
@@ -94,108 +95,172 @@ def initialize_distributed(backend: str | None = None, timeout_minutes: float = 
     return device
 
 
-def initialize_model_parallel(tensor_model_parallel_size: int = 1, device: torch.device | str | None = None) -> None:
-    """Split the initialized world into TP groups of adjacent ranks and DP groups across them."""
-    if not dist.is_initialized():
-        raise RuntimeError(
-            "torch.distributed is not initialized: call megatronish.parallel_state.initialize_distributed() "
-            "(or torch.distributed.init_process_group) before initialize_model_parallel()"
-        )
-    world_size = dist.get_world_size()
-    tp = tensor_model_parallel_size
-    if tp < 1 or world_size % tp != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by tensor-model-parallel size {tp}: "
-            f"launch a multiple of {tp} ranks or choose a TP size that divides {world_size}"
-        )
+def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                              virtual_pipeline_model_parallel_size: int | None = None, *,
+                              device: torch.device | str | None = None) -> ParallelLayout:
+    """Build the TP x PP x DP layout of the initialized world (Megatron's rank order) and make it current.
+
+    Megatron-core's signature: sizes in its order. Returns the layout, which can also be passed
+    explicitly to the model, the DDP wrapper, the optimizer and the schedules.
+    """
     if model_parallel_is_initialized():
         raise RuntimeError("model parallel is already initialized: call destroy_model_parallel() first")
-    rank = dist.get_rank()
-    # Every rank must take part in creating every group, in the same order.
-    for start in range(0, world_size, tp):
-        ranks = list(range(start, start + tp))
-        group = dist.new_group(ranks, timeout=_state.timeout)
-        if rank in ranks:
-            _state.tp_group, _state.tp_ranks = group, ranks
-    for offset in range(tp):
-        ranks = list(range(offset, world_size, tp))
-        group = dist.new_group(ranks, timeout=_state.timeout)
-        if rank in ranks:
-            _state.dp_group, _state.dp_ranks = group, ranks
-    _state.device = torch.device(device) if device is not None else (_state.device or default_device())
-    if dist.get_backend(_state.tp_group) == "gloo":  # CPU ranks: TP activations go through shared memory
-        _state.tp_shared_memory = SharedMemoryCollectives.create(
-            _state.tp_group, _state.tp_ranks, _state.timeout or timedelta(minutes=30))
+    layout = ParallelLayout.build(tensor_model_parallel_size, pipeline_model_parallel_size,
+                                  virtual_pipeline_model_parallel_size, timeout=_state.timeout)
+    if device is not None:
+        _state.device = torch.device(device)
+    set_layout(layout)
+    return layout
 
 
-def model_parallel_is_initialized() -> bool:
-    return _state.tp_group is not None and _state.dp_group is not None
+def set_layout(layout: ParallelLayout | None) -> None:
+    """Make `layout` the one the getters below describe (None: no current layout)."""
+    _state.layout = layout
+    _state.virtual_pipeline_rank = 0 if layout is not None and layout.dims.virtual_pp else None
 
 
-def destroy_model_parallel() -> None:
-    """Forget the groups so that another layout can be initialized."""
-    global _state
-    _state = _State()
-
-
-def _require_initialized() -> None:
-    if not model_parallel_is_initialized():
+def get_layout() -> ParallelLayout:
+    """The current layout (set by initialize_model_parallel or set_layout)."""
+    if _state.layout is None:
         raise RuntimeError(
             "model parallel is not initialized: call "
             "megatronish.parallel_state.initialize_model_parallel(tensor_model_parallel_size) first"
         )
+    return _state.layout
 
+
+def model_parallel_is_initialized() -> bool:
+    return _state.layout is not None
+
+
+def destroy_model_parallel() -> None:
+    """Forget the current layout so that another one can be initialized."""
+    global _state
+    if _state.layout is not None:
+        _state.layout.destroy()
+    _state = _State(device=_state.device, timeout=_state.timeout)
+
+
+# -- Megatron-core's getters: a view of the current layout --
 
 def get_tensor_model_parallel_group() -> dist.ProcessGroup:
-    _require_initialized()
-    return _state.tp_group
-
-
-def get_tensor_model_parallel_shared_memory() -> SharedMemoryCollectives | None:
-    """Shared-memory collectives of this rank's TP group (gloo ranks on one host), else None."""
-    _require_initialized()
-    return _state.tp_shared_memory
+    return get_layout().tp_group
 
 
 def get_data_parallel_group() -> dist.ProcessGroup:
-    _require_initialized()
-    return _state.dp_group
+    return get_layout().dp_group
+
+
+def get_pipeline_model_parallel_group() -> dist.ProcessGroup:
+    return get_layout().pp_group
+
+
+def get_model_parallel_group() -> dist.ProcessGroup:
+    """TP x PP: the ranks that hold one replica of the model together."""
+    return get_layout().model_parallel_group
+
+
+def get_embedding_group() -> dist.ProcessGroup | None:
+    """First and last pipeline stage (tied word embeddings); None on other stages or without PP."""
+    return get_layout().embedding_group
 
 
 def get_tensor_model_parallel_world_size() -> int:
-    _require_initialized()
-    return len(_state.tp_ranks)
+    return get_layout().tp
 
 
 def get_tensor_model_parallel_rank() -> int:
-    _require_initialized()
-    return _state.tp_ranks.index(dist.get_rank())
+    return get_layout().tp_rank
 
 
 def get_tensor_model_parallel_src_rank() -> int:
     """Global rank of TP rank 0 in this rank's TP group (the source for broadcasts)."""
-    _require_initialized()
-    return _state.tp_ranks[0]
+    return get_layout().tp_ranks[0]
 
 
 def get_tensor_model_parallel_ranks() -> list[int]:
-    _require_initialized()
-    return list(_state.tp_ranks)
+    return list(get_layout().tp_ranks)
 
 
 def get_data_parallel_world_size() -> int:
-    _require_initialized()
-    return len(_state.dp_ranks)
+    return get_layout().dp
 
 
 def get_data_parallel_rank() -> int:
-    _require_initialized()
-    return _state.dp_ranks.index(dist.get_rank())
+    return get_layout().dp_rank
 
 
 def get_data_parallel_ranks() -> list[int]:
-    _require_initialized()
-    return list(_state.dp_ranks)
+    return list(get_layout().dp_ranks)
+
+
+def get_data_parallel_src_rank() -> int:
+    return get_layout().dp_ranks[0]
+
+
+def get_pipeline_model_parallel_world_size() -> int:
+    return get_layout().pp
+
+
+def get_pipeline_model_parallel_rank() -> int:
+    return get_layout().pp_rank
+
+
+def get_pipeline_model_parallel_ranks() -> list[int]:
+    return list(get_layout().pp_ranks)
+
+
+def get_pipeline_model_parallel_first_rank() -> int:
+    return get_layout().pp_ranks[0]
+
+
+def get_pipeline_model_parallel_last_rank() -> int:
+    return get_layout().pp_ranks[-1]
+
+
+def get_pipeline_model_parallel_next_rank() -> int:
+    return get_layout().next_stage_rank
+
+
+def get_pipeline_model_parallel_prev_rank() -> int:
+    return get_layout().prev_stage_rank
+
+
+def get_virtual_pipeline_model_parallel_world_size() -> int | None:
+    return get_layout().dims.virtual_pp
+
+
+def get_virtual_pipeline_model_parallel_rank() -> int | None:
+    get_layout()
+    return _state.virtual_pipeline_rank
+
+
+def set_virtual_pipeline_model_parallel_rank(rank: int | None) -> None:
+    """The model chunk running now (interleaved schedules set it; is_pipeline_first/last_stage read it)."""
+    get_layout()
+    _state.virtual_pipeline_rank = rank
+
+
+def is_pipeline_first_stage(ignore_virtual: bool = False) -> bool:
+    """True on the first pipeline stage (and, with virtual stages, only while its first chunk runs)."""
+    layout = get_layout()
+    if not ignore_virtual and layout.dims.virtual_pp and _state.virtual_pipeline_rank != 0:
+        return False
+    return layout.is_first_stage
+
+
+def is_pipeline_last_stage(ignore_virtual: bool = False) -> bool:
+    """True on the last pipeline stage (and, with virtual stages, only while its last chunk runs)."""
+    layout = get_layout()
+    if (not ignore_virtual and layout.dims.virtual_pp
+            and _state.virtual_pipeline_rank != layout.dims.virtual_pp - 1):
+        return False
+    return layout.is_last_stage
+
+
+def get_tensor_model_parallel_shared_memory() -> SharedMemoryCollectives | None:
+    """Shared-memory collectives of this rank's TP group (gloo ranks on one host), else None."""
+    return shared_memory_for(get_layout().tp_group)
 
 
 def all_reduce_in_group(tensor: torch.Tensor, group: dist.ProcessGroup | None = None,

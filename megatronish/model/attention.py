@@ -48,16 +48,17 @@ class RotaryEmbedding(nn.Module):
 
 
 class ParallelAttention(nn.Module):
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, tp_group):
         super().__init__()
         self.config = config
-        tp = parallel_state.get_tensor_model_parallel_world_size()
+        tp = tp_group.size()
         self.heads_per_rank = divide(config.num_attention_heads, tp, "num_attention_heads")
         self.head_dim = config.head_dim
         self.linear_qkv = ColumnParallelLinear(config.hidden_size, 3 * config.hidden_size, gather_output=False,
-                                               **config.linear_kwargs())
+                                               tp_group=tp_group, **config.linear_kwargs())
         self.linear_proj = RowParallelLinear(config.hidden_size, config.hidden_size, input_is_parallel=True,
-                                             skip_bias_add=config.defer_residual_bias(tp), **config.linear_kwargs())
+                                             skip_bias_add=config.defer_residual_bias(tp), tp_group=tp_group,
+                                             **config.linear_kwargs())
 
     def forward(self, hidden_states: torch.Tensor, rotary=None, batch_first: bool = False, inference_context=None):
         """hidden_states [s, b, h] (or [s/tp, b, h] sequence parallel) -> (output, bias) of the same shape.

@@ -46,6 +46,9 @@ class TransformerConfig:
     recompute_granularity: str | None = None  # None, "full" (whole layers) or "selective" (attention core)
     attention_backend: str = "sdpa"  # F.scaled_dot_product_attention, or "explicit" (ops softmax + dropout)
     make_vocab_size_divisible_by: int = 128
+    # Pipeline split (model/pipeline_split.py): None = an even share for the first/last stage.
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
 
     def __post_init__(self):
         if isinstance(self.params_dtype, str):

@@ -3,15 +3,15 @@
 import torch
 from torch import nn
 
-from megatronish import ops, parallel_state
+from megatronish import ops
 from megatronish.model.config import TransformerConfig
 from megatronish.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
 class ParallelMLP(nn.Module):
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, tp_group):
         super().__init__()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
+        tp = tp_group.size()
         self.swiglu = config.activation == "swiglu"
         # SwiGLU's fc1 is [gate; up] stacked: stride 2 gives each rank its slice of both halves, so the
         # full weight is the same at every TP size and each rank's output chunks into (gate, up).
@@ -19,9 +19,10 @@ class ParallelMLP(nn.Module):
         # activation op: a separate bias pass over the widest activation measured ~10% of the MLP on CPU.
         width = 2 * config.ffn_hidden_size if self.swiglu else config.ffn_hidden_size
         self.linear_fc1 = ColumnParallelLinear(config.hidden_size, width, gather_output=False,
-                                               stride=2 if self.swiglu else 1, **config.linear_kwargs())
+                                               stride=2 if self.swiglu else 1, tp_group=tp_group, **config.linear_kwargs())
         self.linear_fc2 = RowParallelLinear(config.ffn_hidden_size, config.hidden_size, input_is_parallel=True,
-                                            skip_bias_add=config.defer_residual_bias(tp), **config.linear_kwargs())
+                                            skip_bias_add=config.defer_residual_bias(tp), tp_group=tp_group,
+                                            **config.linear_kwargs())
 
     def forward(self, hidden_states: torch.Tensor):
         """[s, b, h] (or a sequence shard) -> (output, bias), the bias None or left for bias_dropout_add."""

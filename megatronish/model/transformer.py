@@ -39,13 +39,13 @@ def make_norm(config: TransformerConfig) -> Norm:
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, tp_group):
         super().__init__()
         self.config = config
         self.input_layernorm = make_norm(config)
-        self.self_attention = ParallelAttention(config)
+        self.self_attention = ParallelAttention(config, tp_group)
         self.pre_mlp_layernorm = make_norm(config)
-        self.mlp = ParallelMLP(config)
+        self.mlp = ParallelMLP(config, tp_group)
 
     def forward(self, hidden_states: torch.Tensor, rotary=None, inference_context=None) -> torch.Tensor:
         dropout = self.config.hidden_dropout
@@ -66,18 +66,23 @@ class TransformerLayer(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: TransformerConfig):
+    """The layers numbered `layer_numbers` (all of them by default), keyed by their global number so that a
+    layer keeps its name (`layers.<i>.`) whichever pipeline stage holds it; the final norm on the last stage."""
+
+    def __init__(self, config: TransformerConfig, tp_group, layer_numbers: range | None = None,
+                 post_process: bool = True):
         super().__init__()
         self.config = config
-        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
-        self.final_layernorm = make_norm(config)
+        numbers = range(config.num_layers) if layer_numbers is None else layer_numbers
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, tp_group) for i in numbers})
+        self.final_layernorm = make_norm(config) if post_process else None
 
     def forward(self, hidden_states: torch.Tensor, rotary=None, inference_context=None) -> torch.Tensor:
         full_recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
+        for layer in self.layers.values():
             if full_recompute:
                 # Keep only each layer's input; backward reruns the layer with the same dropout masks.
                 hidden_states = checkpoint(layer, hidden_states, rotary)
             else:
                 hidden_states = layer(hidden_states, rotary, inference_context)
-        return self.final_layernorm(hidden_states)
+        return hidden_states if self.final_layernorm is None else self.final_layernorm(hidden_states)

@@ -24,9 +24,8 @@ from megatronish.tensor_parallel.utils import VocabUtility
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, vocab_parallel_logits, target, label_smoothing, vocab_size, partition_vocab_size):
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        rank = parallel_state.get_tensor_model_parallel_rank()
+    def forward(ctx, vocab_parallel_logits, target, label_smoothing, vocab_size, partition_vocab_size, tp_group):
+        tp, rank = tp_group.size(), tp_group.rank()
         partition_vocab = vocab_parallel_logits.size(-1) if partition_vocab_size is None else partition_vocab_size
         vocab_start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(partition_vocab, rank, tp)
         vocab_size = partition_vocab * tp if vocab_size is None else vocab_size
@@ -39,11 +38,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
         if tp > 1:
             global_max = local_max.clone()
-            all_reduce_in_tensor_model_parallel_group(global_max, dist.ReduceOp.MAX)
+            all_reduce_in_tensor_model_parallel_group(global_max, dist.ReduceOp.MAX, tp_group)
             # A rank with no valid columns has local_max = -inf and sum_exp = 0: contributes 0.
             sum_exp = torch.where(sum_exp > 0, sum_exp * torch.exp(local_max - global_max), torch.zeros_like(sum_exp))
             sums = torch.stack([sum_exp, target_logit, sum_logits])
-            all_reduce_in_tensor_model_parallel_group(sums)
+            all_reduce_in_tensor_model_parallel_group(sums, group=tp_group)
             sum_exp, target_logit, sum_logits = sums.unbind(0)
         else:  # one rank: its statistics are the global ones
             global_max = local_max
@@ -65,18 +64,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad = ops.cross_entropy_backward_(
             logits_2d, target_1d, ctx.vocab_start, ctx.vocab_size, lse,
             grad_loss.reshape(-1).to(lse.dtype), ctx.label_smoothing)
-        return grad.view(ctx.logits_shape), None, None, None, None
+        return grad.view(ctx.logits_shape), None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: torch.Tensor,
                                  label_smoothing: float = 0.0, vocab_size: int | None = None,
-                                 partition_vocab_size: int | None = None) -> torch.Tensor:
+                                 partition_vocab_size: int | None = None, tp_group=None) -> torch.Tensor:
     """Per-token fp32 losses for logits [..., vocab / tp] and global target ids [...].
 
     `vocab_size` is the true (unpadded) vocabulary; columns past it are ignored. It defaults
     to the full padded width. `partition_vocab_size` is each rank's share of the padded
     vocabulary when the logits hold only its first columns (a caller that skips computing
-    padding columns); it defaults to the logits' width. Note: backward overwrites
+    padding columns); it defaults to the logits' width. `tp_group` is the group the vocabulary is
+    split over (default: the current layout's TP group). Note: backward overwrites
     `vocab_parallel_logits` with its gradient (as Megatron does) to save memory; clone the
     logits if you still need them.
     """
@@ -87,4 +87,5 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: to
         raise ValueError(f"partition_vocab_size {partition_vocab_size} is smaller than the logits' last dim {width}: "
                          "pass each rank's full (padded) share of the vocabulary, or leave it out")
     return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, float(label_smoothing), vocab_size,
-                                            partition_vocab_size)
+                                            partition_vocab_size,
+                                            tp_group or parallel_state.get_tensor_model_parallel_group())

@@ -10,6 +10,10 @@ Replicated parameters whose gradients are partial per rank (they act on a sequen
 under sequence parallelism) carry `sequence_parallel = True`; their gradients must be
 all-reduced across the TP group before the optimizer step.
 
+Every layer (and helper) takes `tp_group=`, the process group its weight is split over, as
+Megatron-core's newer API does; it defaults to the current layout's TP group
+(megatronish.parallel_state), so models of two layouts can live in one process.
+
 Initialization is TP-invariant: the full value is drawn on the CPU (from the default
 generator, or from a per-name generator by the model) and each rank keeps its slice, so a
 model built at TP=k holds exactly the slices of the one built at TP=1.
@@ -42,12 +46,16 @@ def param_is_tensor_parallel(param: torch.Tensor) -> bool:
     return getattr(param, "tensor_model_parallel", False)
 
 
-def full_shape(param: torch.Tensor) -> torch.Size:
-    """The shape of the full (unsharded) value of a parameter."""
+def _tp_group(group):
+    return group or parallel_state.get_tensor_model_parallel_group()
+
+
+def full_shape(param: torch.Tensor, tp_group=None) -> torch.Size:
+    """The shape of the full (unsharded) value of a parameter split over `tp_group` (default: the current TP group)."""
     if not param_is_tensor_parallel(param):
         return param.shape
     shape = list(param.shape)
-    shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+    shape[param.partition_dim] *= _tp_group(tp_group).size()
     return torch.Size(shape)
 
 
@@ -58,27 +66,29 @@ def _shard_chunks(full_size: int, stride: int, tp: int, rank: int) -> list[tuple
     return [(s * part + rank * chunk, s * part + (rank + 1) * chunk) for s in range(stride)]
 
 
-def shard_of_full(full: torch.Tensor, param: torch.Tensor, rank: int | None = None) -> torch.Tensor:
-    """This rank's slice of a parameter's full value (the identity for replicated parameters)."""
+def shard_of_full(full: torch.Tensor, param: torch.Tensor, rank: int | None = None, tp_group=None) -> torch.Tensor:
+    """This rank's (or TP rank `rank`'s) slice of a parameter's full value (the identity for replicated parameters)."""
     if not param_is_tensor_parallel(param):
         return full
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank() if rank is None else rank
+    group = _tp_group(tp_group)
+    tp = group.size()
+    rank = group.rank() if rank is None else rank
     dim = param.partition_dim
     ranges = _shard_chunks(full.size(dim), param.partition_stride, tp, rank)
     return torch.cat([full.narrow(dim, start, end - start) for start, end in ranges], dim=dim)
 
 
-def gather_full(tensor: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+def gather_full(tensor: torch.Tensor, like: torch.Tensor | None = None, tp_group=None) -> torch.Tensor:
     """Reassemble the full value of a parameter (or of its gradient: pass the parameter as `like`)."""
     like = tensor if like is None else like
     if not param_is_tensor_parallel(like):
         return tensor.detach().clone()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    group = _tp_group(tp_group)
+    tp = group.size()
     shards = [torch.empty_like(tensor) for _ in range(tp)]
-    dist.all_gather(shards, tensor.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    dist.all_gather(shards, tensor.detach().contiguous(), group=group)
     dim, stride = like.partition_dim, like.partition_stride
-    full = torch.empty(full_shape(like), dtype=tensor.dtype, device=tensor.device)
+    full = torch.empty(full_shape(like, group), dtype=tensor.dtype, device=tensor.device)
     for rank, shard in enumerate(shards):
         ranges = _shard_chunks(full.size(dim), stride, tp, rank)
         pieces = shard.split(ranges[0][1] - ranges[0][0], dim=dim)
@@ -88,13 +98,13 @@ def gather_full(tensor: torch.Tensor, like: torch.Tensor | None = None) -> torch
 
 
 @torch.no_grad()
-def initialize_parameter(param: torch.Tensor, init_method) -> None:
+def initialize_parameter(param: torch.Tensor, init_method, tp_group=None) -> None:
     """Draw the full value with `init_method` on the CPU in fp32, then keep this rank's slice.
 
     The draw uses the default CPU generator; callers that want a value that depends only on a
     seed and a name wrap this in `torch.random.fork_rng()` + `torch.manual_seed(...)`.
     """
-    shape = list(full_shape(param))
+    shape = list(full_shape(param, tp_group))
     unpadded = getattr(param, "unpadded_rows", None)
     if unpadded is not None:
         full = torch.zeros(shape, dtype=torch.float32)
@@ -102,7 +112,7 @@ def initialize_parameter(param: torch.Tensor, init_method) -> None:
     else:
         full = torch.empty(shape, dtype=torch.float32)
         init_method(full)
-    param.copy_(shard_of_full(full, param))
+    param.copy_(shard_of_full(full, param, tp_group=tp_group))
 
 
 def _new_parameter(shape, params_dtype) -> nn.Parameter:
@@ -125,9 +135,10 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True, gather_output: bool = False,
                  skip_bias_add: bool = False, sequence_parallel: bool = False, init_method=None,
                  params_dtype: torch.dtype = torch.float32, stride: int = 1, perform_initialization: bool = True,
-                 skip_weight_param_allocation: bool = False):
+                 skip_weight_param_allocation: bool = False, tp_group=None):
         super().__init__()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_group = _tp_group(tp_group)
+        tp = self.tp_group.size()
         if sequence_parallel and gather_output:
             raise ValueError("ColumnParallelLinear: sequence_parallel=True needs gather_output=False")
         if stride > 1 and gather_output:
@@ -145,7 +156,7 @@ class ColumnParallelLinear(nn.Module):
             self.weight = _new_parameter((self.output_size_per_partition, input_size), params_dtype)
             set_tensor_model_parallel_attributes(self.weight, True, 0, stride)
             if perform_initialization:
-                initialize_parameter(self.weight, init_method)
+                initialize_parameter(self.weight, init_method, self.tp_group)
         if bias:
             self.bias = _new_parameter((self.output_size_per_partition,), params_dtype)
             set_tensor_model_parallel_attributes(self.bias, True, 0, stride)
@@ -160,16 +171,16 @@ class ColumnParallelLinear(nn.Module):
                 raise ValueError("ColumnParallelLinear built with skip_weight_param_allocation=True needs `weight`")
             weight = self.weight
         if self.sequence_parallel:
-            input_ = gather_from_sequence_parallel_region(input_)
+            input_ = gather_from_sequence_parallel_region(input_, group=self.tp_group)
         else:
-            input_ = copy_to_tensor_model_parallel_region(input_)
+            input_ = copy_to_tensor_model_parallel_region(input_, self.tp_group)
         bias = None if self.skip_bias_add else self.bias
         output = F.linear(input_, weight, bias)
         returned_bias = self.bias if self.skip_bias_add else None
         if self.gather_output:
-            output = gather_from_tensor_model_parallel_region(output)
+            output = gather_from_tensor_model_parallel_region(output, self.tp_group)
             if returned_bias is not None:  # match the gathered output's width
-                returned_bias = gather_from_tensor_model_parallel_region(returned_bias)
+                returned_bias = gather_from_tensor_model_parallel_region(returned_bias, self.tp_group)
         return output, returned_bias
 
     def extra_repr(self) -> str:
@@ -187,9 +198,10 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True, input_is_parallel: bool = False,
                  skip_bias_add: bool = False, sequence_parallel: bool = False, init_method=None,
-                 params_dtype: torch.dtype = torch.float32, perform_initialization: bool = True):
+                 params_dtype: torch.dtype = torch.float32, perform_initialization: bool = True, tp_group=None):
         super().__init__()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_group = _tp_group(tp_group)
+        tp = self.tp_group.size()
         if sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear: sequence_parallel=True needs input_is_parallel=True")
         self.input_size, self.output_size, self.tp_size = input_size, output_size, tp
@@ -200,7 +212,7 @@ class RowParallelLinear(nn.Module):
         self.weight = _new_parameter((output_size, self.input_size_per_partition), params_dtype)
         set_tensor_model_parallel_attributes(self.weight, True, 1)
         if perform_initialization:
-            initialize_parameter(self.weight, init_method)
+            initialize_parameter(self.weight, init_method, self.tp_group)
         if bias:
             self.bias = _new_parameter((output_size,), params_dtype)
             set_tensor_model_parallel_attributes(self.bias, False, 0)
@@ -212,14 +224,14 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, input_: torch.Tensor):
         if not self.input_is_parallel:
-            input_ = scatter_to_tensor_model_parallel_region(input_)
+            input_ = scatter_to_tensor_model_parallel_region(input_, self.tp_group)
         # The bias is added once, after the sum over ranks; at TP = 1 there is no sum and the GEMM adds it.
         bias_in_gemm = self.tp_size == 1 and not self.skip_bias_add
         partial = F.linear(input_, self.weight, self.bias if bias_in_gemm else None)
         if self.sequence_parallel:
-            output = reduce_scatter_to_sequence_parallel_region(partial)
+            output = reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)
         else:
-            output = reduce_from_tensor_model_parallel_region(partial)
+            output = reduce_from_tensor_model_parallel_region(partial, self.tp_group)
         if self.skip_bias_add:
             return output, self.bias
         if self.bias is None or bias_in_gemm:
@@ -242,10 +254,10 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, init_method=None,
                  params_dtype: torch.dtype = torch.float32, reduce_scatter_embeddings: bool = False,
-                 unpadded_num_embeddings: int | None = None, perform_initialization: bool = True):
+                 unpadded_num_embeddings: int | None = None, perform_initialization: bool = True, tp_group=None):
         super().__init__()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        rank = parallel_state.get_tensor_model_parallel_rank()
+        self.tp_group = _tp_group(tp_group)
+        tp, rank = self.tp_group.size(), self.tp_group.rank()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.reduce_scatter_embeddings = reduce_scatter_embeddings
         per_partition = divide(num_embeddings, tp, "VocabParallelEmbedding num_embeddings (padded vocabulary size)")
@@ -260,10 +272,10 @@ class VocabParallelEmbedding(nn.Module):
                 raise ValueError(f"unpadded_num_embeddings {unpadded_num_embeddings} must be in [1, {num_embeddings}]")
             self.weight.unpadded_rows = unpadded_num_embeddings
         if perform_initialization:
-            initialize_parameter(self.weight, init_method)
+            initialize_parameter(self.weight, init_method, self.tp_group)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        tp = parallel_state.get_tensor_model_parallel_world_size()
+        tp = self.tp_group.size()
         if tp > 1:
             outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)
             local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)
@@ -273,5 +285,5 @@ class VocabParallelEmbedding(nn.Module):
         if tp > 1:
             output = output.masked_fill(outside.unsqueeze(-1), 0.0)
         if self.reduce_scatter_embeddings:
-            return reduce_scatter_to_sequence_parallel_region(output.transpose(0, 1).contiguous())
-        return reduce_from_tensor_model_parallel_region(output)
+            return reduce_scatter_to_sequence_parallel_region(output.transpose(0, 1).contiguous(), self.tp_group)
+        return reduce_from_tensor_model_parallel_region(output, self.tp_group)

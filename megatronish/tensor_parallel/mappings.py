@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatronish import parallel_state
+from megatronish.parallel_layout import shared_memory_for
 from megatronish.tensor_parallel.utils import divide
 
 # torch >= 2.12 renamed the single-tensor collectives; older releases only have the old names.
@@ -27,63 +28,56 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 # The primitives below run only at TP > 1: the public ops return their input at TP = 1 (_apply).
 # Within a CPU TP group on one host they use shared memory (megatronish/shm_collectives.py), else the group's backend.
-def _tp_group_and_size():
-    return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
-
-
-def _shared_memory_for(x: torch.Tensor):
+def _shared_memory_for(x: torch.Tensor, group):
     """The TP group's shared-memory collectives if it has them and `x` fits, else None (use the backend)."""
-    shared_memory = parallel_state.get_tensor_model_parallel_shared_memory()
+    shared_memory = shared_memory_for(group)
     return shared_memory if shared_memory is not None and shared_memory.fits(x) else None
 
 
-def all_reduce_in_tensor_model_parallel_group(x: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
+def all_reduce_in_tensor_model_parallel_group(x: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> None:
     """dist.all_reduce over the TP group (in place), through shared memory where the group has it."""
-    shared_memory = _shared_memory_for(x)
+    group = group or parallel_state.get_tensor_model_parallel_group()
+    shared_memory = _shared_memory_for(x, group)
     if shared_memory is not None and x.is_contiguous() and op in shared_memory.REDUCE_OPS:
         shared_memory.all_reduce(x, op)
     else:
-        dist.all_reduce(x, op=op, group=parallel_state.get_tensor_model_parallel_group())
+        dist.all_reduce(x, op=op, group=group)
 
 
-def _reduce(x):
+def _reduce(x, group):
     # The sum goes into a new tensor, never into the caller's (an incoming gradient may be
     # shared with other consumers of the graph).
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    shared_memory = _shared_memory_for(x)
+    shared_memory = _shared_memory_for(x, group)
     if shared_memory is not None:
         return shared_memory.all_reduce(x, out=out)
     out.copy_(x)
-    dist.all_reduce(out, group=parallel_state.get_tensor_model_parallel_group())
+    dist.all_reduce(out, group=group)
     return out
 
 
-def _split_along_last_dim(x):
-    _, size = _tp_group_and_size()
-    width = divide(x.size(-1), size, "last dimension")
-    rank = parallel_state.get_tensor_model_parallel_rank()
+def _split_along_last_dim(x, group):
+    width = divide(x.size(-1), group.size(), "last dimension")
+    rank = group.rank()
     return x[..., rank * width:(rank + 1) * width].contiguous()
 
 
-def _gather_along_last_dim(x):
-    group, size = _tp_group_and_size()
+def _gather_along_last_dim(x, group):
     # Collectives gather contiguous chunks along dim 0; reassemble them along the last dim.
-    gathered = _gather_along_first_dim(x)
-    return torch.cat(gathered.chunk(size, dim=0), dim=-1)
+    gathered = _gather_along_first_dim(x, group)
+    return torch.cat(gathered.chunk(group.size(), dim=0), dim=-1)
 
 
-def _split_along_first_dim(x):
-    _, size = _tp_group_and_size()
-    length = divide(x.size(0), size, "sequence length")
-    rank = parallel_state.get_tensor_model_parallel_rank()
+def _split_along_first_dim(x, group):
+    length = divide(x.size(0), group.size(), "sequence length")
+    rank = group.rank()
     return x[rank * length:(rank + 1) * length].contiguous()
 
 
-def _gather_along_first_dim(x):
-    group, size = _tp_group_and_size()
+def _gather_along_first_dim(x, group):
     x = x.contiguous()
-    out = torch.empty((size * x.size(0), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    shared_memory = _shared_memory_for(x)
+    out = torch.empty((group.size() * x.size(0), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    shared_memory = _shared_memory_for(x, group)
     if shared_memory is not None:
         shared_memory.all_gather_into_tensor(out, x)
     else:
@@ -91,12 +85,11 @@ def _gather_along_first_dim(x):
     return out
 
 
-def _reduce_scatter_along_first_dim(x):
-    group, size = _tp_group_and_size()
-    length = divide(x.size(0), size, "sequence length")
+def _reduce_scatter_along_first_dim(x, group):
+    length = divide(x.size(0), group.size(), "sequence length")
     x = x.contiguous()
     out = torch.empty((length, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    shared_memory = _shared_memory_for(x)
+    shared_memory = _shared_memory_for(x, group)
     if shared_memory is not None:
         shared_memory.reduce_scatter_tensor(out, x)
     else:
@@ -106,59 +99,63 @@ def _reduce_scatter_along_first_dim(x):
 
 class _CopyToModelParallelRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, group):
+        ctx.group = group
         return x
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce(grad)
+        return _reduce(grad, ctx.group), None
 
 
 class _ReduceFromModelParallelRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        return _reduce(x)
+    def forward(ctx, x, group):
+        return _reduce(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None
 
 
 class _ScatterToModelParallelRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        return _split_along_last_dim(x)
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_along_last_dim(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_along_last_dim(grad)
+        return _gather_along_last_dim(grad, ctx.group), None
 
 
 class _GatherFromModelParallelRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        return _gather_along_last_dim(x)
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_along_last_dim(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _split_along_last_dim(grad)
+        return _split_along_last_dim(grad, ctx.group), None
 
 
 class _ScatterToSequenceParallelRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        return _split_along_first_dim(x)
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_along_first_dim(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_along_first_dim(grad)
+        return _gather_along_first_dim(grad, ctx.group), None
 
 
 class _GatherFromSequenceParallelRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, tensor_parallel_output_grad):
-        ctx.tensor_parallel_output_grad = tensor_parallel_output_grad
-        return _gather_along_first_dim(x)
+    def forward(ctx, x, group, tensor_parallel_output_grad):
+        ctx.group, ctx.tensor_parallel_output_grad = group, tensor_parallel_output_grad
+        return _gather_along_first_dim(x, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -166,50 +163,53 @@ class _GatherFromSequenceParallelRegion(torch.autograd.Function):
         # reduce-scatter. If it fed replicated work instead, every rank already holds the full
         # gradient and only needs its own slice.
         if ctx.tensor_parallel_output_grad:
-            return _reduce_scatter_along_first_dim(grad), None
-        return _split_along_first_dim(grad), None
+            return _reduce_scatter_along_first_dim(grad, ctx.group), None, None
+        return _split_along_first_dim(grad, ctx.group), None, None
 
 
 class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        return _reduce_scatter_along_first_dim(x)
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_along_first_dim(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_along_first_dim(grad)
+        return _gather_along_first_dim(grad, ctx.group), None
 
 
-def _apply(op, x, *args):
+def _apply(op, x, group, *args):
     # At TP = 1 every op is the identity both ways: skip the autograd node and its Python calls.
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+    group = group or parallel_state.get_tensor_model_parallel_group()
+    if group.size() == 1:
         return x
-    return op.apply(x, *args)
+    return op.apply(x, group, *args)
 
 
-def copy_to_tensor_model_parallel_region(x):
-    return _apply(_CopyToModelParallelRegion, x)
+# Each op works over `group` (a TP group: a layer passes its own), or the current layout's TP group.
+def copy_to_tensor_model_parallel_region(x, group=None):
+    return _apply(_CopyToModelParallelRegion, x, group)
 
 
-def reduce_from_tensor_model_parallel_region(x):
-    return _apply(_ReduceFromModelParallelRegion, x)
+def reduce_from_tensor_model_parallel_region(x, group=None):
+    return _apply(_ReduceFromModelParallelRegion, x, group)
 
 
-def scatter_to_tensor_model_parallel_region(x):
-    return _apply(_ScatterToModelParallelRegion, x)
+def scatter_to_tensor_model_parallel_region(x, group=None):
+    return _apply(_ScatterToModelParallelRegion, x, group)
 
 
-def gather_from_tensor_model_parallel_region(x):
-    return _apply(_GatherFromModelParallelRegion, x)
+def gather_from_tensor_model_parallel_region(x, group=None):
+    return _apply(_GatherFromModelParallelRegion, x, group)
 
 
-def scatter_to_sequence_parallel_region(x):
-    return _apply(_ScatterToSequenceParallelRegion, x)
+def scatter_to_sequence_parallel_region(x, group=None):
+    return _apply(_ScatterToSequenceParallelRegion, x, group)
 
 
-def gather_from_sequence_parallel_region(x, tensor_parallel_output_grad: bool = True):
-    return _apply(_GatherFromSequenceParallelRegion, x, tensor_parallel_output_grad)
+def gather_from_sequence_parallel_region(x, tensor_parallel_output_grad: bool = True, group=None):
+    return _apply(_GatherFromSequenceParallelRegion, x, group, tensor_parallel_output_grad)
 
 
-def reduce_scatter_to_sequence_parallel_region(x):
-    return _apply(_ReduceScatterToSequenceParallelRegion, x)
+def reduce_scatter_to_sequence_parallel_region(x, group=None):
+    return _apply(_ReduceScatterToSequenceParallelRegion, x, group)

@@ -1,9 +1,9 @@
 """Random streams for tensor parallelism, and activation recompute that replays them.
 
 Two streams drive dropout:
-- the default generator, seeded with `seed` on every rank: dropout on replicated activations
-  (outside TP regions) draws the same mask on every TP rank;
-- the tracker's "model-parallel-rng" stream, seeded with `seed + 2718 + tp_rank`: dropout on
+- the default generator, seeded alike on every TP rank of a stage (`seed + 100 * pp_rank`): dropout
+  on replicated activations (outside TP regions) draws the same mask on every TP rank;
+- the tracker's "model-parallel-rng" stream, seeded with that + 2718 + tp_rank: dropout on
   partitioned activations (attention heads split across ranks) draws a different mask on each
   TP rank, as a single process would on different heads.
 
@@ -19,6 +19,7 @@ from megatronish import parallel_state
 
 _MODEL_PARALLEL_RNG_TRACKER_NAME = "model-parallel-rng"
 _TP_SEED_OFFSET = 2718
+_PP_SEED_OFFSET = 100
 
 
 def _device_type() -> str:
@@ -95,10 +96,17 @@ def get_cuda_rng_tracker() -> RNGStatesTracker:
 get_rng_tracker = get_cuda_rng_tracker
 
 
-def model_parallel_manual_seed(seed: int) -> None:
-    """Seed the default stream with `seed` and the per-TP-rank stream with seed + 2718 + tp_rank."""
+def model_parallel_manual_seed(seed: int, layout=None) -> None:
+    """Seed the default stream with seed + 100 * pp_rank and the per-TP-rank stream with that + 2718 + tp_rank.
+
+    Pipeline stages draw from streams of their own (as in Megatron): with one seed everywhere,
+    layers of equal shape on different stages would drop out the same units. `layout` defaults
+    to the current one (megatronish.parallel_state).
+    """
+    layout = layout or parallel_state.get_layout()
+    seed = seed + _PP_SEED_OFFSET * layout.pp_rank
     torch.manual_seed(seed)  # also seeds every CUDA device
-    tp_seed = seed + _TP_SEED_OFFSET + parallel_state.get_tensor_model_parallel_rank()
+    tp_seed = seed + _TP_SEED_OFFSET + layout.tp_rank
     _RNG_TRACKER.reset()
     _RNG_TRACKER.add(_MODEL_PARALLEL_RNG_TRACKER_NAME, tp_seed)
 
