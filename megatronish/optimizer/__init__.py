@@ -13,10 +13,12 @@ from megatronish.optimizer.optimizer import (
 from megatronish.optimizer.param_scheduler import OptimizerParamScheduler
 
 
-def get_megatron_optimizer(model: DistributedDataParallel, config: OptimizerConfig, *, fp16: bool = False,
+def get_megatron_optimizer(model: DistributedDataParallel | list[DistributedDataParallel], config: OptimizerConfig, *,
+                           fp16: bool = False,
                            loss_scale: float | None = None, initial_loss_scale: float = 2.0**32,
                            min_loss_scale: float = 1.0, loss_scale_window: int = 1000, hysteresis: int = 2):
     """The optimizer that matches the model wrapper: distributed if the DDP wrapper shards, plain otherwise.
+    `model` is one DDP-wrapped model, or the list of a pipeline stage's model chunks.
 
     fp16 gets a loss scaler: constant with `loss_scale`, dynamic otherwise. bf16/fp32 need none.
     """
@@ -25,7 +27,8 @@ def get_megatron_optimizer(model: DistributedDataParallel, config: OptimizerConf
         grad_scaler = (ConstantGradScaler(loss_scale) if loss_scale else
                        DynamicGradScaler(initial_loss_scale, min_loss_scale, growth_interval=loss_scale_window,
                                          hysteresis=hysteresis))
-    cls = DistributedOptimizer if model.use_distributed_optimizer else MixedPrecisionOptimizer
+    first = model[0] if isinstance(model, list) else model
+    cls = DistributedOptimizer if first.use_distributed_optimizer else MixedPrecisionOptimizer
     return cls(model, config, grad_scaler)
 
 

@@ -12,6 +12,9 @@ communication hides behind the rest of backward; otherwise all buckets start in
 `finish_grad_sync()`. That call then waits for them and all-reduces over the TP group the
 gradients of replicated parameters that only saw a sequence shard (`param.sequence_parallel`,
 e.g. norm weights under sequence parallelism); sums over TP and averages over DP commute.
+Under pipeline parallelism with tied embeddings, the first and the last stage each hold a copy
+of the word embeddings (`param.shared_embedding`): `finish_grad_sync()` first sums their
+gradients over the layout's embedding group, and their bucket starts its reduction only then.
 Buckets are laid out in reverse parameter order (roughly the order backward produces them)
 and padded to a multiple of the DP size so that a bucket splits evenly across DP ranks.
 
@@ -27,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatronish import parallel_state
+from megatronish.parallel_layout import ParallelLayout
 from megatronish.tensor_parallel import all_reduce_coalesced
 
 # Recent torch names these *_single and deprecates the older *_tensor names (same semantics).
@@ -40,6 +44,7 @@ class Bucket:
     end: int
     params: list
     ready: set = field(default_factory=set)  # ids of parameters whose last-micro-batch gradient arrived
+    signalled_by: int = 0                   # how many of them start the reduction when ready (not shared embeddings)
     handle: object = None                   # the running reduction, once started
     started: bool = False
 
@@ -50,19 +55,19 @@ class Bucket:
 
 
 class DistributedDataParallel(nn.Module):
-    """Wrap `module`; call `zero_grad_buffer()` before and `finish_grad_sync()` after the backward passes
-    (the backward passes of all micro-batches but the last under `no_sync()`)."""
+    """Wrap `module` (one model chunk); call `zero_grad_buffer()` before and `finish_grad_sync()` after the
+    backward passes (the backward passes of all micro-batches but the last under `no_sync()`).
+    `layout` (default: the current one) gives the DP group, and the TP and embedding groups."""
 
     def __init__(self, module: nn.Module, *, bucket_size: int = 40_000_000, use_distributed_optimizer: bool = False,
-                 overlap_grad_reduce: bool = False):
+                 overlap_grad_reduce: bool = False, layout: ParallelLayout | None = None):
         super().__init__()
         self.module = module
+        self.layout = layout or parallel_state.get_layout()
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_grad_reduce = overlap_grad_reduce
         self._sync_enabled = True
-        self.dp_group = parallel_state.get_data_parallel_group()
-        self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_group, self.dp_size, self.dp_rank = self.layout.dp_group, self.layout.dp, self.layout.dp_rank
         device = parallel_state.get_device()
 
         params = [p for p in module.parameters() if p.requires_grad]  # tied parameters appear once
@@ -92,6 +97,9 @@ class DistributedDataParallel(nn.Module):
                 param.data = view
 
         self.sequence_parallel_params = [p for p in params if getattr(p, "sequence_parallel", False)]
+        self.shared_embedding_params = [p for p in params if getattr(p, "shared_embedding", False)]
+        for bucket in self.buckets:
+            bucket.signalled_by = sum(not getattr(p, "shared_embedding", False) for p in bucket.params)
         self._broadcast_params()
 
     def _layout(self, params, bucket_size):
@@ -113,12 +121,16 @@ class DistributedDataParallel(nn.Module):
         """Start every DP replica from DP rank 0's values (they should already agree: init is seeded)."""
         if self.dp_size == 1:
             return
-        src = parallel_state.get_data_parallel_ranks()[0]
+        src = self.layout.dp_ranks[0]
         for param in self.param_range:
             dist.broadcast(param.data, src, group=self.dp_group)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """A pipeline stage's input from the previous stage (see GPTModel.set_input_tensor)."""
+        self.module.set_input_tensor(input_tensor)
 
     def zero_grad_buffer(self) -> None:
         self.grad_buffer.zero_()
@@ -141,14 +153,15 @@ class DistributedDataParallel(nn.Module):
         if param.grad.data_ptr() != param.main_grad.data_ptr():  # bf16/fp16 (or .grad reset by a caller)
             param.main_grad.add_(param.grad)
             param.grad = None
-        if self.overlap_grad_reduce and self._sync_enabled:
+        # A shared embedding's gradient is complete only after the sum over stages in finish_grad_sync.
+        if self.overlap_grad_reduce and self._sync_enabled and not getattr(param, "shared_embedding", False):
             bucket = self.bucket_of[param]
             if bucket.started:
                 raise RuntimeError("a gradient arrived for a parameter whose bucket is already being reduced: "
                                    "is a parameter used by two backward passes of one micro-batch? Turn off "
                                    "overlap_grad_reduce (--overlap-grad-reduce)")
             bucket.ready.add(id(param))
-            if len(bucket.ready) == len(bucket.params):
+            if len(bucket.ready) == bucket.signalled_by:
                 self._start_reduction(bucket)
 
     def _start_reduction(self, bucket: Bucket) -> None:
@@ -167,6 +180,7 @@ class DistributedDataParallel(nn.Module):
     def finish_grad_sync(self) -> None:
         """Make `main_grad` hold the DP-averaged, TP-complete gradient (only the local shard with the
         distributed optimizer). Call once per iteration, after the last micro-batch's backward."""
+        self._allreduce_shared_embedding_grads()
         for bucket in self.buckets:  # without overlap: all of them; with it: buckets holding unused parameters
             if not bucket.started:
                 self._start_reduction(bucket)
@@ -176,9 +190,14 @@ class DistributedDataParallel(nn.Module):
             bucket.ready, bucket.handle, bucket.started = set(), None, False
         self._allreduce_sequence_parallel_grads()
 
+    def _allreduce_shared_embedding_grads(self) -> None:
+        """Sum the gradients of the two copies of tied word embeddings (first and last pipeline stage)."""
+        if self.shared_embedding_params and self.layout.embedding_group is not None:
+            all_reduce_coalesced([p.main_grad for p in self.shared_embedding_params], self.layout.embedding_group)
+
     def _allreduce_sequence_parallel_grads(self) -> None:
         """Sum over TP the gradients of sequence-parallel parameters, where this DP rank holds them reduced."""
-        if not self.sequence_parallel_params or parallel_state.get_tensor_model_parallel_world_size() == 1:
+        if not self.sequence_parallel_params or self.layout.tp == 1:
             return
         pieces = []  # the same ranges on every TP rank: the buffer layouts are identical across TP
         for param in self.sequence_parallel_params:
@@ -188,7 +207,7 @@ class DistributedDataParallel(nn.Module):
                 start, end = max(start, shard_start), min(end, shard_end)
             if start < end:
                 pieces.append(self.grad_buffer[start:end])
-        all_reduce_coalesced(pieces, parallel_state.get_tensor_model_parallel_group())
+        all_reduce_coalesced(pieces, self.layout.tp_group)
 
     @torch.no_grad()
     def all_gather_params(self) -> None:

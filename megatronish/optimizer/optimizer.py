@@ -52,25 +52,33 @@ def uses_weight_decay(name: str, param: torch.Tensor) -> bool:
     return param.dim() > 1 and not name.endswith(".bias")
 
 
-def counted_in_grad_norm(param: torch.Tensor) -> bool:
-    """Sharded parameters count on every TP rank (each holds a part); replicated ones on TP rank 0."""
-    return param_is_tensor_parallel(param) or parallel_state.get_tensor_model_parallel_rank() == 0
+def counted_in_grad_norm(param: torch.Tensor, layout=None) -> bool:
+    """Sharded parameters count on every TP rank (each holds a part); replicated ones on TP rank 0; the last
+    pipeline stage's copy of tied embeddings not at all (the first stage counts the original)."""
+    layout = layout or parallel_state.get_layout()
+    if getattr(param, "shared_embedding", False) and not layout.is_first_stage:
+        return False
+    return param_is_tensor_parallel(param) or layout.tp_rank == 0
 
 
 class MixedPrecisionOptimizer:
-    """AdamW over fp32 main parameters for a DistributedDataParallel-wrapped model (fp32, bf16 or fp16).
+    """AdamW over fp32 main parameters for a DistributedDataParallel-wrapped model (fp32, bf16 or fp16), or
+    for a list of them (the model chunks of an interleaved pipeline stage).
 
     `grad_scaler` (fp16 only) is a ConstantGradScaler or DynamicGradScaler; the training loop
     multiplies the loss by `get_loss_scale()` before backward.
     """
 
-    norm_group_is_world = False  # DP replicas hold the same gradients: reduce the norm over TP only
+    norm_group_is_world = False  # DP replicas hold the same gradients: reduce the norm over TP x PP only
 
-    def __init__(self, model: DistributedDataParallel, config: OptimizerConfig, grad_scaler=None):
-        if not isinstance(model, DistributedDataParallel):
+    def __init__(self, model, config: OptimizerConfig, grad_scaler=None):
+        self.chunks = model if isinstance(model, list) else [model]
+        if not self.chunks or not all(isinstance(m, DistributedDataParallel) for m in self.chunks):
             raise TypeError("the optimizer needs the model wrapped in megatronish.optimizer.DistributedDataParallel")
-        self.model, self.config, self.grad_scaler = model, config, grad_scaler
-        self.names = {param: name for name, param in model.module.named_parameters() if param in model.param_range}
+        self.layout = self.chunks[0].layout
+        self.config, self.grad_scaler = config, grad_scaler
+        self.names = {param: name for chunk in self.chunks for name, param in chunk.module.named_parameters()
+                      if param in chunk.param_range}
         self.main_params = self._build_main_params()
         for entry in self.main_params:
             entry.main.grad = entry.param.main_grad.view(-1)[entry.start:entry.end]
@@ -96,7 +104,8 @@ class MixedPrecisionOptimizer:
         return self.grad_scaler.scale if self.grad_scaler is not None else torch.tensor(1.0)
 
     def zero_grad(self) -> None:
-        self.model.zero_grad_buffer()
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
 
     @torch.no_grad()
     def step(self) -> tuple[bool, float | None]:
@@ -108,8 +117,8 @@ class MixedPrecisionOptimizer:
             self.grad_scaler.update(found_inf)
             if found_inf:
                 return False, None
-        counted = [e.main.grad for e in self.main_params if counted_in_grad_norm(e.param)]
-        norm_group = None if self.norm_group_is_world else parallel_state.get_tensor_model_parallel_group()
+        counted = [e.main.grad for e in self.main_params if counted_in_grad_norm(e.param, self.layout)]
+        norm_group = None if self.norm_group_is_world else self.layout.model_parallel_group
         grad_norm = global_grad_norm(counted, norm_group, device)
         if self.config.clip_grad > 0:
             clip_grads_by_norm_(grads, grad_norm, self.config.clip_grad)
@@ -198,39 +207,44 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
 
     norm_group_is_world = True  # each DP rank holds different gradient slices: reduce over TP and DP
 
-    def __init__(self, model: DistributedDataParallel, config: OptimizerConfig, grad_scaler=None):
-        if not model.use_distributed_optimizer:
+    def __init__(self, model, config: OptimizerConfig, grad_scaler=None):
+        chunks = model if isinstance(model, list) else [model]
+        if not all(getattr(chunk, "use_distributed_optimizer", False) for chunk in chunks):
             raise ValueError("DistributedOptimizer needs DistributedDataParallel(..., use_distributed_optimizer=True)")
         super().__init__(model, config, grad_scaler)
 
     def _build_main_params(self) -> list[MainParam]:
-        model = self.model
         entries = []
-        for bucket in model.buckets:
-            shard_start, shard_end = bucket.shard(model.dp_rank, model.dp_size)
-            for param in bucket.params:
-                start, end = model.param_range[param]
-                lo, hi = max(start, shard_start), min(end, shard_end)
-                if lo < hi:
-                    entries.append(MainParam(self.names[param], param, lo - start, hi - start,
-                                             _main_copy(model.param_buffer[lo:hi])))
+        for chunk in self.chunks:
+            for bucket in chunk.buckets:
+                shard_start, shard_end = bucket.shard(chunk.dp_rank, chunk.dp_size)
+                for param in bucket.params:
+                    start, end = chunk.param_range[param]
+                    lo, hi = max(start, shard_start), min(end, shard_end)
+                    if lo < hi:
+                        entries.append(MainParam(self.names[param], param, lo - start, hi - start,
+                                                 _main_copy(chunk.param_buffer[lo:hi])))
         return entries
 
     def _write_back(self) -> None:
         super()._write_back()
-        self.model.all_gather_params()
+        for chunk in self.chunks:
+            chunk.all_gather_params()
 
     def _gather_full(self, values: dict) -> dict:
-        model = self.model
-        flat = torch.zeros_like(model.grad_buffer)
-        for e in self.main_params:
-            offset = model.param_range[e.param][0]
-            flat[offset + e.start:offset + e.end].copy_(values[id(e)])
-        if model.dp_size > 1:
-            for bucket in model.buckets:
-                start, end = bucket.shard(model.dp_rank, model.dp_size)
-                _all_gather(flat[bucket.start:bucket.end], flat[start:end], group=model.dp_group)
-        return {p: flat[start:end] for p, (start, end) in model.param_range.items()}
+        full = {}
+        for chunk in self.chunks:
+            flat = torch.zeros_like(chunk.grad_buffer)
+            for e in self.main_params:
+                if e.param in chunk.param_range:
+                    offset = chunk.param_range[e.param][0]
+                    flat[offset + e.start:offset + e.end].copy_(values[id(e)])
+            if chunk.dp_size > 1:
+                for bucket in chunk.buckets:
+                    start, end = bucket.shard(chunk.dp_rank, chunk.dp_size)
+                    _all_gather(flat[bucket.start:bucket.end], flat[start:end], group=chunk.dp_group)
+            full.update({p: flat[start:end] for p, (start, end) in chunk.param_range.items()})
+        return full
 
 
 def _main_copy(model_values: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from megatronish.data.gpt_dataset import parse_data_path
 from megatronish.data.indexed_dataset import dataset_exists
 from megatronish.data.tokenizers import TOKENIZER_TYPES
 from megatronish.model import TransformerConfig
+from megatronish.model.pipeline_split import validate_pipeline_split
 
 
 class ArgumentError(ValueError):
@@ -107,8 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", "--tp", dest="tensor_model_parallel_size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true", help="split norms and dropout along the sequence "
                    "across TP ranks (needs TP > 1)")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
-                   help="accepted for Megatron scripts; only 1 is supported")
+    g.add_argument("--pipeline-model-parallel-size", "--pp", dest="pipeline_model_parallel_size", type=int,
+                   default=1, help="pipeline stages: the layers are split into this many consecutive parts")
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=int,
+                   help="model chunks per pipeline stage (interleaved 1F1B; needs micro-batches a multiple of PP)")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int,
+                   help="layers per model chunk: another way to give --virtual-pipeline-model-parallel-size")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int,
+                   help="layers on the first pipeline stage (default: an even share); the middle stages share the rest")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int,
+                   help="layers on the last pipeline stage (default: an even share)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard fp32 master weights and Adam state across data-parallel ranks")
     g.add_argument("--overlap-grad-reduce", action="store_true",
@@ -243,20 +252,27 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         if getattr(args, dest) < 1:
             fail(f"{_flag(dest)} must be a positive integer, got {getattr(args, dest)}")
 
-    tp = args.tensor_model_parallel_size
-    if args.pipeline_model_parallel_size != 1:
-        fail(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} is not supported: megatronish has "
-             "tensor and data parallelism only; use --pipeline-model-parallel-size 1 and a larger --tp")
-    if world_size % tp != 0:
-        fail(f"--tensor-model-parallel-size {tp} does not divide the world size {world_size}: launch a multiple of "
-             f"{tp} processes (torchrun --nproc_per_node) or choose a TP size that divides {world_size}")
-    dp = world_size // tp
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if pp < 1:
+        fail(f"--pipeline-model-parallel-size must be a positive integer, got {pp}")
+    if world_size % (tp * pp) != 0:
+        fail(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} = {tp * pp} does not divide "
+             f"the world size {world_size}: launch a multiple of {tp * pp} processes (torchrun --nproc_per_node) "
+             f"or choose TP and PP sizes whose product divides {world_size}")
+    _derive_virtual_pipeline_size(args, fail)
+    dp = world_size // (tp * pp)
     args.data_parallel_size = dp
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
     if args.global_batch_size % (args.micro_batch_size * dp) != 0:
         fail(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
              f"{args.micro_batch_size} x data-parallel size {dp}: use a multiple of {args.micro_batch_size * dp}")
+    num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    if args.virtual_pipeline_model_parallel_size and num_microbatches % pp != 0:
+        fail(f"the interleaved pipeline schedule needs the micro-batches per step ({num_microbatches} = "
+             f"--global-batch-size {args.global_batch_size} / (--micro-batch-size {args.micro_batch_size} x DP {dp}))"
+             f" to be a multiple of --pipeline-model-parallel-size {pp}: change the batch sizes, or drop the "
+             "virtual pipeline stages")
     if args.num_attention_heads % tp != 0:
         fail(f"--num-attention-heads {args.num_attention_heads} is not divisible by --tp {tp}: each rank holds whole "
              f"heads; choose a TP size that divides {args.num_attention_heads}")
@@ -304,6 +320,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         config = transformer_config_from_args(args, vocab_size=1)
         config.validate(tp)
         config.validate_sequence_length(args.seq_length, tp)
+        validate_pipeline_split(config, pp, args.virtual_pipeline_model_parallel_size)
     except ValueError as error:
         fail(str(error))
 
@@ -335,6 +352,27 @@ def _validate_data_args(args, fail) -> None:
     for dest in needs.get(args.tokenizer_type, ()):
         if not getattr(args, dest):
             fail(f"--tokenizer-type {args.tokenizer_type} needs {_flag(dest)}")
+
+
+def _derive_virtual_pipeline_size(args, fail) -> None:
+    """--num-layers-per-virtual-pipeline-stage N -> --virtual-pipeline-model-parallel-size L / (PP N); 1 means none."""
+    pp, per_stage = args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
+    if per_stage is not None:
+        if per_stage < 1 or args.num_layers % (pp * per_stage) != 0:
+            fail(f"--num-layers-per-virtual-pipeline-stage {per_stage} x --pipeline-model-parallel-size {pp} must "
+                 f"divide --num-layers {args.num_layers}")
+        derived = args.num_layers // (pp * per_stage)
+        if args.virtual_pipeline_model_parallel_size not in (None, derived):
+            fail(f"--num-layers-per-virtual-pipeline-stage {per_stage} means {derived} virtual stages, but "
+                 f"--virtual-pipeline-model-parallel-size is {args.virtual_pipeline_model_parallel_size}: give only one")
+        args.virtual_pipeline_model_parallel_size = derived
+    virtual = args.virtual_pipeline_model_parallel_size
+    if virtual is not None and virtual < 1:
+        fail(f"--virtual-pipeline-model-parallel-size must be a positive integer, got {virtual}")
+    if virtual == 1:
+        args.virtual_pipeline_model_parallel_size = None  # one chunk per stage: plain 1F1B
+    elif virtual is not None and pp == 1:
+        fail(f"--virtual-pipeline-model-parallel-size {virtual} needs --pipeline-model-parallel-size > 1")
 
 
 def warmup_iters(args: argparse.Namespace) -> int:
@@ -371,4 +409,6 @@ def transformer_config_from_args(args: argparse.Namespace, vocab_size: int) -> T
         recompute_granularity=args.recompute_granularity,
         attention_backend=args.attention_backend,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
     )

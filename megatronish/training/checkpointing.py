@@ -1,4 +1,4 @@
-"""Training checkpoints that load at any TP x DP layout, saved atomically, optionally in the background.
+"""Training checkpoints that load at any TP x PP x DP layout, saved atomically, optionally in the background.
 
 On disk (Megatron's names for the folders):
     <save>/latest_checkpointed_iteration.txt      the newest complete checkpoint's iteration
@@ -11,7 +11,9 @@ Tensors (see checkpoint_format.py for how a TP shard becomes a block of a global
     model.<param name>                            the weights (vocabulary rows unpadded)
     optimizer.<param name>.{master,exp_avg,exp_avg_sq}   fp32, the parameter's layout
     rng.rank<global rank>                         this rank's Python, NumPy, torch, CUDA, TP-tracker states
-The optimizer state comes from `sharded_state_by_name()` (the distributed optimizer gathers its
+Parameter names are global (a layer keeps its number at any PP size), so each pipeline stage
+writes and reads its own parameters by name; the two copies of tied embeddings (first and last
+stage) are one entry. The optimizer state comes from `sharded_state_by_name()` (the distributed optimizer gathers its
 DP shards into the TP-shard shape), so it reshards exactly like the parameters.
 
 A save writes everything into `iter_XXXXXXX.tmp`, fsyncs it, and only then renames it to
@@ -34,8 +36,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
-from megatronish import parallel_state
 from megatronish.model import GPTModel, TransformerConfig
+from megatronish.parallel_layout import ParallelLayout
 from megatronish.training.checkpoint_format import (
     Block,
     check_against_metadata,
@@ -81,7 +83,8 @@ def save_checkpoint(save_dir: str, progress: TrainingProgress, model, optimizer,
                     keep_last: int | None = None, async_save: bool = False) -> str:
     """Save everything needed to resume at `progress.iteration`; returns the checkpoint's folder.
 
-    Collective: every rank calls it. `model` is the unwrapped GPTModel; `optimizer` has
+    Collective: every rank calls it. `model` is the unwrapped GPTModel (or the list of this pipeline
+    stage's model chunks); `optimizer` has
     `sharded_state_by_name()`; `scheduler` has `state_dict()`; `args` is the argparse Namespace.
     `keep_last` deletes all but the newest `keep_last` complete checkpoints. With `async_save`
     the files are written in the background; the folder appears when they are complete.
@@ -92,7 +95,7 @@ def save_checkpoint(save_dir: str, progress: TrainingProgress, model, optimizer,
     state = _model_blocks(model, lambda name, param: param.detach())
     state.update(_optimizer_blocks(model, lambda name, param, key: optimizer_state["params"][name][key]))
     state[_rng_key(dist.get_rank())] = get_rng_state()
-    common = _common_metadata(progress, model, optimizer_state, scheduler, args)
+    common = _common_metadata(progress, model, optimizer_state, scheduler, args)  # a collective under PP
     final = checkpoint_dir(save_dir, progress.iteration)
     temporary = final + ".tmp"
     if dist.get_rank() == 0:
@@ -152,17 +155,20 @@ def _publish(temporary: str, final: str) -> None:
 
 
 def _common_metadata(progress, model, optimizer_state, scheduler, args) -> dict:
+    layout, config = _layout(model), _chunks(model)[0].config
+    # TP rank 0's block: a rank holding only vocabulary padding has none, and the global shape is the same.
+    parameters = {name: {"stored_shape": list(parameter_block(param, param, 0, layout.tp).global_shape),
+                         "shape": _full_unpadded_shape(param, layout.tp)} for name, param in _named_parameters(model)}
+    if layout.pp > 1:  # every stage's parameters, so that one file describes the whole model
+        per_stage = [None] * layout.pp
+        dist.all_gather_object(per_stage, parameters, group=layout.pp_group)
+        parameters = {name: shapes for stage in per_stage for name, shapes in stage.items()}
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
         "iteration": progress.iteration, "progress": progress.to_dict(),
-        "layout": {"tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-                   "data_parallel_size": parallel_state.get_data_parallel_world_size(),
-                   "world_size": dist.get_world_size()},
-        "model_config": model.config.to_dict(), "vocab_size": model.config.vocab_size,
-        # TP rank 0's block: a rank holding only vocabulary padding has none, and the global shape is the same.
-        "parameters": {name: {"stored_shape": list(parameter_block(
-                                  param, param, 0, parallel_state.get_tensor_model_parallel_world_size()).global_shape),
-                              "shape": _full_unpadded_shape(param)} for name, param in model.named_parameters()},
+        "layout": _layout_record(layout),
+        "model_config": config.to_dict(), "vocab_size": config.vocab_size,
+        "parameters": parameters,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "optimizer": ({"step": optimizer_state["step"], "grad_scaler": optimizer_state["grad_scaler"]}
                       if optimizer_state is not None else None),
@@ -202,10 +208,10 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, *, load_optim: b
             raise ValueError(f"{folder} holds no optimizer state (a model-only checkpoint): resume with "
                              "--no-load-optim or --finetune")
         moments = {name: {key: torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-                          for key in OPTIMIZER_KEYS} for name, param in model.named_parameters()}
+                          for key in OPTIMIZER_KEYS} for name, param in _named_parameters(model)}
         state.update(_optimizer_blocks(model, lambda name, param, key: moments[name][key]))
     rng_key = _rng_key(dist.get_rank())
-    rng_unusable = _why_rng_unusable(common, metadata, rng_key) if load_rng else None
+    rng_unusable = _why_rng_unusable(common, metadata, rng_key, _layout(model)) if load_rng else None
     restore_rng = load_rng and rng_unusable is None
     if restore_rng:
         state[rng_key] = None
@@ -235,13 +241,12 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, *, load_optim: b
     return progress
 
 
-def _why_rng_unusable(common: dict, metadata, rng_key: str) -> str | None:
+def _why_rng_unusable(common: dict, metadata, rng_key: str, layout: ParallelLayout) -> str | None:
     """None when this rank's saved RNG states apply to it, otherwise the reason."""
-    saved = common["layout"]
-    tp, dp = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_world_size()
-    if (saved["tensor_model_parallel_size"], saved["data_parallel_size"]) != (tp, dp):
-        return (f"the checkpoint was saved at TP={saved['tensor_model_parallel_size']} x DP={saved['data_parallel_size']}"
-                f", this run is TP={tp} x DP={dp} (per-rank streams do not carry over)")
+    saved, now = _layout_record_filled(common["layout"]), _layout_record(layout)
+    if saved != now:
+        return (f"the checkpoint was saved at {_describe(saved)}, this run is {_describe(now)} "
+                "(per-rank streams do not carry over)")
     if rng_key not in metadata.state_dict_metadata:
         return "the checkpoint holds none (weights only)"
     return None
@@ -345,20 +350,52 @@ def save_model_only(save_dir: str, model, iteration: int = 0, args=None) -> str:
 
 # ------------------------------------------------------------------------------------ state maps
 
+def _chunks(model) -> list:
+    """A GPTModel, or the list of a pipeline stage's model chunks -> the list."""
+    return model if isinstance(model, list) else [model]
+
+
+def _named_parameters(model):
+    """(name, parameter) of every chunk; names are global (layers keep their number at any PP size)."""
+    for chunk in _chunks(model):
+        yield from chunk.named_parameters()
+
+
+def _layout(model) -> ParallelLayout:
+    return _chunks(model)[0].layout
+
+
+def _layout_record(layout: ParallelLayout) -> dict:
+    return {"tensor_model_parallel_size": layout.tp, "pipeline_model_parallel_size": layout.pp,
+            "virtual_pipeline_model_parallel_size": layout.dims.virtual_pp, "data_parallel_size": layout.dp,
+            "world_size": layout.dims.world_size}
+
+
+def _layout_record_filled(saved: dict) -> dict:
+    """A saved layout record with the entries that checkpoints from before pipeline parallelism lack."""
+    return {"pipeline_model_parallel_size": 1, "virtual_pipeline_model_parallel_size": None, **saved}
+
+
+def _describe(record: dict) -> str:
+    virtual = record["virtual_pipeline_model_parallel_size"]
+    return (f"TP={record['tensor_model_parallel_size']} x PP={record['pipeline_model_parallel_size']}"
+            + (f" (virtual {virtual})" if virtual else "") + f" x DP={record['data_parallel_size']}")
+
+
 def _model_blocks(model, tensor_of) -> dict:
-    blocks = {}
-    for name, param in model.named_parameters():
-        block = parameter_block(tensor_of(name, param), param)
+    blocks, layout = {}, _layout(model)
+    for name, param in _named_parameters(model):
+        block = parameter_block(tensor_of(name, param), param, layout.tp_rank, layout.tp)
         if block is not None:
             blocks["model." + name] = block
     return blocks
 
 
 def _optimizer_blocks(model, tensor_of) -> dict:
-    blocks = {}
-    for name, param in model.named_parameters():
+    blocks, layout = {}, _layout(model)
+    for name, param in _named_parameters(model):
         for key in OPTIMIZER_KEYS:
-            block = parameter_block(tensor_of(name, param, key), param)
+            block = parameter_block(tensor_of(name, param, key), param, layout.tp_rank, layout.tp)
             if block is not None:
                 blocks[f"optimizer.{name}.{key}"] = block
     return blocks
@@ -371,18 +408,18 @@ def _rng_key(rank: int) -> str:
 @torch.no_grad()
 def _zero_vocabulary_padding(model) -> None:
     """Rows past the true vocabulary are not stored: they must be zero, whatever was there."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    for param in model.parameters():
+    tp_rank = _layout(model).tp_rank
+    for _, param in _named_parameters(model):
         rows = getattr(param, "unpadded_rows", None)
         if rows is not None:
             real = min(max(rows - tp_rank * param.size(0), 0), param.size(0))
             param.data[real:].zero_()
 
 
-def _full_unpadded_shape(param) -> list[int]:
+def _full_unpadded_shape(param, tp: int) -> list[int]:
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+        shape[param.partition_dim] *= tp
     if getattr(param, "unpadded_rows", None) is not None:
         shape[0] = param.unpadded_rows
     return shape

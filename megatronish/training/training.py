@@ -1,17 +1,20 @@
-"""The pretraining loop: everything is built in `pretrain`, in this order, in one place.
+"""Pretraining in three parts: `setup` builds everything, `train` runs the loop, `finish` evaluates and saves.
 
-    arguments checked -> distributed + TP/DP groups + seeds -> tokenizer -> model -> DDP wrapper
-    -> optimizer -> LR schedule -> checkpoint (--load) -> datasets and loaders -> train
-    (log, evaluate, save) -> final evaluation -> save -> a generated sample
+    setup:  arguments checked -> distributed + layout (TP x PP x DP) + seeds -> tokenizer -> model chunks
+            -> DDP wrappers -> optimizer -> LR schedule -> checkpoint (--load) -> datasets and loaders
+    train:  one step (train_step), then the once-in-a-while work: log, evaluate, agree on stopping, save
+    finish: final save, final evaluation, a generated sample
 
 One iteration consumes a global batch: each DP rank runs global_batch / (micro_batch x DP)
-micro-batches (forward, backward, gradients accumulated in fp32), then the gradients are
-averaged over DP, the optimizer steps and the LR schedule advances by the global batch (in
-samples). TP ranks of one DP group read the same micro-batches (same DP rank in the loader).
+micro-batches through `train_step`, which hands them to the forward-backward schedule of the
+layout (megatronish.pipeline_parallel: no pipelining, 1F1B or interleaved 1F1B; the loop does not
+know which), then averages the gradients over DP, steps the optimizer and advances the LR
+schedule by the global batch (in samples). All ranks of one DP replica (its TP and PP ranks) read
+the same micro-batches.
 """
 
 import argparse
-import contextlib
+import functools
 import math
 import os
 import time
@@ -26,13 +29,15 @@ from megatronish.data.gpt_dataset import build_gpt_datasets
 from megatronish.data.samplers import build_pretraining_data_loader
 from megatronish.data.tokenizers import build_tokenizer
 from megatronish.inference import Request, SamplingParams, generate, without_sequence_parallel
-from megatronish.model import GPTModel
+from megatronish.model import GPTModel, TransformerConfig
 from megatronish.optimizer import (
     DistributedDataParallel,
     OptimizerConfig,
     OptimizerParamScheduler,
     get_megatron_optimizer,
 )
+from megatronish.parallel_layout import ParallelLayout
+from megatronish.pipeline_parallel import get_forward_backward_func
 from megatronish.tensor_parallel import model_parallel_manual_seed
 from megatronish.training.arguments import transformer_config_from_args, validate_args, warmup_iters
 from megatronish.training.checkpointing import load_checkpoint, save_checkpoint, wait_for_async_save
@@ -61,22 +66,52 @@ class TrainingResult:
     sample: str | None = None
 
 
+@dataclass
+class TrainingRun:
+    """Everything `setup` builds for the loop, in one place."""
+    args: argparse.Namespace
+    layout: ParallelLayout
+    tokenizer: object
+    config: TransformerConfig
+    model: list[GPTModel]                   # this rank's model chunks (one, or v with virtual pipeline stages)
+    ddp_model: list[DistributedDataParallel]
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    progress: TrainingProgress
+    datasets: tuple                         # train, valid, test (None where empty)
+    num_microbatches: int
+    writers: MetricWriters
+    device: torch.device
+    loaded: bool                            # resumed from a checkpoint at progress.iteration
+    saved_at: int | None = None             # the iteration of the newest checkpoint on disk from this run
+
+
 def pretrain(args: argparse.Namespace) -> TrainingResult:
     """Train a GPT as the (already parsed) arguments say. Call in every rank (torchrun)."""
+    run = setup(args)
+    result = TrainingResult()
+    exit_reason = train(run, result)
+    return finish(run, result, exit_reason)
+
+
+def setup(args: argparse.Namespace) -> TrainingRun:
+    """Check the arguments, then build the layout, model, optimizer, schedule and data, and --load."""
     validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before anything is built
     parallel_state.initialize_distributed(args.distributed_backend, args.distributed_timeout_minutes)
-    parallel_state.initialize_model_parallel(args.tensor_model_parallel_size)
+    layout = parallel_state.initialize_model_parallel(args.tensor_model_parallel_size,
+                                                      args.pipeline_model_parallel_size,
+                                                      args.virtual_pipeline_model_parallel_size)
     print_rank_0(f"> ops: {ops.initialize_kernels()}")  # every rank agrees on the op path before the first op
-    model_parallel_manual_seed(args.seed)
-    device = parallel_state.get_device()
-    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    model_parallel_manual_seed(args.seed, layout)
+    num_microbatches = args.global_batch_size // (args.micro_batch_size * layout.dp)
 
     tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
     config = transformer_config_from_args(args, tokenizer.vocab_size)
-    model = GPTModel(config, seed=args.seed)
-    ddp_model = DistributedDataParallel(model, use_distributed_optimizer=args.use_distributed_optimizer,
-                                        overlap_grad_reduce=args.overlap_grad_reduce)
+    model = [GPTModel(config, seed=args.seed, layout=layout, vp_stage=chunk)
+             for chunk in range(layout.dims.num_model_chunks)]
+    ddp_model = [DistributedDataParallel(chunk, use_distributed_optimizer=args.use_distributed_optimizer,
+                                         overlap_grad_reduce=args.overlap_grad_reduce, layout=layout)
+                 for chunk in model]
     optimizer = get_megatron_optimizer(
         ddp_model,
         OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
@@ -87,91 +122,113 @@ def pretrain(args: argparse.Namespace) -> TrainingResult:
         optimizer, max_lr=args.lr, min_lr=args.min_lr, init_lr=args.lr_warmup_init,
         lr_warmup_steps=warmup_iters(args) * args.global_batch_size,
         lr_decay_steps=args.lr_decay_iters * args.global_batch_size, lr_decay_style=args.lr_decay_style)
-    _print_setup(args, config, model, num_microbatches, dp)
+    _print_setup(args, config, model, layout, num_microbatches)
 
     progress = TrainingProgress()
     if args.load:
         loaded = load_checkpoint(args.load, model, optimizer, scheduler, load_optim=not args.no_load_optim,
                                  load_rng=not args.no_load_rng, finetune=args.finetune)
         progress = loaded or progress
+    return TrainingRun(args=args, layout=layout, tokenizer=tokenizer, config=config, model=model,
+                       ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler, progress=progress,
+                       datasets=build_datasets(args, tokenizer.eod), num_microbatches=num_microbatches,
+                       writers=MetricWriters(args), device=parallel_state.get_device(),
+                       loaded=bool(args.load and progress.iteration))
 
-    train_data, valid_data, test_data = build_datasets(args, tokenizer.eod)
-    loader_args = dict(micro_batch_size=args.micro_batch_size, data_parallel_rank=dp_rank, data_parallel_size=dp,
-                       num_workers=args.num_workers)
+
+def train(run: TrainingRun, result: TrainingResult) -> str | None:
+    """The loop: a step, then logging, evaluation, the stop agreement and saving. Returns why it stopped early."""
+    args, progress = run.args, run.progress
+    train_data, valid_data, _ = run.datasets
     train_iter = None  # a run restarted after its last iteration has no training data left to read
     if progress.iteration < args.train_iters and not args.skip_train:
-        train_iter = _iterate(build_pretraining_data_loader(train_data, progress.consumed_train_samples, **loader_args))
-    valid_iter = _iterate(build_pretraining_data_loader(valid_data, progress.consumed_valid_samples, **loader_args))
-
-    result = TrainingResult()
-    writers = MetricWriters(args)
-    flops_per_iteration = num_floating_point_operations(args, model.padded_vocab_size)
+        train_iter = _iterate(_loader(run, train_data, progress.consumed_train_samples))
+    valid_iter = _iterate(_loader(run, valid_data, progress.consumed_valid_samples))
+    flops_per_iteration = num_floating_point_operations(args, run.config.padded_vocab_size(run.layout.tp))
     interval = _LogInterval()
-    saved_at = progress.iteration if args.load and progress.iteration else None  # resumed: that one is on disk
+    run.saved_at = progress.iteration if run.loaded else None  # resumed: that one is on disk
     exit_conditions = ExitConditions(args.exit_interval, args.exit_duration_in_mins)  # SIGTERM/SIGUSR1 from here on
     exit_reason = None
-    ddp_model.train()
+    for chunk in run.ddp_model:
+        chunk.train()
     prepare_process_for_training_loop()
     while progress.iteration < args.train_iters and not args.skip_train:
-        batches = [_to_device(next(train_iter), device) for _ in range(num_microbatches)]
+        batches = [_to_device(next(train_iter), run.device) for _ in range(run.num_microbatches)]
         with named_collective(f"at iteration {progress.iteration + 1}"):
-            loss, update_successful, grad_norm = train_step(batches, ddp_model, optimizer)
+            loss, update_successful, grad_norm = train_step(batches, run.ddp_model, run.optimizer)
         if update_successful:
-            scheduler.step(args.global_batch_size)
+            run.scheduler.step(args.global_batch_size)
         progress.iteration += 1
         progress.consumed_train_samples += args.global_batch_size
         is_nan = not math.isfinite(loss)
         progress.skipped_iterations += not update_successful
         progress.nan_iterations += is_nan
-        lr = optimizer.param_groups[0]["lr"]
+        lr = run.optimizer.param_groups[0]["lr"]
         result.losses.append(loss)
         result.grad_norms.append(grad_norm)
         result.learning_rates.append(lr)
         interval.add(loss, not update_successful, is_nan)
 
         if progress.iteration % args.log_interval == 0:
-            _log_training(args, progress, interval, lr, optimizer, grad_norm, flops_per_iteration, writers)
+            _log_training(args, progress, interval, lr, run.optimizer, grad_norm, flops_per_iteration, run.writers)
             interval = _LogInterval()
         pause_start = time.perf_counter()  # evaluation and saving do not count as iteration time
         if args.eval_iters and valid_iter and progress.iteration % args.eval_interval == 0:
-            valid_loss = evaluate(valid_iter, ddp_model, args, num_microbatches, device, progress)
+            valid_loss = evaluate(valid_iter, run.ddp_model, args, run.num_microbatches, run.device, progress)
             result.validation_losses[progress.iteration] = valid_loss
             print_rank_last(validation_log_lines(f"iteration {progress.iteration}", valid_loss))
-            writers.scalars({"lm-loss-validation/lm loss": valid_loss}, progress.iteration)
+            run.writers.scalars({"lm-loss-validation/lm loss": valid_loss}, progress.iteration)
         with named_collective(f"the agreement on stopping after iteration {progress.iteration}"):
             exit_reason = exit_conditions.check(progress.iteration)
         if args.save and (exit_reason or (args.save_interval and progress.iteration % args.save_interval == 0)):
-            save_checkpoint(args.save, progress, model, optimizer, scheduler, args, keep_last=args.keep_last,
-                            async_save=args.async_save)
-            saved_at = progress.iteration
+            _save(run)
         interval.start += time.perf_counter() - pause_start
         if exit_reason:
             print_rank_0(f"exiting after iteration {progress.iteration}: {exit_reason}"
                          + ("" if args.save else " (no --save: nothing saved)"))
             break
     exit_conditions.close()
+    return exit_reason
 
-    if args.save and saved_at != progress.iteration:
-        save_checkpoint(args.save, progress, model, optimizer, scheduler, args, keep_last=args.keep_last,
-                        async_save=args.async_save)
+
+def finish(run: TrainingRun, result: TrainingResult, exit_reason: str | None) -> TrainingResult:
+    """Save what the loop has not saved yet; unless stopped early, evaluate on valid/test and print a sample."""
+    args = run.args
+    if args.save and run.saved_at != run.progress.iteration:
+        _save(run)
     wait_for_async_save()
+    result.progress = run.progress
     if exit_reason:  # preempted or told to stop: leave now, the rest of the grace period is not ours
-        writers.close()
-        result.progress = progress
+        run.writers.close()
         return result
     if args.eval_iters:
+        _, valid_data, test_data = run.datasets
         for name, data in (("validation", valid_data), ("test", test_data)):
             if data is None:
                 continue
-            loader = build_pretraining_data_loader(data, 0, **loader_args)
-            loss = evaluate(_iterate(loader), ddp_model, args, num_microbatches, device)
+            loss = evaluate(_iterate(_loader(run, data, 0)), run.ddp_model, args, run.num_microbatches, run.device)
             print_rank_last(validation_log_lines(f"the end of training for {name} data", loss))
             setattr(result, "final_valid_loss" if name == "validation" else "final_test_loss", loss)
     if args.sample_tokens:
-        result.sample = generate_sample(model, tokenizer, args)
-    writers.close()
-    result.progress = progress
+        if run.layout.pp == 1:
+            result.sample = generate_sample(run.model[0], run.tokenizer, args)
+        else:
+            print_rank_0("no generated sample at pipeline size > 1: run tools/generate.py on the checkpoint")
+    run.writers.close()
     return result
+
+
+def _save(run: TrainingRun) -> None:
+    args = run.args
+    save_checkpoint(args.save, run.progress, run.model, run.optimizer, run.scheduler, args,
+                    keep_last=args.keep_last, async_save=args.async_save)
+    run.saved_at = run.progress.iteration
+
+
+def _loader(run: TrainingRun, dataset, consumed_samples: int):
+    return build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size=run.args.micro_batch_size,
+                                         data_parallel_rank=run.layout.dp_rank, data_parallel_size=run.layout.dp,
+                                         num_workers=run.args.num_workers)
 
 
 def build_datasets(args, eod_id: int):
@@ -185,44 +242,83 @@ def build_datasets(args, eod_id: int):
                               eod_mask_loss=args.eod_mask_loss, cache_dir=args.data_cache_path)
 
 
-def micro_batch_loss(model, batch: dict) -> torch.Tensor:
-    """Mean of the per-token losses over the tokens the loss mask keeps."""
-    losses = model(batch["tokens"], labels=batch["labels"])  # positions are 0..s-1 (no --reset-position-ids)
-    mask = batch["loss_mask"]
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+def forward_step(data_iterator, model):
+    """Megatron's forward-step contract: run the model on the next micro-batch, return (output, loss_func).
+
+    Every stage calls the model with the tokens (stages after the first take their hidden states
+    from the previous stage, set by the schedule); only the last stage's output is per-token losses.
+    """
+    batch = next(data_iterator)
+    output = model(batch["tokens"], labels=batch["labels"])  # positions are 0..s-1 (no --reset-position-ids)
+    return output, functools.partial(masked_mean_loss, batch["loss_mask"])
 
 
-def train_step(batches: list[dict], model: DistributedDataParallel, optimizer):
-    """Forward and backward over the micro-batches, reduce gradients, step. Returns (loss, stepped, grad norm)."""
+def masked_mean_loss(loss_mask: torch.Tensor, losses: torch.Tensor):
+    """Mean of the per-token losses over the tokens the loss mask keeps; (loss, what to report)."""
+    loss = (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+    return loss, {"lm loss": loss.detach()}
+
+
+def _as_chunks(model) -> list:
+    return model if isinstance(model, list) else [model]
+
+
+def _run_schedule(batches: list[dict], chunks: list, forward_only: bool, grad_scale_func=None) -> list:
+    layout = chunks[0].layout
+    tokens = batches[0]["tokens"]
+    iterators = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
+    return get_forward_backward_func(layout)(
+        forward_step_func=forward_step, data_iterator=iterators, model=chunks, num_microbatches=len(batches),
+        seq_length=tokens.size(1), micro_batch_size=tokens.size(0), forward_only=forward_only,
+        grad_scale_func=grad_scale_func, layout=layout)
+
+
+def train_step(batches: list[dict], model, optimizer):
+    """Forward and backward over the micro-batches (the layout's schedule), reduce gradients, step.
+
+    `model` is a DDP-wrapped model or the list of this stage's DDP-wrapped chunks. Returns (loss,
+    stepped, grad norm), the loss averaged over the micro-batches and DP, the same on every rank.
+    """
+    chunks = _as_chunks(model)
     optimizer.zero_grad()
-    losses = []
-    with named_collective("the tensor-parallel collectives of forward/backward"):
-        for i, batch in enumerate(batches):
-            # Gradients only accumulate until the last micro-batch, whose backward may start the DP reduction.
-            with model.no_sync() if i < len(batches) - 1 else contextlib.nullcontext():
-                loss = micro_batch_loss(model, batch)
-                losses.append(loss.detach())
-                (loss / len(batches) * optimizer.get_loss_scale().to(loss.device)).backward()
+    with named_collective("the forward/backward passes (tensor-parallel collectives, pipeline transfers)"):
+        reported = _run_schedule(batches, chunks, forward_only=False,
+                                 grad_scale_func=lambda loss: optimizer.get_loss_scale().to(loss.device))
     with named_collective("the all-reduce of gradients over data-parallel ranks"):
-        model.finish_grad_sync()
+        for chunk in chunks:
+            chunk.finish_grad_sync()
     with named_collective("the optimizer step (gradient-norm all-reduce, parameter all-gather)"):
         update_successful, grad_norm = optimizer.step()
     with named_collective("the all-reduce of the loss over data-parallel ranks"):
-        return _average_over_dp(torch.stack(losses).mean()), update_successful, grad_norm
+        return _average_loss(reported, chunks[0].layout), update_successful, grad_norm
 
 
 @torch.no_grad()
 def evaluate(data_iter, model, args, num_microbatches: int, device, progress: TrainingProgress | None = None) -> float:
     """Mean lm loss over --eval-iters global batches."""
-    model.eval()
-    losses = []
+    chunks = _as_chunks(model)
+    for chunk in chunks:
+        chunk.eval()
+    reported = []
     for _ in range(args.eval_iters):
-        for _ in range(num_microbatches):
-            losses.append(micro_batch_loss(model, _to_device(next(data_iter), device)))
+        batches = [_to_device(next(data_iter), device) for _ in range(num_microbatches)]
+        reported += _run_schedule(batches, chunks, forward_only=True)
         if progress is not None:
             progress.consumed_valid_samples += args.global_batch_size
-    model.train()
-    return _average_over_dp(torch.stack(losses).mean())
+    for chunk in chunks:
+        chunk.train()
+    return _average_loss(reported, chunks[0].layout)
+
+
+def _average_loss(reported: list[dict], layout: ParallelLayout) -> float:
+    """The mean reported lm loss: computed on the last pipeline stage, sent to every stage, averaged over DP."""
+    if reported:
+        value = torch.stack([r["lm loss"] for r in reported]).mean().float()
+    else:  # not the last stage: the all-reduce over the pipeline brings the last stage's value
+        value = torch.zeros((), dtype=torch.float32, device=parallel_state.get_device())
+    parallel_state.all_reduce_in_group(value, layout.pp_group)
+    parallel_state.all_reduce_in_group(value, layout.dp_group)
+    return value.item() / layout.dp
 
 
 def generate_sample(model: GPTModel, tokenizer, args) -> str:
@@ -277,28 +373,25 @@ def _log_training(args, progress, interval, lr, optimizer, grad_norm, flops_per_
     writers.scalars(scalars, progress.iteration)
 
 
-def _print_setup(args, config, model, num_microbatches: int, dp: int) -> None:
-    numel = sum(p.numel() for p in model.parameters())
+def _print_setup(args, config, model: list[GPTModel], layout: ParallelLayout, num_microbatches: int) -> None:
+    # Each parameter once: TP shards on every TP rank, replicated ones and the tied embedding copy once.
+    numel = sum(p.numel() for chunk in model for p in chunk.parameters()
+                if (getattr(p, "tensor_model_parallel", False) or layout.tp_rank == 0)
+                and not (getattr(p, "shared_embedding", False) and not layout.is_first_stage))
     total = torch.tensor([numel], dtype=torch.long, device=parallel_state.get_device())
-    dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+    parallel_state.all_reduce_in_group(total, layout.model_parallel_group)
     if args.demo:
         print_rank_0("no --data-path: training the built-in demo (a small GPT on the embedded default corpus of "
                      "Python standard-library sources, byte tokens); flags given explicitly override its defaults")
     print_rank_0(f"> GPT: {config.num_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads, "
                  f"ffn {config.ffn_hidden_size}, seq {args.seq_length}, vocab {config.vocab_size} (padded "
-                 f"{model.padded_vocab_size}), {total.item():,} parameters, dtype {config.params_dtype}")
-    print_rank_0(f"> parallelism: TP {args.tensor_model_parallel_size} x DP {dp}; global batch "
-                 f"{args.global_batch_size} = micro-batch {args.micro_batch_size} x DP {dp} x {num_microbatches} "
-                 f"accumulation steps; distributed optimizer: {args.use_distributed_optimizer}")
+                 f"{config.padded_vocab_size(layout.tp)}), {total.item():,} parameters, dtype {config.params_dtype}")
+    print_rank_0(f"> parallelism: {layout.describe()}; global batch {args.global_batch_size} = micro-batch "
+                 f"{args.micro_batch_size} x DP {layout.dp} x {num_microbatches} micro-batches; distributed optimizer: "
+                 f"{args.use_distributed_optimizer}")
     if args.save:
         print_rank_0(f"> checkpoints go to {os.path.abspath(args.save)} (every {args.save_interval} iterations "
                      "and at the end)")
-
-
-def _average_over_dp(value: torch.Tensor) -> float:
-    value = value.detach().float().clone()
-    parallel_state.all_reduce_in_group(value, parallel_state.get_data_parallel_group())
-    return value.item() / parallel_state.get_data_parallel_world_size()
 
 
 def _to_device(batch: dict, device) -> dict:
