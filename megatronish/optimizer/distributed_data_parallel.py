@@ -44,7 +44,7 @@ class Bucket:
     end: int
     params: list
     ready: set = field(default_factory=set)  # ids of parameters whose last-micro-batch gradient arrived
-    signalled_by: int = 0                   # how many of them start the reduction when ready (not shared embeddings)
+    holds_shared_embedding: bool = False    # then it starts in finish_grad_sync, after the sum over stages
     handle: object = None                   # the running reduction, once started
     started: bool = False
 
@@ -99,7 +99,7 @@ class DistributedDataParallel(nn.Module):
         self.sequence_parallel_params = [p for p in params if getattr(p, "sequence_parallel", False)]
         self.shared_embedding_params = [p for p in params if getattr(p, "shared_embedding", False)]
         for bucket in self.buckets:
-            bucket.signalled_by = sum(not getattr(p, "shared_embedding", False) for p in bucket.params)
+            bucket.holds_shared_embedding = any(getattr(p, "shared_embedding", False) for p in bucket.params)
         self._broadcast_params()
 
     def _layout(self, params, bucket_size):
@@ -153,15 +153,15 @@ class DistributedDataParallel(nn.Module):
         if param.grad.data_ptr() != param.main_grad.data_ptr():  # bf16/fp16 (or .grad reset by a caller)
             param.main_grad.add_(param.grad)
             param.grad = None
-        # A shared embedding's gradient is complete only after the sum over stages in finish_grad_sync.
-        if self.overlap_grad_reduce and self._sync_enabled and not getattr(param, "shared_embedding", False):
+        if self.overlap_grad_reduce and self._sync_enabled:
             bucket = self.bucket_of[param]
             if bucket.started:
                 raise RuntimeError("a gradient arrived for a parameter whose bucket is already being reduced: "
                                    "is a parameter used by two backward passes of one micro-batch? Turn off "
                                    "overlap_grad_reduce (--overlap-grad-reduce)")
             bucket.ready.add(id(param))
-            if len(bucket.ready) == bucket.signalled_by:
+            # A shared embedding's gradient is complete only after the sum over stages in finish_grad_sync.
+            if len(bucket.ready) == len(bucket.params) and not bucket.holds_shared_embedding:
                 self._start_reduction(bucket)
 
     def _start_reduction(self, bucket: Bucket) -> None:

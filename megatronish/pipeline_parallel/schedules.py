@@ -109,7 +109,7 @@ def _tensor_shape(layout: ParallelLayout, config, seq_length: int, micro_batch_s
 
 
 def _communicator(model, layout, seq_length, micro_batch_size) -> P2PCommunicator:
-    config = model[0].config
+    config = getattr(model[0], "module", model[0]).config  # a DDP wrapper holds the GPTModel as .module
     device = next(model[0].parameters()).device
     return P2PCommunicator(layout, _tensor_shape(layout, config, seq_length, micro_batch_size),
                            config.params_dtype, device)

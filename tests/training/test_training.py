@@ -16,7 +16,7 @@ from megatronish.data.indexed_dataset import IndexedDatasetBuilder
 from megatronish.model import GPTModel
 from megatronish.testing import run_distributed
 from megatronish.training.arguments import parse_args, transformer_config_from_args, validate_args
-from megatronish.training.training import build_datasets, micro_batch_loss, pretrain
+from megatronish.training.training import build_datasets, forward_step, pretrain
 
 ITERS = 10
 REL = 1e-5  # fp32: only the order of additions differs between layouts
@@ -74,7 +74,8 @@ def _dense_first_grad_norm(argv: list[str]) -> float:
         for m in range(micro_batches):
             rows = range(m * args.micro_batch_size, (m + 1) * args.micro_batch_size)
             batch = {k: torch.stack([train[i][k] for i in rows]) for k in ("tokens", "labels", "loss_mask")}
-            loss = loss + micro_batch_loss(model, batch) / micro_batches
+            output, loss_func = forward_step(iter([batch]), model)
+            loss = loss + loss_func(output)[0] / micro_batches
         loss.backward()
         return torch.sqrt(sum(p.grad.double().square().sum() for p in model.parameters())).item()
     finally:
