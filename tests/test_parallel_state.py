@@ -94,3 +94,51 @@ def test_all_reduce_in_group_reduces_and_skips_groups_of_one_rank():
     for rank, (results, gloo_calls) in enumerate(run_distributed(_all_reduce_in_groups, 2, args=(2,))):
         assert results == [(1.0, 1.0), (float(rank), float(rank)), (1.0, 1.0)]
         assert gloo_calls == 4  # TP and world, sum and max; none for the one-rank DP group
+
+
+def _pipeline_view(tp, pp, virtual_pp):
+    layout = ps.initialize_model_parallel(tp, pp, virtual_pp)
+    view = dict(
+        tp_rank=ps.get_tensor_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=ps.get_pipeline_model_parallel_world_size(),
+        tp_ranks=ps.get_tensor_model_parallel_ranks(), dp_ranks=ps.get_data_parallel_ranks(),
+        pp_ranks=ps.get_pipeline_model_parallel_ranks(), first=ps.is_pipeline_first_stage(),
+        last=ps.is_pipeline_last_stage(), last_ignoring_virtual=ps.is_pipeline_last_stage(ignore_virtual=True),
+        next=ps.get_pipeline_model_parallel_next_rank(), prev=ps.get_pipeline_model_parallel_prev_rank(),
+        virtual=(ps.get_virtual_pipeline_model_parallel_rank(), ps.get_virtual_pipeline_model_parallel_world_size()),
+        model_parallel_size=ps.get_model_parallel_group().size(), embedding=ps.get_embedding_group() is not None,
+    )
+    assert layout is ps.get_layout() and layout.describe() == f"TP {tp} x PP {pp} (2 virtual stages each) x DP 2"
+    return view
+
+
+def test_pipeline_layout_follows_megatrons_rank_order():
+    # 8 ranks, TP 2 x PP 2 x DP 2: rank = tp_rank + 2 (dp_rank + 2 pp_rank); TP adjacent, then DP, then PP.
+    for rank, view in enumerate(run_distributed(_pipeline_view, 8, args=(2, 2, 2))):
+        tp_rank, dp_rank, pp_rank = rank % 2, (rank // 2) % 2, rank // 4
+        assert (view["tp_rank"], view["dp_rank"], view["pp_rank"], view["pp_size"]) == (tp_rank, dp_rank, pp_rank, 2)
+        assert view["tp_ranks"] == [rank - tp_rank, rank - tp_rank + 1]
+        assert view["dp_ranks"] == [tp_rank + 4 * pp_rank, tp_rank + 2 + 4 * pp_rank]
+        assert view["pp_ranks"] == [tp_rank + 2 * dp_rank, tp_rank + 2 * dp_rank + 4]
+        other_stage = view["pp_ranks"][1 - pp_rank]
+        assert view["next"] == view["prev"] == other_stage  # two stages: the ring's neighbours coincide
+        # Virtual chunk 0 runs first: the first stage is "first", no stage is "last" until the last chunk runs.
+        assert (view["first"], view["last"], view["last_ignoring_virtual"]) == (pp_rank == 0, False, pp_rank == 1)
+        assert view["virtual"] == (0, 2)
+        assert view["model_parallel_size"] == 4 and view["embedding"]
+
+
+def test_pipeline_size_not_dividing_the_world_names_both_sizes():
+    with pytest.raises(RankFailed, match=r"world size 2 is not divisible by tensor-model-parallel size 1 x "
+                                         r"pipeline-model-parallel size 4 = 4"):
+        run_distributed(ps.initialize_model_parallel, 2, args=(1, 4))
+
+
+def test_parallel_dims_reject_virtual_stages_without_a_pipeline():
+    from megatronish.parallel_layout import ParallelDims
+
+    assert ParallelDims.for_world(12, tp=2, pp=3) == ParallelDims(2, 3, 2)
+    with pytest.raises(ValueError, match="virtual pipeline size 2 needs pipeline parallelism"):
+        ParallelDims(tp=2, pp=1, dp=1, virtual_pp=2)
+    with pytest.raises(ValueError, match="tp size must be a positive integer, got 0"):
+        ParallelDims(tp=0)

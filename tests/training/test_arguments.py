@@ -75,7 +75,10 @@ def test_no_data_flags_give_the_demo_and_explicit_flags_win():
 
 
 @pytest.mark.parametrize("argv,world_size,expected", [
-    (["--tp", "3"], 2, "--tensor-model-parallel-size 3 does not divide the world size 2"),
+    (["--tp", "3"], 2, "--tensor-model-parallel-size 3 x --pipeline-model-parallel-size 1 = 3 does not divide the "
+                       "world size 2"),
+    (["--tp", "2", "--pp", "2"], 2, "--tensor-model-parallel-size 2 x --pipeline-model-parallel-size 2 = 4 does not "
+                                    "divide the world size 2"),
     (["--global-batch-size", "20"], 2, "--global-batch-size 20 is not divisible by --micro-batch-size 8 x "
                                        "data-parallel size 2: use a multiple of 16"),
     (["--num-attention-heads", "6", "--hidden-size", "96", "--tp", "4"], 4,
@@ -83,7 +86,26 @@ def test_no_data_flags_give_the_demo_and_explicit_flags_win():
     (["--vocab-file", "vocab.json", "--merge-file", "merges.txt"], 1, "--data-path is missing"),
     (["--fp16", "--bf16"], 1, "--fp16 and --bf16 are both set"),
     (["--seq-length", "256", "--max-position-embeddings", "128"], 1, "--seq-length 256 exceeds"),
-    (["--pipeline-model-parallel-size", "2"], 2, "--pipeline-model-parallel-size 2 is not supported"),
+    (["--pp", "3"], 3, "num_layers 4 is not divisible by the pipeline-model-parallel size 3: choose a multiple of 3, "
+                       "or give --decoder-first-pipeline-num-layers"),
+    (["--pp", "2", "--virtual-pipeline-model-parallel-size", "2", "--global-batch-size", "24"], 2,
+     "needs the micro-batches per step (3 = --global-batch-size 24 / (--micro-batch-size 8 x DP 1)) to be a multiple "
+     "of --pipeline-model-parallel-size 2"),
+    (["--pp", "2", "--num-layers", "6", "--virtual-pipeline-model-parallel-size", "2"], 2,
+     "num_layers 6 is not divisible by pipeline size 2 x virtual stages 2 = 4"),
+    (["--pp", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 2,
+     "--num-layers-per-virtual-pipeline-stage 3 x --pipeline-model-parallel-size 2 must divide --num-layers 4"),
+    (["--virtual-pipeline-model-parallel-size", "2"], 1,
+     "--virtual-pipeline-model-parallel-size 2 needs --pipeline-model-parallel-size > 1"),
+    (["--pp", "2", "--num-layers-per-virtual-pipeline-stage", "1", "--virtual-pipeline-model-parallel-size", "3"], 2,
+     "--num-layers-per-virtual-pipeline-stage 1 means 2 virtual stages, but --virtual-pipeline-model-parallel-size is 3"),
+    (["--decoder-first-pipeline-num-layers", "1"], 1, "need a pipeline-model-parallel size > 1"),
+    (["--pp", "3", "--num-layers", "6", "--decoder-first-pipeline-num-layers", "1"], 3,
+     "5 of num_layers 6 remain for 2 middle stage(s), which must split them evenly"),
+    (["--pp", "2", "--decoder-first-pipeline-num-layers", "1", "--decoder-last-pipeline-num-layers", "2"], 2,
+     "the first (1) and last (2) pipeline stages hold 3 layers, but num_layers is 4"),
+    (["--pp", "2", "--decoder-first-pipeline-num-layers", "1", "--num-layers-per-virtual-pipeline-stage", "1"], 2,
+     "an uneven pipeline split (--decoder-first/last-pipeline-num-layers) and virtual stages cannot be combined"),
     (["--lr-warmup-iters", "300"], 1, "the warmup (300 iterations) must be shorter than --lr-decay-iters 200"),
 ])
 def test_argument_errors_name_the_value_and_fix(argv, world_size, expected):
