@@ -281,7 +281,7 @@ def train_step(batches: list[dict], model, optimizer):
     """
     chunks = _as_chunks(model)
     optimizer.zero_grad()
-    with named_collective("the forward/backward passes (tensor-parallel collectives, pipeline transfers)"):
+    with named_collective("the tensor-parallel collectives and pipeline transfers of forward/backward"):
         reported = _run_schedule(batches, chunks, forward_only=False,
                                  grad_scale_func=lambda loss: optimizer.get_loss_scale().to(loss.device))
     with named_collective("the all-reduce of gradients over data-parallel ranks"):

@@ -132,5 +132,5 @@ def test_a_hung_rank_fails_its_peers_within_the_distributed_timeout(corpus):
     assert time.monotonic() - start < 60
     message = str(failure.value)
     assert "rank 0 of 2 failed" in message
-    assert "CollectiveError: timed out in the tensor-parallel collectives of forward/backward at iteration 2" in message
+    assert "CollectiveError: timed out in the tensor-parallel collectives and pipeline transfers of forward/backward at iteration 2" in message
     assert "--distributed-timeout-minutes" in message
