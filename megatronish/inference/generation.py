@@ -92,6 +92,6 @@ def without_sequence_parallel(model: GPTModel) -> GPTModel:
     its parameters (sequence parallelism changes only the communication, not the weights)."""
     if not model.config.sequence_parallel:
         return model
-    twin = GPTModel(dataclasses.replace(model.config, sequence_parallel=False))
+    twin = GPTModel(dataclasses.replace(model.config, sequence_parallel=False), layout=model.layout)
     twin.load_state_dict(model.state_dict(), assign=True)
     return twin.train(model.training)
