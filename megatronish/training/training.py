@@ -373,19 +373,25 @@ def _log_training(args, progress, interval, lr, optimizer, grad_norm, flops_per_
     writers.scalars(scalars, progress.iteration)
 
 
-def _print_setup(args, config, model: list[GPTModel], layout: ParallelLayout, num_microbatches: int) -> None:
-    # Each parameter once: TP shards on every TP rank, replicated ones and the tied embedding copy once.
+def count_parameters(model: list[GPTModel], layout: ParallelLayout) -> int:
+    """Parameters of the whole model (padding rows included), each once: TP shards summed over TP, replicated
+    ones counted on TP rank 0, stages summed over PP, the last stage's copy of tied embeddings left out."""
     numel = sum(p.numel() for chunk in model for p in chunk.parameters()
                 if (getattr(p, "tensor_model_parallel", False) or layout.tp_rank == 0)
                 and not (getattr(p, "shared_embedding", False) and not layout.is_first_stage))
     total = torch.tensor([numel], dtype=torch.long, device=parallel_state.get_device())
     parallel_state.all_reduce_in_group(total, layout.model_parallel_group)
+    return int(total.item())
+
+
+def _print_setup(args, config, model: list[GPTModel], layout: ParallelLayout, num_microbatches: int) -> None:
+    total = count_parameters(model, layout)
     if args.demo:
         print_rank_0("no --data-path: training the built-in demo (a small GPT on the embedded default corpus of "
                      "Python standard-library sources, byte tokens); flags given explicitly override its defaults")
     print_rank_0(f"> GPT: {config.num_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads, "
                  f"ffn {config.ffn_hidden_size}, seq {args.seq_length}, vocab {config.vocab_size} (padded "
-                 f"{config.padded_vocab_size(layout.tp)}), {total.item():,} parameters, dtype {config.params_dtype}")
+                 f"{config.padded_vocab_size(layout.tp)}), {total:,} parameters, dtype {config.params_dtype}")
     print_rank_0(f"> parallelism: {layout.describe()}; global batch {args.global_batch_size} = micro-batch "
                  f"{args.micro_batch_size} x DP {layout.dp} x {num_microbatches} micro-batches; distributed optimizer: "
                  f"{args.use_distributed_optimizer}")

@@ -1,7 +1,8 @@
 """The schedules below the training loop, with two layouts side by side in one process.
 
 - After one step at PP=2 (1F1B and interleaved), the gradient of every parameter equals that of
-  a PP=1 model built from the same seed in the same process (fp32, 1e-6).
+  a PP=1 model built from the same seed in the same process (fp32, 1e-6), and the parameter
+  count over the stages equals the PP=1 model's.
 - 1F1B never holds more than PP micro-batches' activations on a stage (counted: forwards whose
   backward has not run yet), while all m forwards before any backward would hold m.
 - A TP=2 and a TP=1 model live side by side and give the same logits.
@@ -18,7 +19,7 @@ from megatronish.parallel_layout import ParallelLayout
 from megatronish.pipeline_parallel import get_forward_backward_func
 from megatronish.testing import run_distributed
 from megatronish.tensor_parallel import gather_from_tensor_model_parallel_region
-from megatronish.training.training import forward_step
+from megatronish.training.training import count_parameters, forward_step
 
 SEQ, MICRO_BATCH, VOCAB = 8, 2, 50
 
@@ -63,14 +64,16 @@ def _pipeline_grads(virtual_pp, untied, num_microbatches):
         output, loss_func = forward_step(iter([batch]), reference)
         (loss_func(output)[0] / num_microbatches).backward()
     expected = {name: p.grad for name, p in reference.named_parameters()}
-    return {name: (grad, expected[name]) for name, grad in got.items()}
+    counts = (count_parameters([chunk.module for chunk in chunks], pipeline), count_parameters([reference], single))
+    return {name: (grad, expected[name]) for name, grad in got.items()}, counts
 
 
 @pytest.mark.parametrize("virtual_pp,untied,num_microbatches", [(None, False, 4), (None, True, 3), (2, False, 4)])
 def test_every_gradient_at_pp2_equals_pp1(virtual_pp, untied, num_microbatches):
     per_rank = run_distributed(_pipeline_grads, 2, args=(virtual_pp, untied, num_microbatches))
     names = set()
-    for pairs in per_rank:
+    for pairs, (pipeline_count, single_count) in per_rank:
+        assert pipeline_count == single_count  # the tied copy is not counted twice
         for name, (got, expected) in pairs.items():
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
         names |= set(pairs)
