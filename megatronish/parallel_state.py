@@ -81,6 +81,9 @@ def initialize_distributed(backend: str | None = None, timeout_minutes: float = 
     else:
         set_cpu_threads()
     if not dist.is_initialized():
+        store = torchelastic_attempt_store(timedelta(minutes=timeout_minutes))
+        if store is None and "WORLD_SIZE" not in os.environ:
+            store = dist.HashStore()  # a world of one needs no port (two such tools at once would both want 29500)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(
@@ -88,7 +91,7 @@ def initialize_distributed(backend: str | None = None, timeout_minutes: float = 
             rank=int(os.environ.get("RANK", 0)),
             world_size=int(os.environ.get("WORLD_SIZE", 1)),
             timeout=timedelta(minutes=timeout_minutes),
-            store=torchelastic_attempt_store(timedelta(minutes=timeout_minutes)),
+            store=store,
         )
     _state.device = device
     _state.timeout = timedelta(minutes=timeout_minutes)

@@ -142,3 +142,27 @@ def test_parallel_dims_reject_virtual_stages_without_a_pipeline():
         ParallelDims(tp=2, pp=1, dp=1, virtual_pp=2)
     with pytest.raises(ValueError, match="tp size must be a positive integer, got 0"):
         ParallelDims(tp=0)
+
+
+def test_a_single_process_needs_no_port(tmp_path):
+    """Tools run as plain `python` (a world of one) start even when torchrun's default port is taken."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from megatronish import parallel_state as ps; ps.initialize_distributed(); "
+            "ps.initialize_model_parallel(1); print('world', ps.get_data_parallel_world_size())")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_PORT", "MASTER_ADDR")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            taken.bind(("127.0.0.1", 29500))
+            taken.listen()
+        except OSError:
+            pass  # already taken by someone else: the point holds all the more
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "world 1" in proc.stdout
