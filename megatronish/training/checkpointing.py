@@ -7,6 +7,7 @@ On disk (Megatron's names for the folders):
                                                   Adam step, the layout it was saved at, tensor shapes
     <save>/iter_0000100/.metadata                 DCP's index: every tensor's global shape and chunks
     <save>/iter_0000100/__<rank>_0.distcp          DCP data files, one per writing rank
+    <save>/iter_0000100/manifest.json             every other file with its size, written last
 Tensors (see checkpoint_format.py for how a TP shard becomes a block of a global tensor):
     model.<param name>                            the weights (vocabulary rows unpadded)
     optimizer.<param name>.{master,exp_avg,exp_avg_sq}   fp32, the parameter's layout
@@ -17,8 +18,11 @@ stage) are one entry. The optimizer state comes from `sharded_state_by_name()` (
 DP shards into the TP-shard shape), so it reshards exactly like the parameters.
 
 A save writes everything into `iter_XXXXXXX.tmp`, fsyncs it, and only then renames it to
-`iter_XXXXXXX` and rewrites the tracker file (write + rename): a crash at any point leaves the
-previous checkpoint as the latest, complete and loadable. `keep_last` prunes after that.
+`iter_XXXXXXX`, checks the published folder against its manifest, and only then rewrites the
+tracker file (write + rename): a crash at any point leaves the previous checkpoint as the latest,
+complete and loadable. `keep_last` prunes after that, among the iterations up to the new one.
+`load_checkpoint` loads the tracked checkpoint if it is complete, otherwise the newest complete
+one before it (checkpoint_manifest.py), with a log line.
 With `async_save=True` the state is copied to CPU memory (staging) and written by a background
 thread over a process group of its own while training goes on; the next save, and the end of
 training (`wait_for_async_save`), wait for it.
@@ -46,6 +50,12 @@ from megatronish.training.checkpoint_format import (
     read_metadata,
     save_blocks,
 )
+from megatronish.training.checkpoint_manifest import (
+    checkpoint_iterations,
+    choose_checkpoint,
+    why_incomplete,
+    write_manifest,
+)
 from megatronish.training.progress import TrainingProgress
 from megatronish.training.utils import get_rng_state, print_rank_0, set_rng_state
 
@@ -65,9 +75,9 @@ def read_latest_iteration(root: str) -> int | None:
     tracker = os.path.join(root, TRACKER_FILENAME)
     if not os.path.isfile(tracker):
         return None
-    with open(tracker) as f:
-        text = f.read().strip()
-    if not text.isdigit():
+    with open(tracker, "rb") as f:
+        text = f.read().decode("utf-8", errors="backslashreplace").strip()
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"{tracker} should hold an iteration number, found {text!r}: fix or delete the file")
     return int(text)
 
@@ -134,11 +144,15 @@ def _write(state, common, temporary, final, save_dir, keep_last, group) -> None:
     save_blocks(state, temporary, process_group=group)  # DCP fsyncs every data file
     if dist.get_rank() == 0:  # DCP returned on rank 0 only after every rank's files were written
         _write_json_durably(os.path.join(temporary, COMMON_FILENAME), common)
+        write_manifest(temporary, _write_text_durably)
         _fsync_dir(temporary)
         _publish(temporary, final)
+        incomplete = why_incomplete(final)
+        if incomplete:  # the tracker must never name it
+            raise OSError(f"checkpoint {final} is incomplete right after saving: {incomplete}")
         _write_text_durably(os.path.join(save_dir, TRACKER_FILENAME), str(common["iteration"]))
         if keep_last:
-            _delete_old_checkpoints(save_dir, keep_last)
+            _delete_old_checkpoints(save_dir, keep_last, common["iteration"])
     dist.barrier(group=group)
 
 
@@ -190,9 +204,13 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, *, load_optim: b
     progress still comes back). `finetune=True` loads the weights only and starts at iteration 0.
     RNG states come back only when the layout is the one they were saved at.
     """
-    iteration = read_latest_iteration(load_dir)
+    iteration = _agreed_checkpoint(load_dir)
     if iteration is None:
-        print_rank_0(f"no checkpoint in {load_dir} ({TRACKER_FILENAME} absent): starting from scratch")
+        if finetune:
+            raise FileNotFoundError(f"--finetune --load {load_dir}: there is no checkpoint in {load_dir} to fine-tune "
+                                    "from; give the folder of a saved checkpoint (or drop --finetune)")
+        print_rank_0(f"no checkpoint in {load_dir} (neither {TRACKER_FILENAME} nor iter_* folders): "
+                     "starting from scratch")
         return None
     folder = checkpoint_dir(load_dir, iteration)
     start = time.perf_counter()
@@ -241,6 +259,29 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, *, load_optim: b
     return progress
 
 
+def newest_complete_checkpoint(load_dir: str) -> tuple[int | None, list[str]]:
+    """(iteration, log lines): the tracked checkpoint if complete, else the newest complete one
+    before it; (None, []) for an empty or missing folder. Raises if folders exist but none is complete."""
+    return choose_checkpoint(load_dir, read_latest_iteration(load_dir), lambda i: checkpoint_dir(load_dir, i))
+
+
+def _agreed_checkpoint(load_dir: str) -> int | None:
+    """Rank 0 chooses (a bucket mount may show files to one node sooner than to another), every rank loads it."""
+    choice = [None]
+    if dist.get_rank() == 0:
+        try:
+            iteration, notes = newest_complete_checkpoint(load_dir)
+            for note in notes:
+                print_rank_0(note)
+            choice = [iteration]
+        except (OSError, ValueError) as error:
+            choice = [error]
+    dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], Exception):
+        raise choice[0]
+    return choice[0]
+
+
 def _why_rng_unusable(common: dict, metadata, rng_key: str, layout: ParallelLayout) -> str | None:
     """None when this rank's saved RNG states apply to it, otherwise the reason."""
     saved, now = _layout_record_filled(common["layout"]), _layout_record(layout)
@@ -282,7 +323,9 @@ def _resolve_folder(load_dir: str) -> str:
     """A checkpoint root (with the tracker file) or one iter_XXXXXXX folder -> the folder to read."""
     if os.path.isfile(os.path.join(load_dir, COMMON_FILENAME)):
         return load_dir
-    iteration = read_latest_iteration(load_dir)
+    iteration, notes = newest_complete_checkpoint(load_dir)
+    for note in notes:
+        print_rank_0(note)
     if iteration is None:
         raise FileNotFoundError(f"{load_dir} holds no checkpoint: neither {TRACKER_FILENAME} nor {COMMON_FILENAME}")
     return checkpoint_dir(load_dir, iteration)
@@ -469,8 +512,8 @@ def _remove_stale_temporaries(root: str) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def _delete_old_checkpoints(root: str, keep_last: int) -> None:
-    iterations = sorted(int(name[5:]) for name in os.listdir(root)
-                        if name.startswith("iter_") and name[5:].isdigit())
-    for old in iterations[:-keep_last]:
+def _delete_old_checkpoints(root: str, keep_last: int, newest: int) -> None:
+    """Keep the newest `keep_last` checkpoints up to `newest` (the one just written). Folders of
+    higher iterations come from another run of this folder (reused --save, a rollback): not ours to judge."""
+    for old in [i for i in checkpoint_iterations(root) if i <= newest][keep_last:]:
         shutil.rmtree(checkpoint_dir(root, old), ignore_errors=True)

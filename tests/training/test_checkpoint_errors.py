@@ -11,6 +11,7 @@ from checkpoint_testing import build_corpus, run_pretrains, tiny_argv
 
 from megatronish.testing import RankFailed, run_distributed
 from megatronish.training import checkpointing
+from megatronish.training.checkpoint_manifest import MANIFEST_FILENAME
 from megatronish.training.checkpointing import TRACKER_FILENAME, read_latest_iteration
 
 
@@ -52,6 +53,11 @@ def _truncate(path: str) -> None:
         f.truncate(os.path.getsize(path) // 2)
 
 
+def _remove(folder: str, *names: str) -> None:
+    for name in names:
+        os.remove(os.path.join(folder, name))
+
+
 def _write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -64,12 +70,16 @@ def test_missing_truncated_and_foreign_checkpoints_name_the_file(corpus, saved, 
                            ["__1_0.distcp", "is missing"]),
         "data_file_truncated": (lambda it, root: _truncate(os.path.join(it, "__0_0.distcp")),
                                 ["__0_0.distcp", "is truncated"]),
-        "index_truncated": (lambda it, root: _truncate(os.path.join(it, ".metadata")),
-                            [".metadata", "truncated or corrupt"]),
-        "no_description": (lambda it, root: os.remove(os.path.join(it, "checkpoint.json")),
+        "index_truncated": (lambda it, root: _truncate(os.path.join(it, ".metadata")), [".metadata", "is truncated"]),
+        # Folders with no manifest (not saved by megatronish, or before manifests) are judged by their files:
+        "no_description": (lambda it, root: _remove(it, "checkpoint.json", MANIFEST_FILENAME),
                            ["checkpoint.json", "not a megatronish checkpoint"]),
-        "foreign_description": (lambda it, root: _write(os.path.join(it, "checkpoint.json"), '{"format": "nemo"}'),
+        "foreign_description": (lambda it, root: (_remove(it, MANIFEST_FILENAME), _write(
+                                    os.path.join(it, "checkpoint.json"), '{"format": "nemo"}')),
                                 ["checkpoint.json", "'nemo'", "not a megatronish checkpoint"]),
+        "legacy_index_truncated": (lambda it, root: (_remove(it, MANIFEST_FILENAME),
+                                                     _truncate(os.path.join(it, ".metadata"))),
+                                   [".metadata", "truncated or corrupt"]),
         "bad_tracker": (lambda it, root: _write(os.path.join(root, TRACKER_FILENAME), "latest"),
                         [TRACKER_FILENAME, "'latest'"]),
     }
