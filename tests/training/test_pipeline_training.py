@@ -5,7 +5,7 @@ PP=2 x DP=2, PP=2 x TP=2 x DP=2 (8 ranks) and interleaved (PP=2, 2 virtual stage
 within 1e-5 relative, with tied and untied embeddings, sequence parallelism, the distributed
 optimizer and overlapped gradient reduction. A checkpoint saved at PP=2 x TP=2 resumes at
 PP=1 x TP=1 (training continues on the uninterrupted trajectory) and at PP=4 (validation loss
-equal within 1e-6).
+equal within 1e-6); one saved at PP=1 continues training at PP=4.
 """
 
 import pytest
@@ -118,6 +118,13 @@ def test_checkpoint_saved_at_pp2_tp2_resumes_at_pp1_and_pp4(corpus, references, 
     assert evaluated[0]["final_valid"] == pytest.approx(evaluated[1]["final_valid"], rel=1e-6, abs=1e-6)
     assert evaluated[2]["final_valid"] == pytest.approx(evaluated[1]["final_valid"], rel=1e-6, abs=1e-6)
     assert evaluated[1]["final_valid"] == pytest.approx(saved["valid"][ITERS // 2], rel=1e-6)
+
+    # And the other way: saved at PP=1, training continues at PP=4.
+    save_pp1 = str(tmp_path / "ckpt-pp1")
+    run_distributed(_runs, 1, args=([_argv(corpus, "--save", save_pp1, "--exit-interval", str(ITERS // 2))],),
+                    timeout=300)
+    resumed_pp4 = run_distributed(_runs, 4, args=([_argv(corpus, "--pp", "4", "--load", save_pp1)],), timeout=300)[0][0]
+    assert resumed_pp4["losses"] == pytest.approx(references["tied"]["losses"][ITERS // 2:], rel=REL)
 
     # The tools' readers (evaluation, generation: load_model_for_inference; the converter: read_full_model_state)
     # see the whole model, every stage's parameters.
