@@ -15,6 +15,7 @@ global norm (each parameter counted once) and clip; AdamW; write back; with the 
 optimizer, all-gather the updated parameters over DP.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,9 @@ class MixedPrecisionOptimizer:
 
     @torch.no_grad()
     def step(self) -> tuple[bool, float | None]:
-        """Returns (update_successful, grad_norm). A step skipped for inf/nan gradients returns (False, None)."""
+        """Returns (update_successful, grad_norm). A step skipped for inf/nan gradients returns (False, None)
+        with fp16's loss scaling, (False, the non-finite norm) without: such a step is never applied (it
+        would make every weight NaN); the training loop decides when too many in a row end the run."""
         grads = [e.main.grad for e in self.main_params]
         device = parallel_state.get_device()
         if self.grad_scaler is not None:
@@ -120,6 +123,8 @@ class MixedPrecisionOptimizer:
         counted = [e.main.grad for e in self.main_params if counted_in_grad_norm(e.param, self.layout)]
         norm_group = None if self.norm_group_is_world else self.layout.model_parallel_group
         grad_norm = global_grad_norm(counted, norm_group, device)
+        if not math.isfinite(grad_norm):
+            return False, grad_norm
         if self.config.clip_grad > 0:
             clip_grads_by_norm_(grads, grad_norm, self.config.clip_grad)
         self.optimizer.step()

@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (after saving) at the first iteration boundary after this many minutes")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="accepted for Megatron scripts: SIGTERM and SIGUSR1 always make every rank save and exit 0")
+    g.add_argument("--max-nan-iterations", type=int, default=1,
+                   help="stop with an error after this many iterations in a row whose loss or gradient norm is "
+                        "not finite (their steps are skipped; 0: never stop) (default: 1, as Megatron's "
+                        "--check-for-nan-in-loss-and-grad)")
     g.add_argument("--skip-train", action="store_true",
                    help="no training iterations: load (--load), run the final evaluation, and exit")
     g.add_argument("--seed", type=int, default=1234)

@@ -42,6 +42,7 @@ from megatronish.tensor_parallel import model_parallel_manual_seed
 from megatronish.training.arguments import transformer_config_from_args, validate_args, warmup_iters
 from megatronish.training.checkpointing import load_checkpoint, save_checkpoint, wait_for_async_save
 from megatronish.training.collective_errors import named_collective
+from megatronish.training.nonfinite import NonFiniteGuard, parameters_are_finite
 from megatronish.training.preemption import ExitConditions
 from megatronish.training.progress import TrainingProgress
 from megatronish.training.training_log import (
@@ -84,6 +85,7 @@ class TrainingRun:
     device: torch.device
     loaded: bool                            # resumed from a checkpoint at progress.iteration
     saved_at: int | None = None             # the iteration of the newest checkpoint on disk from this run
+    finite: bool = True                     # the newest iteration's loss and gradients were finite (may be saved)
 
 
 def pretrain(args: argparse.Namespace) -> TrainingResult:
@@ -149,6 +151,7 @@ def train(run: TrainingRun, result: TrainingResult) -> str | None:
     run.saved_at = progress.iteration if run.loaded else None  # resumed: that one is on disk
     exit_conditions = ExitConditions(args.exit_interval, args.exit_duration_in_mins)  # SIGTERM/SIGUSR1 from here on
     exit_reason = None
+    nan_guard = NonFiniteGuard(args.max_nan_iterations, args.fp16)
     for chunk in run.ddp_model:
         chunk.train()
     prepare_process_for_training_loop()
@@ -172,6 +175,11 @@ def train(run: TrainingRun, result: TrainingResult) -> str | None:
         if progress.iteration % args.log_interval == 0:
             _log_training(args, progress, interval, lr, run.optimizer, grad_norm, flops_per_iteration, run.writers)
             interval = _LogInterval()
+        nan_guard.update(progress.iteration, loss, grad_norm)
+        run.finite = nan_guard.healthy
+        if nan_guard.exhausted:
+            wait_for_async_save()  # a healthy checkpoint may still be on its way to disk
+            raise nan_guard.error()
         pause_start = time.perf_counter()  # evaluation and saving do not count as iteration time
         if args.eval_iters and valid_iter and progress.iteration % args.eval_interval == 0:
             valid_loss = evaluate(valid_iter, run.ddp_model, args, run.num_microbatches, run.device, progress)
@@ -220,6 +228,9 @@ def finish(run: TrainingRun, result: TrainingResult, exit_reason: str | None) ->
 
 def _save(run: TrainingRun) -> None:
     args = run.args
+    if not (run.finite and parameters_are_finite(run.model)):  # never replace a healthy checkpoint by a broken one
+        print_rank_0(f"not saving iteration {run.progress.iteration}: its loss, gradient norm or weights are not finite")
+        return
     save_checkpoint(args.save, run.progress, run.model, run.optimizer, run.scheduler, args,
                     keep_last=args.keep_last, async_save=args.async_save)
     run.saved_at = run.progress.iteration
