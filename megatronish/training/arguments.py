@@ -247,12 +247,56 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     def fail(message):
         raise ArgumentError(message)
 
-    for dest in REQUIRED_WITH_DATA:
+    validate_layout_args(args, world_size)
+    for dest in ("train_iters", "lr"):
         if getattr(args, dest) is None:
             fail(f"{_flag(dest)} is required when --data-path is given (or omit --data-path to run the built-in demo)")
-    for dest in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "train_iters",
-                 "ffn_hidden_size", "max_position_embeddings", "log_interval", "eval_interval",
-                 "tensor_model_parallel_size"):
+    for dest in ("train_iters", "log_interval", "eval_interval"):
+        if getattr(args, dest) < 1:
+            fail(f"{_flag(dest)} must be a positive integer, got {getattr(args, dest)}")
+    if args.loss_scale is not None and not args.fp16:
+        fail(f"--loss-scale {args.loss_scale} applies to --fp16 only: add --fp16 or drop --loss-scale")
+    if args.lr <= 0 or not 0 <= args.min_lr <= args.lr:
+        fail(f"need --lr > 0 and 0 <= --min-lr <= --lr, got --lr {args.lr} --min-lr {args.min_lr}")
+    if args.lr_warmup_fraction is not None:
+        if args.lr_warmup_iters:
+            fail(f"--lr-warmup-fraction {args.lr_warmup_fraction} and --lr-warmup-iters {args.lr_warmup_iters} "
+                 "are both set: give only one")
+        if not 0 <= args.lr_warmup_fraction < 1:
+            fail(f"--lr-warmup-fraction {args.lr_warmup_fraction} must be in [0, 1)")
+    if args.lr_decay_iters < 1:
+        fail(f"--lr-decay-iters {args.lr_decay_iters} must be positive")
+    if args.lr_decay_style != "constant" and warmup_iters(args) >= args.lr_decay_iters:
+        fail(f"the warmup ({warmup_iters(args)} iterations) must be shorter than --lr-decay-iters "
+             f"{args.lr_decay_iters}: shorten the warmup or raise --lr-decay-iters")
+    if args.clip_grad < 0 or args.eval_iters < 0:
+        fail(f"--clip-grad ({args.clip_grad}) and --eval-iters ({args.eval_iters}) must be >= 0")
+    if args.save_interval is not None and args.save_interval < 1:
+        fail(f"--save-interval {args.save_interval} must be positive")
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        fail(f"--exit-duration-in-mins {args.exit_duration_in_mins} must be positive")
+    if args.keep_last is not None and args.keep_last < 1:
+        fail(f"--keep-last {args.keep_last} must be positive")
+    if args.distributed_backend == "nccl" and not torch.cuda.is_available():
+        fail("--distributed-backend nccl needs CUDA GPUs and none is visible: use --distributed-backend gloo")
+    _validate_data_args(args, fail)
+
+
+def validate_layout_args(args: argparse.Namespace, world_size: int) -> None:
+    """The rules of the model shape, precision, batch and TP x PP x DP layout (no data, no training schedule).
+
+    validate_args starts with these, and the layout planner (megatronish.planner) asks them of every
+    layout it considers, so a layout it rejects is rejected here with the same message. Derives
+    args.data_parallel_size, the default --global-batch-size and the virtual pipeline size.
+    """
+    def fail(message):
+        raise ArgumentError(message)
+
+    for dest in MODEL_SHAPE_FLAGS + ("micro_batch_size",):
+        if getattr(args, dest) is None:
+            fail(f"{_flag(dest)} is required when --data-path is given (or omit --data-path to run the built-in demo)")
+    for dest in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+                 "ffn_hidden_size", "max_position_embeddings", "tensor_model_parallel_size"):
         if getattr(args, dest) < 1:
             fail(f"{_flag(dest)} must be a positive integer, got {getattr(args, dest)}")
 
@@ -291,35 +335,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         args.sequence_parallel = False  # nothing to split; Megatron turns it off the same way
     if args.sequence_parallel and args.seq_length % tp != 0:
         fail(f"--sequence-parallel needs --seq-length {args.seq_length} divisible by --tp {tp}")
-
     if args.fp16 and args.bf16:
         fail("--fp16 and --bf16 are both set: choose one")
-    if args.loss_scale is not None and not args.fp16:
-        fail(f"--loss-scale {args.loss_scale} applies to --fp16 only: add --fp16 or drop --loss-scale")
-    if args.lr <= 0 or not 0 <= args.min_lr <= args.lr:
-        fail(f"need --lr > 0 and 0 <= --min-lr <= --lr, got --lr {args.lr} --min-lr {args.min_lr}")
-    if args.lr_warmup_fraction is not None:
-        if args.lr_warmup_iters:
-            fail(f"--lr-warmup-fraction {args.lr_warmup_fraction} and --lr-warmup-iters {args.lr_warmup_iters} "
-                 "are both set: give only one")
-        if not 0 <= args.lr_warmup_fraction < 1:
-            fail(f"--lr-warmup-fraction {args.lr_warmup_fraction} must be in [0, 1)")
-    if args.lr_decay_iters < 1:
-        fail(f"--lr-decay-iters {args.lr_decay_iters} must be positive")
-    if args.lr_decay_style != "constant" and warmup_iters(args) >= args.lr_decay_iters:
-        fail(f"the warmup ({warmup_iters(args)} iterations) must be shorter than --lr-decay-iters "
-             f"{args.lr_decay_iters}: shorten the warmup or raise --lr-decay-iters")
-    if args.clip_grad < 0 or args.eval_iters < 0:
-        fail(f"--clip-grad ({args.clip_grad}) and --eval-iters ({args.eval_iters}) must be >= 0")
-    if args.save_interval is not None and args.save_interval < 1:
-        fail(f"--save-interval {args.save_interval} must be positive")
-    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
-        fail(f"--exit-duration-in-mins {args.exit_duration_in_mins} must be positive")
-    if args.keep_last is not None and args.keep_last < 1:
-        fail(f"--keep-last {args.keep_last} must be positive")
-    if args.distributed_backend == "nccl" and not torch.cuda.is_available():
-        fail("--distributed-backend nccl needs CUDA GPUs and none is visible: use --distributed-backend gloo")
-    _validate_data_args(args, fail)
     try:  # the model's own checks too, so that none of them can fire after data loading started
         config = transformer_config_from_args(args, vocab_size=1)
         config.validate(tp)
