@@ -13,12 +13,15 @@ is the one place where arguments become the model's TransformerConfig.
 
 import argparse
 import difflib
+import errno
+import math
 import os
+import tempfile
 
 import torch
 
-from megatronish.data.gpt_dataset import parse_data_path
-from megatronish.data.indexed_dataset import dataset_exists
+from megatronish.data.gpt_dataset import parse_data_path, split_document_ranges
+from megatronish.data.indexed_dataset import IndexedDataset, dataset_exists
 from megatronish.data.tokenizers import TOKENIZER_TYPES
 from megatronish.model import TransformerConfig
 from megatronish.model.pipeline_split import validate_pipeline_split
@@ -247,6 +250,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     def fail(message):
         raise ArgumentError(message)
 
+    _validate_ranges(args, fail)
     validate_layout_args(args, world_size)
     for dest in ("train_iters", "lr"):
         if getattr(args, dest) is None:
@@ -280,6 +284,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.distributed_backend == "nccl" and not torch.cuda.is_available():
         fail("--distributed-backend nccl needs CUDA GPUs and none is visible: use --distributed-backend gloo")
     _validate_data_args(args, fail)
+    _validate_save_folder(args, fail)
 
 
 def validate_layout_args(args: argparse.Namespace, world_size: int) -> None:
@@ -312,6 +317,8 @@ def validate_layout_args(args: argparse.Namespace, world_size: int) -> None:
     args.data_parallel_size = dp
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size < 1:
+        fail(f"--global-batch-size must be a positive integer, got {args.global_batch_size}")
     if args.global_batch_size % (args.micro_batch_size * dp) != 0:
         fail(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
              f"{args.micro_batch_size} x data-parallel size {dp}: use a multiple of {args.micro_batch_size * dp}")
@@ -346,8 +353,60 @@ def validate_layout_args(args: argparse.Namespace, world_size: int) -> None:
         fail(str(error))
 
 
+FLOAT_FLAGS = ("lr", "min_lr", "lr_warmup_init", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad",
+               "init_method_std", "hidden_dropout", "attention_dropout", "norm_epsilon", "rotary_base",
+               "loss_scale", "initial_loss_scale", "min_loss_scale", "distributed_timeout_minutes",
+               "exit_duration_in_mins", "lr_warmup_fraction")
+
+
+def _validate_ranges(args, fail) -> None:
+    """Values that would otherwise fail far from their flag (blaming another), or never."""
+    for dest in FLOAT_FLAGS:
+        value = getattr(args, dest)
+        if value is not None and not math.isfinite(value):
+            fail(f"{_flag(dest)} {value} must be a finite number")
+    for dest in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, dest) < 1:
+            fail(f"{_flag(dest)} {getattr(args, dest)} must be in [0, 1) (typical: 0.9 and 0.95-0.999)")
+    if args.adam_eps <= 0:
+        fail(f"--adam-eps {args.adam_eps} must be positive (typical: 1e-8)")
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed {args.seed} must be in [0, 2**32): NumPy seeds are unsigned 32-bit")
+    if args.distributed_timeout_minutes <= 0:
+        fail(f"--distributed-timeout-minutes {args.distributed_timeout_minutes} must be positive (fractions allowed)")
+    for dest in ("weight_decay", "lr_warmup_iters", "lr_warmup_init", "max_nan_iterations", "num_workers"):
+        if getattr(args, dest) is not None and getattr(args, dest) < 0:
+            fail(f"{_flag(dest)} {getattr(args, dest)} must be >= 0")
+    if args.exit_interval is not None and args.exit_interval < 1:
+        fail(f"--exit-interval {args.exit_interval} must be positive")
+
+
+def _validate_save_folder(args, fail) -> None:
+    """An unwritable --save fails now, not at the first save --save-interval iterations later. Probed
+    with a nameless file in the folder, or in the nearest existing folder above it (nothing is created)."""
+    if not args.save:
+        return
+    existing = os.path.abspath(args.save)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        with tempfile.TemporaryFile(dir=existing) as probe:
+            probe.write(b"0")
+            probe.flush()
+    except OSError as error:
+        fail(f"--save {args.save} is not writable ({error.strerror or error}"
+             f"{': ' + existing if existing != os.path.abspath(args.save) else ''}): give a folder this job can "
+             "create files in")
+
+
 def _validate_data_args(args, fail) -> None:
     tokenizer_files = [f for f in ("vocab_file", "merge_file", "tokenizer_model") if getattr(args, f)]
+    try:
+        split_document_ranges(args.split, 1)
+    except ValueError as error:
+        fail(str(error))
     if args.demo:
         if args.tokenizer_type != "ByteTokenizer" or tokenizer_files:
             given = _flag(tokenizer_files[0]) if tokenizer_files else f"--tokenizer-type {args.tokenizer_type}"
@@ -362,6 +421,11 @@ def _validate_data_args(args, fail) -> None:
         if not dataset_exists(prefix):
             fail(f"--data-path {prefix}: {prefix}.bin / {prefix}.idx not found; give the prefix without the "
                  "extension, as written by tools/preprocess_data.py")
+    documents = {prefix: IndexedDataset(prefix).num_documents for prefix in prefixes}
+    train_ranges = [split_document_ranges(args.split, n)[0] for n in documents.values()]
+    if not args.skip_train and all(start == stop for start, stop in train_ranges):
+        counts = ", ".join(f"{prefix}: {n} documents" for prefix, n in documents.items())
+        fail(f"--split {args.split} leaves no training documents ({counts}): give the training split a larger share")
     if args.tokenizer_type is None:
         fail("--tokenizer-type is required with --data-path (or give --vocab-file and --merge-file for GPT-2 BPE)")
     for dest in tokenizer_files:

@@ -133,7 +133,7 @@ def setup(args: argparse.Namespace) -> TrainingRun:
         progress = loaded or progress
     return TrainingRun(args=args, layout=layout, tokenizer=tokenizer, config=config, model=model,
                        ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler, progress=progress,
-                       datasets=build_datasets(args, tokenizer.eod), num_microbatches=num_microbatches,
+                       datasets=build_datasets(args, tokenizer.eod, progress), num_microbatches=num_microbatches,
                        writers=MetricWriters(args), device=parallel_state.get_device(),
                        loaded=bool(args.load and progress.iteration))
 
@@ -242,13 +242,17 @@ def _loader(run: TrainingRun, dataset, consumed_samples: int):
                                          num_workers=run.args.num_workers)
 
 
-def build_datasets(args, eod_id: int):
-    """Train/valid/test datasets sized for the whole run (the default corpus when no --data-path)."""
+def build_datasets(args, eod_id: int, progress: TrainingProgress | None = None):
+    """Train/valid/test datasets sized for the whole run (the default corpus when no --data-path).
+    A resumed run's validation set also covers what it consumed before (under another --eval-interval)."""
     data_path = args.data_path or [default_corpus_prefix()]
-    evaluations = args.train_iters // args.eval_interval + 1
+    progress = progress or TrainingProgress()
+    per_evaluation = args.eval_iters * args.global_batch_size
+    evaluations_left = (args.train_iters - progress.iteration) // args.eval_interval + 1
     num_samples = (args.train_iters * args.global_batch_size,
-                   evaluations * args.eval_iters * args.global_batch_size,
-                   args.eval_iters * args.global_batch_size)
+                   max((args.train_iters // args.eval_interval + 1) * per_evaluation,
+                       progress.consumed_valid_samples + evaluations_left * per_evaluation),
+                   per_evaluation)
     return build_gpt_datasets(data_path, args.split, args.seq_length, args.seed, num_samples, eod_id,
                               eod_mask_loss=args.eod_mask_loss, cache_dir=args.data_cache_path)
 

@@ -107,6 +107,23 @@ def test_no_data_flags_give_the_demo_and_explicit_flags_win():
     (["--pp", "2", "--decoder-first-pipeline-num-layers", "1", "--num-layers-per-virtual-pipeline-stage", "1"], 2,
      "an uneven pipeline split (--decoder-first/last-pipeline-num-layers) and virtual stages cannot be combined"),
     (["--lr-warmup-iters", "300"], 1, "the warmup (300 iterations) must be shorter than --lr-decay-iters 200"),
+
+    # Values that used to fail late, blaming something else, or never:
+    (["--global-batch-size", "0"], 1, "--global-batch-size must be a positive integer, got 0"),
+    (["--adam-beta1", "1.0"], 1, "--adam-beta1 1.0 must be in [0, 1)"),
+    (["--adam-beta2", "-0.1"], 1, "--adam-beta2 -0.1 must be in [0, 1)"),
+    (["--adam-eps", "0"], 1, "--adam-eps 0.0 must be positive"),
+    (["--seed", "-1"], 1, "--seed -1 must be in [0, 2**32)"),
+    (["--distributed-timeout-minutes", "0"], 1, "--distributed-timeout-minutes 0.0 must be positive"),
+    (["--split", "90,x,5"], 1, "--split '90,x,5' must be up to three comma-separated numbers"),
+    (["--split", "1,2,3,4"], 1, "--split '1,2,3,4' must be up to three non-negative numbers"),
+    (["--lr", "inf"], 1, "--lr inf must be a finite number"),
+    (["--min-lr", "nan"], 1, "--min-lr nan must be a finite number"),
+    (["--lr-warmup-iters", "-5"], 1, "--lr-warmup-iters -5 must be >= 0"),
+    (["--weight-decay", "-0.1"], 1, "--weight-decay -0.1 must be >= 0"),
+    (["--exit-interval", "-1"], 1, "--exit-interval -1 must be positive"),
+    (["--max-nan-iterations", "-1"], 1, "--max-nan-iterations -1 must be >= 0"),
+    (["--num-workers", "-2"], 1, "--num-workers -2 must be >= 0"),
 ])
 def test_argument_errors_name_the_value_and_fix(argv, world_size, expected):
     assert expected in error_of(argv, world_size)
@@ -120,6 +137,18 @@ def test_data_and_tokenizer_file_errors(prefix):
     assert "--tokenizer-type GPT2BPETokenizer needs --merge-file" in error_of(
         ["--data-path", prefix, "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", __file__, *MODEL])
     assert "--num-layers is required when --data-path is given" in error_of(["--data-path", prefix])
+
+
+def test_an_empty_training_split_and_an_unwritable_save_folder_fail_before_work(prefix, tmp_path):
+    assert (f"--split 0,1,0 leaves no training documents ({prefix}: 1 documents): give the training split a larger "
+            "share") in error_of(["--data-path", prefix, "--tokenizer-type", "ByteTokenizer", "--split", "0,1,0", *MODEL])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert f"--save {blocker}/ckpt is not writable (Not a directory: {blocker}): give a folder" in error_of(
+        ["--save", str(blocker / "ckpt")])
+    assert not (tmp_path / "new").exists()
+    validate_args(parse_args(["--save", str(tmp_path / "new" / "ckpt")]), 1)  # creatable: fine, and not created yet
+    assert not (tmp_path / "new").exists()
 
 
 def test_unknown_flag_suggests_the_closest():

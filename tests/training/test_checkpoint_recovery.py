@@ -114,3 +114,11 @@ def test_a_tracker_with_binary_bytes_names_the_file(tmp_path):
     with pytest.raises(ValueError) as error:
         read_latest_iteration(str(tmp_path))
     assert f"{tracker} should hold an iteration number" in str(error.value) and "xff" in str(error.value)
+
+
+def test_a_resume_with_a_larger_eval_interval_sizes_the_validation_set_for_both(corpus, tmp_path):
+    directory = str(tmp_path / "evaluated")
+    first = _pretrain(tiny_argv(corpus, "--save", directory, "--eval-interval", "1", iters=4))
+    assert sorted(first["valid"]) == [1, 2, 3, 4]  # 4 evaluations consumed
+    resumed = _pretrain(_argv(corpus, directory, "--eval-interval", "8", "--train-iters", "8"))
+    assert resumed["iteration"] == 8 and sorted(resumed["valid"]) == [8]
