@@ -49,8 +49,9 @@ def tree_values(acceptance, max_size: int, max_depth: int):
         for k in range(ranks - 1, -1, -1):
             for r in range(1, max_size):
                 sizes = np.arange(1, r + 1)
-                # (-inf where no subtree of that size fits: 0 * -inf would be nan)
-                options = np.where(np.isfinite(below[sizes]), acceptance[k] * below[sizes], -np.inf) + best[k + 1][r - sizes]
+                fits = np.isfinite(below[sizes])  # -inf where no subtree of that size fits (0 * -inf is nan)
+                weighted = np.where(fits, acceptance[k] * np.where(fits, below[sizes], 0.0), -np.inf)
+                options = weighted + best[k + 1][r - sizes]
                 choice = int(np.argmax(options))
                 best[k][r], first[k][r] = options[choice], sizes[choice]
         for n in range(2, max_size + 1):

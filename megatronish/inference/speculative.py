@@ -68,6 +68,8 @@ def _draft(draft, context: InferenceContext, tokens: list[int], tree: TokenTree,
     unseen = tokens[context.lengths[0]:]
     node_tokens = torch.empty(tree.size, dtype=torch.long, device=device)
     node_tokens[0] = tokens[-1]
+    if not tree.children[0]:  # nothing to draft (the tree is the root alone): the draft catches up later
+        return node_tokens, {}, {}, 0
     logits = {0: forward_step(draft, context, torch.tensor([unseen], device=device),
                               logits_at=torch.tensor([len(unseen) - 1], device=device))[0, 0]}
     stats.draft_forwards += 1
