@@ -4,7 +4,8 @@ Speculation (with a draft model): `--speculate chain` drafts --num-draft-tokens 
 another; `--speculate tree` (the default) builds Sequoia's tree: the acceptance vector is given
 (--acceptance 0.6,0.2,0.1) or measured first by decoding the prompt with one level of
 --calibration-width candidates, then the tree of at most --tree-size nodes and depth
---tree-depth that gives the most tokens per second, with forward times measured on this machine.
+--tree-depth that gives the most tokens per second, with forward times measured on this machine
+(or, with --fixed-tree-size, the best tree of exactly --tree-size nodes).
 """
 
 import argparse
@@ -28,6 +29,8 @@ def add_speculation_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-draft-tokens", type=int, default=4, help="chain length (default 4)")
     g.add_argument("--tree-size", type=int, default=16, help="most tree nodes, the root included (default 16)")
     g.add_argument("--tree-depth", type=int, default=6, help="deepest tree (default 6)")
+    g.add_argument("--fixed-tree-size", action="store_true",
+                   help="take the best tree of exactly --tree-size nodes instead of timing the machine")
     g.add_argument("--acceptance", help="acceptance rates of candidates 1, 2, ... (comma-separated); "
                    "default: measured on the first prompt")
     g.add_argument("--calibration-width", type=int, default=8, help="candidates per node when measuring (default 8)")
@@ -61,11 +64,15 @@ def speculation_tree(args, model, draft, calibration: Request) -> tuple[TokenTre
                                                 _room(model, draft, calibration.prompt)), calibration.sampling)
         acceptance = sequoia.measure_acceptance(model, draft, [probe], args.calibration_width)
         source = f"measured over {probe.max_new_tokens} tokens"
-    plan = sequoia.plan_for_machine(model, draft, acceptance, args.tree_size, args.tree_depth)
     rates = ", ".join(f"{a:.2f}" for a in acceptance)
+    if args.fixed_tree_size:
+        tree = sequoia.best_tree(acceptance, args.tree_size, args.tree_depth)
+        return tree, (f"Sequoia tree of {tree.size} nodes, depth {tree.depth} (acceptance {source}: [{rates}]; "
+                      f"expected {tree.expected_tokens(acceptance):.2f} tokens per target forward)")
+    plan = sequoia.plan_for_machine(model, draft, acceptance, args.tree_size, args.tree_depth)
     return plan.tree, (f"Sequoia tree of {plan.tree.size} nodes, depth {plan.tree.depth} (acceptance {source}: "
                        f"[{rates}]; expected {plan.expected_tokens:.2f} tokens per target forward, "
-                       f"{plan.tokens_per_second:.1f} tokens/s predicted)")
+                       f"{plan.tokens_per_second:.1f} tokens/s predicted for this machine)")
 
 
 def _room(model, draft, prompt) -> int:

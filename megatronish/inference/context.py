@@ -136,16 +136,15 @@ def forward_step(model, context: InferenceContext, tokens: torch.Tensor, positio
     context.begin(tokens.size(1), mask, logits_at)
     logits = model(tokens, positions, inference_context=context)
     context.end()
-    return gather_from_tensor_model_parallel_region(logits)[..., :model.config.vocab_size].float()
+    return gather_from_tensor_model_parallel_region(logits, model.tp_group)[..., :model.config.vocab_size].float()
 
 
-def agree_across_tp(tokens: torch.Tensor) -> torch.Tensor:
+def agree_across_tp(tokens: torch.Tensor, tp_group) -> torch.Tensor:
     """TP rank 0's copy of an integer tensor, on every rank of the TP group (in place).
 
     Every rank computes the same choices from the same gathered logits; this makes sure that
     the tokens they feed the next forward are identical even if a last bit differs somewhere.
     """
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(tokens, parallel_state.get_tensor_model_parallel_src_rank(),
-                                    group=parallel_state.get_tensor_model_parallel_group())
+    if tp_group.size() > 1:
+        torch.distributed.broadcast(tokens, torch.distributed.get_global_rank(tp_group, 0), group=tp_group)
     return tokens

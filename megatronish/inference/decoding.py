@@ -27,7 +27,7 @@ def decode(model, trackers: list[CompletionTracker], stats: GenerationStats, dev
         stats.target_forwards += 1
         tokens = torch.cat([choose(last[row:row + 1], request.sampling, generators[row])
                             for row, request in enumerate(requests)])
-        tokens = agree_across_tp(tokens).tolist()
+        tokens = agree_across_tp(tokens, model.tp_group).tolist()
         running = [not tracker.finished for tracker in trackers]
         for tracker, token, live in zip(trackers, tokens, running):
             if live:

@@ -69,7 +69,12 @@ def check_requests(model, requests: list[Request], draft=None) -> None:
     if not requests:
         raise ValueError("no requests: pass at least one Request")
     for m, name in ((model, "model"), (draft, "draft model")):
-        if m is not None and m.config.sequence_parallel:
+        if m is None:
+            continue
+        if not (m.pre_process and m.post_process):
+            raise ValueError(f"the {name} is one pipeline stage of several: generation needs the whole model on "
+                             "every rank; load it at pipeline-model-parallel size 1 (any TP size)")
+        if m.config.sequence_parallel:
             raise ValueError(f"the {name} splits sequences across TP ranks (sequence_parallel=True), which KV-cached "
                              "decoding cannot do: pass without_sequence_parallel(model) (same weights)")
     if draft is not None and draft.config.vocab_size != model.config.vocab_size:

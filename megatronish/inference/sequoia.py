@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatronish import parallel_state
 from megatronish.inference.context import InferenceContext, forward_step
 from megatronish.inference.generation import generate
 from megatronish.inference.tree import TokenTree
@@ -162,9 +161,8 @@ def plan_for_machine(target, draft, acceptance, max_size: int, max_depth: int) -
     Every TP rank measures (the forwards are collectives) and all take TP rank 0's plan."""
     plan = plan_tree(acceptance, measure_forward_seconds(target, max_size), measure_forward_seconds(draft, max_size),
                      max_depth)
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+    if target.tp_group.size() > 1:
         shared = [plan]
-        dist.broadcast_object_list(shared, parallel_state.get_tensor_model_parallel_src_rank(),
-                                   group=parallel_state.get_tensor_model_parallel_group())
+        dist.broadcast_object_list(shared, dist.get_global_rank(target.tp_group, 0), group=target.tp_group)
         plan = shared[0]
     return plan

@@ -44,14 +44,15 @@ def speculative_decode(target, draft, tracker: CompletionTracker, tree: TokenTre
         room = max_positions - len(tokens)
         step_tree = TokenTree(tree.parents[:sum(1 for depth in tree.depths if depth <= room)])
         node_tokens, draft_probs, draft_offsets, seen = _draft(draft, draft_context, tokens, step_tree,
-                                                               request.sampling, generator, stats, device)
+                                                               request.sampling, generator, stats, device,
+                                                               target.tp_group)
         positions = len(tokens) - 1 + torch.tensor(step_tree.depths, device=device)[None]
         target_logits = forward_step(target, target_context, node_tokens[None], positions,
                                      step_tree.ancestor_mask().to(device))[0]
         stats.target_forwards += 1
         path, next_token = _verify(step_tree, node_tokens.tolist(), target_logits, draft_probs, request.sampling,
                                    generator, stats)
-        path, next_token = _agree(path, next_token, tree.depth, device)
+        path, next_token = _agree(path, next_token, tree.depth, device, target.tp_group)
         new_tokens = node_tokens[path[1:]].tolist() + [next_token]
         stats.generated_tokens += len(new_tokens)
         tracker.extend(new_tokens)
@@ -62,7 +63,7 @@ def speculative_decode(target, draft, tracker: CompletionTracker, tree: TokenTre
 
 
 def _draft(draft, context: InferenceContext, tokens: list[int], tree: TokenTree, sampling: SamplingParams,
-           generator, stats: GenerationStats, device):
+           generator, stats: GenerationStats, device, tp_group):
     """Fill the tree with draft tokens -> (node tokens [size], {node: q or None (greedy)}, {node: pending
     offset in the draft's cache}, how many of the sequence's tokens the draft had not seen before)."""
     unseen = tokens[context.lengths[0]:]
@@ -83,7 +84,7 @@ def _draft(draft, context: InferenceContext, tokens: list[int], tree: TokenTree,
             probs[node] = None if sampling.greedy else probabilities(logits[node], sampling)
             children = list(tree.children[node])
             node_tokens[children] = candidates(logits[node], probs[node], len(children), generator)
-        agree_across_tp(node_tokens)
+        agree_across_tp(node_tokens, tp_group)
         expanding = [child for node in growing for child in tree.children[node] if tree.children[child]]
         if not expanding:
             break
@@ -145,9 +146,9 @@ def _accept_sampled(children, node_tokens, p: torch.Tensor, q: torch.Tensor | No
     return None, p
 
 
-def _agree(path: list[int], next_token: int, max_depth: int, device) -> tuple[list[int], int]:
+def _agree(path: list[int], next_token: int, max_depth: int, device, tp_group) -> tuple[list[int], int]:
     """TP rank 0's verification result on every TP rank."""
     packed = torch.full((max_depth + 2,), -1, dtype=torch.long)
     packed[0], packed[1:len(path) + 1] = next_token, torch.tensor(path)
-    packed = agree_across_tp(packed.to(device))
+    packed = agree_across_tp(packed.to(device), tp_group)
     return [n for n in packed[1:].tolist() if n >= 0], int(packed[0])

@@ -43,16 +43,19 @@ def _common(checkpoints):
     return ["--load", checkpoints[0], "--prompt", PROMPT, "--max-new-tokens", str(NEW_TOKENS), "--temperature", "0"]
 
 
-@pytest.mark.parametrize("speculation", [[], ["--draft-load", "DRAFT", "--tree-size", "8", "--tree-depth", "4"]],
-                         ids=["plain", "sequoia_tree"])
+@pytest.mark.parametrize("speculation", [
+    [], ["--draft-load", "DRAFT", "--tree-size", "8", "--tree-depth", "4", "--fixed-tree-size"],
+    ["--draft-load", "DRAFT", "--tree-size", "6", "--tree-depth", "3"]], ids=["plain", "sequoia_tree", "timed_tree"])
 def test_generate_prints_the_greedy_continuation(trained_checkpoints, expected_text, speculation):
     argv = _common(trained_checkpoints) + [trained_checkpoints[1] if a == "DRAFT" else a for a in speculation]
     proc = _run(argv)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected_text + "\n"
     assert "tokens/s" in proc.stderr and "finish reason: length" in proc.stderr
-    if speculation:
-        assert "Sequoia tree of" in proc.stderr and "acceptance by depth" in proc.stderr
+    if "--fixed-tree-size" in speculation:
+        assert "Sequoia tree of 8 nodes" in proc.stderr and "acceptance by depth" in proc.stderr
+    elif speculation:  # the size depends on this machine's timings: the root alone (plain decoding) is possible
+        assert "predicted for this machine" in proc.stderr
 
 
 @pytest.mark.slow
