@@ -35,6 +35,7 @@ def speculative_decode(target, draft, tracker: CompletionTracker, tree: TokenTre
     generator = torch.Generator(device=device).manual_seed(request.seed)
     max_positions = min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
     tokens = list(request.prompt)
+    cut_trees = {tree.size: tree}  # the tree cut to the positions left near the end, by node count
     if len(tokens) > 1:  # the target's cache holds every token but the last, the next step's root
         forward_step(target, target_context, torch.tensor([tokens[:-1]], device=device),
                      logits_at=torch.zeros(1, dtype=torch.long, device=device))  # only the cache is wanted
@@ -42,7 +43,10 @@ def speculative_decode(target, draft, tracker: CompletionTracker, tree: TokenTre
     while not tracker.finished:
         # Near the last position, only the levels that still have a position take part (a prefix of the nodes).
         room = max_positions - len(tokens)
-        step_tree = TokenTree(tree.parents[:sum(1 for depth in tree.depths if depth <= room)])
+        count = sum(1 for depth in tree.depths if depth <= room)
+        if count not in cut_trees:
+            cut_trees[count] = TokenTree(tree.parents[:count])
+        step_tree = cut_trees[count]
         node_tokens, draft_probs, draft_offsets, seen = _draft(draft, draft_context, tokens, step_tree,
                                                                request.sampling, generator, stats, device,
                                                                target.tp_group)

@@ -76,6 +76,10 @@ class TokenTree:
 
     def ancestor_mask(self) -> torch.Tensor:
         """bool [size, size]: mask[i, j] says that node j is node i or one of its ancestors."""
+        return self._ancestor_mask.clone()
+
+    @cached_property
+    def _ancestor_mask(self) -> torch.Tensor:  # built once per tree: decoding asks for it every step
         mask = torch.zeros(self.size, self.size, dtype=torch.bool)
         for node in range(self.size):
             mask[node, self.path(node)] = True

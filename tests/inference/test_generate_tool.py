@@ -79,3 +79,16 @@ def test_generate_rejects_bad_options(trained_checkpoints, extra, message):
     proc = _run(argv)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and proc.stderr.startswith("generate.py: error:"), proc.stderr
+
+
+def test_generate_from_a_hugging_face_export(trained_pair, expected_text, tmp_path):
+    import torch
+
+    from megatronish.model import TransformerConfig
+    from megatronish.model.hf_gpt2 import save_hf_gpt2
+
+    save_hf_gpt2(tmp_path, TransformerConfig(**TARGET), {k: torch.from_numpy(v) for k, v in trained_pair[0].items()})
+    proc = _run(["--hf-model", str(tmp_path), "--tokenizer-type", "ByteTokenizer", "--prompt", PROMPT,
+                 "--max-new-tokens", str(NEW_TOKENS), "--temperature", "0"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected_text + "\n"
