@@ -38,6 +38,35 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+# Gradient elements per bucket (a bucket closes at the first parameter that reaches this size).
+DEFAULT_BUCKET_SIZE = 40_000_000
+
+
+def bucket_layout(numels: list[int], bucket_size: int, dp_size: int) -> tuple[list[tuple[int, int, range]], list[int]]:
+    """Where parameters of these sizes (in buffer order) go in the flat buffers.
+
+    Returns the buckets as (start, end, indices of their parameters), each padded at its end to a
+    multiple of dp_size so that it splits evenly over the DP ranks, and each parameter's start offset.
+    The DDP wrapper lays its buffers out with this, and the layout planner predicts their bytes with it.
+    """
+    buckets, starts = [], []
+    offset = bucket_start = first = 0
+    for i, numel in enumerate(numels):
+        starts.append(offset)
+        offset += numel
+        if offset - bucket_start >= bucket_size or i == len(numels) - 1:
+            offset = -(-offset // dp_size) * dp_size  # pad: the bucket splits evenly over DP
+            buckets.append((bucket_start, offset, range(first, i + 1)))
+            bucket_start, first = offset, i + 1
+    return buckets, starts
+
+
+def shard_range(start: int, end: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
+    """The [start, end) of the bucket [start, end) that DP rank `dp_rank` reduces and updates."""
+    size = (end - start) // dp_size
+    return start + dp_rank * size, start + (dp_rank + 1) * size
+
+
 @dataclass
 class Bucket:
     start: int            # [start, end) in the flat buffers, padding included
@@ -50,8 +79,7 @@ class Bucket:
 
     def shard(self, dp_rank: int, dp_size: int) -> tuple[int, int]:
         """The [start, end) of this bucket that DP rank `dp_rank` reduces and updates."""
-        size = (self.end - self.start) // dp_size
-        return self.start + dp_rank * size, self.start + (dp_rank + 1) * size
+        return shard_range(self.start, self.end, dp_rank, dp_size)
 
 
 class DistributedDataParallel(nn.Module):
@@ -59,8 +87,9 @@ class DistributedDataParallel(nn.Module):
     backward passes (the backward passes of all micro-batches but the last under `no_sync()`).
     `layout` (default: the current one) gives the DP group, and the TP and embedding groups."""
 
-    def __init__(self, module: nn.Module, *, bucket_size: int = 40_000_000, use_distributed_optimizer: bool = False,
-                 overlap_grad_reduce: bool = False, layout: ParallelLayout | None = None):
+    def __init__(self, module: nn.Module, *, bucket_size: int = DEFAULT_BUCKET_SIZE,
+                 use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
+                 layout: ParallelLayout | None = None):
         super().__init__()
         self.module = module
         self.layout = layout or parallel_state.get_layout()
@@ -103,17 +132,9 @@ class DistributedDataParallel(nn.Module):
         self._broadcast_params()
 
     def _layout(self, params, bucket_size):
-        buckets, param_range = [], {}
-        offset = bucket_start = 0
-        members = []
-        for i, param in enumerate(params):
-            param_range[param] = (offset, offset + param.numel())
-            offset += param.numel()
-            members.append(param)
-            if offset - bucket_start >= bucket_size or i == len(params) - 1:
-                offset = -(-offset // self.dp_size) * self.dp_size  # pad: the bucket splits evenly over DP
-                buckets.append(Bucket(bucket_start, offset, members))
-                bucket_start, members = offset, []
+        bucket_ranges, starts = bucket_layout([p.numel() for p in params], bucket_size, self.dp_size)
+        buckets = [Bucket(start, end, [params[i] for i in members]) for start, end, members in bucket_ranges]
+        param_range = {p: (start, start + p.numel()) for p, start in zip(params, starts)}
         return buckets, param_range
 
     @torch.no_grad()

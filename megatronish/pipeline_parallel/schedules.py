@@ -131,6 +131,24 @@ def forward_backward_no_pipelining(*, forward_step_func, data_iterator, model, n
     return steps.reported
 
 
+def num_warmup_microbatches(p: int, r: int, m: int, v: int = 1, forward_only: bool = False) -> int:
+    """Forwards stage r runs before its first backward (counting each of the v chunks' micro-batches):
+    1F1B p - r - 1; interleaved 2 (p - r - 1) + (v - 1) p, or all m v when m = p; never more than there are."""
+    total = m * v
+    if forward_only or (v > 1 and m == p):
+        return total
+    if v == 1:
+        return min(p - r - 1, m)
+    return min(2 * (p - r - 1) + (v - 1) * p, total)
+
+
+def model_chunk_id(k: int, p: int, v: int, forward: bool = True) -> int:
+    """The model chunk of stage-local virtual micro-batch k: forwards go through the chunks in groups of
+    p micro-batches, backwards in the reverse chunk order."""
+    chunk = (k % (p * v)) // p
+    return chunk if forward else v - 1 - chunk
+
+
 def forward_backward_pipelining_without_interleaving(*, forward_step_func, data_iterator, model,
                                                      num_microbatches: int, seq_length: int, micro_batch_size: int,
                                                      forward_only: bool = False, grad_scale_func=None,
@@ -142,7 +160,7 @@ def forward_backward_pipelining_without_interleaving(*, forward_step_func, data_
     steps = _Steps(forward_step_func, _data_iterators(data_iterator, 1), model, num_microbatches, forward_only,
                    grad_scale_func)
     first, last = layout.is_first_stage, layout.is_last_stage
-    warmup = num_microbatches if forward_only else min(layout.pp - layout.pp_rank - 1, num_microbatches)
+    warmup = num_warmup_microbatches(layout.pp, layout.pp_rank, num_microbatches, 1, forward_only)
     remaining = num_microbatches - warmup
     inputs, outputs = [], []  # micro-batches in flight on this stage: forward done, backward not yet
 
@@ -200,12 +218,11 @@ def forward_backward_pipelining_with_interleaving(*, forward_step_func, data_ite
     first_stage, last_stage = layout.is_first_stage, layout.is_last_stage
     total = m * v
     all_warmup = forward_only or m == p
-    warmup = total if all_warmup else min(2 * (p - r - 1) + (v - 1) * p, total)
+    warmup = num_warmup_microbatches(p, r, m, v, forward_only)
     remaining = total - warmup
 
     def chunk_of(k: int, forward: bool) -> int:
-        chunk = (k % (p * v)) // p
-        return chunk if forward else v - 1 - chunk
+        return model_chunk_id(k, p, v, forward)
 
     inputs = [[] for _ in range(v)]         # per chunk: inputs of micro-batches in flight (None on the first virtual stage)
     outputs = [[] for _ in range(v)]        # their outputs (the scaled loss on the last virtual stage)

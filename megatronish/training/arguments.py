@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop with an error after this many iterations in a row whose loss or gradient norm is "
                         "not finite (their steps are skipped; 0: never stop) (default: 1, as Megatron's "
                         "--check-for-nan-in-loss-and-grad)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check the arguments, print the plan of this layout (memory per rank, itemized, and time per "
+                        "iteration: megatronish.planner) and exit before building anything")
     g.add_argument("--skip-train", action="store_true",
                    help="no training iterations: load (--load), run the final evaluation, and exit")
     g.add_argument("--seed", type=int, default=1234)

@@ -43,6 +43,7 @@ from megatronish.training.arguments import transformer_config_from_args, validat
 from megatronish.training.checkpointing import load_checkpoint, save_checkpoint, wait_for_async_save
 from megatronish.training.collective_errors import named_collective
 from megatronish.training.nonfinite import NonFiniteGuard, parameters_are_finite
+from megatronish.training.memory_report import MeasuredMemory, MemoryMonitor
 from megatronish.training.preemption import ExitConditions
 from megatronish.training.progress import TrainingProgress
 from megatronish.training.training_log import (
@@ -65,6 +66,7 @@ class TrainingResult:
     final_test_loss: float | None = None
     progress: TrainingProgress | None = None
     sample: str | None = None
+    memory: MeasuredMemory | None = None  # this rank's, measured over the first log interval
 
 
 @dataclass
@@ -154,10 +156,11 @@ def train(run: TrainingRun, result: TrainingResult) -> str | None:
     nan_guard = NonFiniteGuard(args.max_nan_iterations, args.fp16)
     for chunk in run.ddp_model:
         chunk.train()
+    memory = MemoryMonitor(run.model, run.ddp_model, run.optimizer)
     prepare_process_for_training_loop()
     while progress.iteration < args.train_iters and not args.skip_train:
         batches = [_to_device(next(train_iter), run.device) for _ in range(run.num_microbatches)]
-        with named_collective(f"at iteration {progress.iteration + 1}"):
+        with named_collective(f"at iteration {progress.iteration + 1}"), memory.watch():
             loss, update_successful, grad_norm = train_step(batches, run.ddp_model, run.optimizer)
         if update_successful:
             run.scheduler.step(args.global_batch_size)
@@ -175,6 +178,7 @@ def train(run: TrainingRun, result: TrainingResult) -> str | None:
         if progress.iteration % args.log_interval == 0:
             _log_training(args, progress, interval, lr, run.optimizer, grad_norm, flops_per_iteration, run.writers)
             interval = _LogInterval()
+            result.memory = memory.report(progress.iteration, run.layout)
         nan_guard.update(progress.iteration, loss, grad_norm)
         run.finite = nan_guard.healthy
         if nan_guard.exhausted:
@@ -196,6 +200,8 @@ def train(run: TrainingRun, result: TrainingResult) -> str | None:
                          + ("" if args.save else " (no --save: nothing saved)"))
             break
     exit_conditions.close()
+    if result.losses:  # a run shorter than one log interval reports its memory at the end
+        result.memory = memory.report(progress.iteration, run.layout)
     return exit_reason
 
 

@@ -18,11 +18,16 @@ from megatronish.training.utils import is_last_rank, print_rank_last
 
 
 def num_floating_point_operations(args, padded_vocab_size: int) -> float:
+    layers, output_layer = flops_per_token(args, padded_vocab_size)
+    return float(args.global_batch_size * args.seq_length * (layers + output_layer))
+
+
+def flops_per_token(args, padded_vocab_size: int) -> tuple[float, float]:
+    """(all transformer layers, the output layer): FLOPs per token of one training iteration, as above."""
     h, s, L, f = args.hidden_size, args.seq_length, args.num_layers, args.ffn_hidden_size
     mlp = 2 * (3 if args.swiglu else 2) * h * f
     passes = 4 if args.recompute_granularity == "full" else 3
-    per_token = passes * L * (8 * h * h + 4 * s * h + mlp) + 3 * 2 * h * padded_vocab_size
-    return float(args.global_batch_size * s * per_token)
+    return float(passes * L * (8 * h * h + 4 * s * h + mlp)), float(3 * 2 * h * padded_vocab_size)
 
 
 def training_log_line(*, iteration, train_iters, consumed_samples, ms_per_iteration, tflops_per_gpu, learning_rate,

@@ -1,0 +1,280 @@
+"""Calibration on this machine and the goodput profile it writes.
+
+    profile = calibrate(args, max_ranks=4)     # a few timed iterations of each TP x PP x DP layout that fits
+    profile.save()                             # $MEGATRONISH_CACHE/goodput_profile.json (default_profile_path)
+    load_profile()                             # what the planner (and `--layout auto`) read, None when absent
+
+Each layout with TP, PP, DP in {1, 2} and at most `max_ranks` ranks trains a few iterations of the
+given model on CPU ranks (gloo, one thread each: megatronish.testing.run_distributed), in turns
+over a few rounds; its fastest iteration is its measured point (other processes on a shared machine
+only ever slow an iteration down). The constants of the time model (megatronish/planner/speed.py:
+FLOP/s, collective bandwidth and latency, Adam time per element, per-layer dispatch overhead) are
+then fitted to all points at once (least squares on the log of the times, Levenberg-Marquardt, a weak
+pull toward the starting constants to keep the fit well-posed). The profile (JSON) records:
+  - "constants": {accelerator: {dtype: SpeedConstants}}, the fitted constants;
+  - "points": tokens/s per accelerator kind, device count and layout: the measured ones
+    ("measured": true, with the measured and the predicted times before and after calibration) and
+    the planner's predictions with the fitted constants for the other layouts of 1, 2 and 4 devices.
+"""
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatronish.cache import cache_root, partial_path
+from megatronish.planner.cluster import Cluster, SpeedConstants, cpu_accelerator
+from megatronish.planner.search import (
+    Layout,
+    LayoutPlan,
+    SearchSpace,
+    dtype_name,
+    fix_global_batch,
+    layout_args,
+    plan_layout,
+    plan_layouts,
+)
+
+PROFILE_FORMAT = "megatronish goodput profile"
+PROFILE_VERSION = 1
+FITTED = ("flops_per_s", "intra_node_bytes_per_s", "latency_s", "optimizer_s_per_element",
+          "overhead_s_per_layer_microbatch")
+PRIOR_WEIGHT = 0.002  # per unit of log(constant / starting constant): only settles what the points leave free
+
+
+def default_profile_path() -> str:
+    return str(cache_root() / "goodput_profile.json")
+
+
+def cpu_cluster(ranks: int) -> Cluster:
+    """`ranks` CPU ranks of this machine on one node, sharing its cores."""
+    return Cluster(cpu_accelerator(ranks), nodes=1, devices_per_node=ranks, cores_per_node=len(os.sched_getaffinity(0)))
+
+
+@dataclass
+class MeasuredPoint:
+    layout: Layout
+    seconds: float                        # the fastest measured iteration
+    memory: dict                          # rank 0's and the last rank's measured memory (bytes)
+
+
+@dataclass
+class GoodputProfile:
+    constants: dict = field(default_factory=dict)      # accelerator -> dtype -> SpeedConstants fields
+    points: list = field(default_factory=list)
+    model: dict = field(default_factory=dict)
+    created: str = ""
+
+    def to_dict(self) -> dict:
+        return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "created": self.created, "model": self.model,
+                "constants": self.constants, "points": self.points}
+
+    def save(self, path: str | None = None) -> str:
+        """Write atomically (a reader never sees half a profile)."""
+        path = path or default_profile_path()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = partial_path(path)
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        os.replace(tmp, path)
+        return path
+
+    def speed_constants(self, accelerator: str, dtype: str) -> SpeedConstants | None:
+        values = self.constants.get(accelerator, {}).get(dtype)
+        return SpeedConstants(**values) if values else None
+
+    def best_point(self, accelerator: str, devices: int) -> dict | None:
+        """The point with the most tokens/s for this accelerator kind and device count (measured ones win ties)."""
+        points = [p for p in self.points if p["accelerator"] == accelerator and p["devices"] == devices]
+        return max(points, key=lambda p: (p["tokens_per_s"], p["measured"]), default=None)
+
+
+def load_profile(path: str | None = None) -> GoodputProfile | None:
+    """The goodput profile at `path` (default: default_profile_path()), or None when there is none."""
+    path = path or default_profile_path()
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        values = json.load(f)
+    if values.get("format") != PROFILE_FORMAT or values.get("version") != PROFILE_VERSION:
+        raise ValueError(f"{path} is not a megatronish goodput profile of version {PROFILE_VERSION}: "
+                         "run tools/plan.py --profile again to rewrite it")
+    return GoodputProfile(values["constants"], values["points"], values.get("model", {}), values.get("created", ""))
+
+
+def constants_for(cluster: Cluster, args, path: str | None = None) -> SpeedConstants | None:
+    """The calibrated constants of the cluster's accelerator kind and the run's dtype, if a profile has them."""
+    profile = load_profile(path)
+    return profile.speed_constants(cluster.accelerator.name, dtype_name(args)) if profile else None
+
+
+# -- measuring --
+
+def profile_layouts(max_ranks: int) -> list[tuple[int, int, int]]:
+    return [(tp, pp, dp) for tp in (1, 2) for pp in (1, 2) for dp in (1, 2) if tp * pp * dp <= max_ranks]
+
+
+def measure_layout(args, layout: Layout, iterations: int, warmup: int) -> tuple[list[float], dict]:
+    """Train `iterations` timed iterations (after `warmup`) of the layout on CPU ranks: rank 0's iteration
+    times, and the measured memory of rank 0 and of the last rank."""
+    from megatronish.testing import run_distributed
+
+    results = run_distributed(_timed_rank, layout.world_size, args=(layout_args(args, layout), iterations, warmup), timeout=1800)
+    return results[0][0], {"rank_0": results[0][1], "last_rank": results[-1][1]}
+
+
+def _timed_rank(args, iterations: int, warmup: int):
+    from megatronish import parallel_state
+    from megatronish.training.memory_report import MemoryMonitor
+    from megatronish.training.training import setup, train_step
+
+    with contextlib.redirect_stdout(io.StringIO()):  # setup's report lines: the tool prints its own
+        run = setup(args)
+    generator = torch.Generator().manual_seed(run.layout.dp_rank)
+    vocab = run.config.vocab_size
+    monitor = MemoryMonitor(run.model, run.ddp_model, run.optimizer)
+    times, measured = [], None
+    try:
+        for step in range(max(1, warmup) + iterations):
+            batches = []
+            for _ in range(run.num_microbatches):
+                tokens = torch.randint(0, vocab, (args.micro_batch_size, args.seq_length + 1), generator=generator)
+                batches.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+                                "loss_mask": torch.ones(args.micro_batch_size, args.seq_length)})
+            dist.barrier()
+            start = time.perf_counter()
+            with monitor.watch():  # counts the warm-up steps' activations only: the hooks cost time
+                train_step(batches, run.ddp_model, run.optimizer)
+            if measured is not None:
+                times.append(time.perf_counter() - start)
+            elif step == max(1, warmup) - 1:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    measured = monitor.report(step + 1, run.layout)
+    finally:
+        parallel_state.destroy_model_parallel()
+    return times, dataclasses.asdict(measured)
+
+
+# -- fitting --
+
+def predicted_seconds(args, layout: Layout, constants: SpeedConstants, vocab_size: int) -> float:
+    plan = plan_layout(args, layout, cpu_cluster(layout.world_size), vocab_size, constants)
+    return plan.time.total
+
+
+def fit_constants(args, points: list[MeasuredPoint], start: SpeedConstants, vocab_size: int,
+                  iterations: int = 50) -> SpeedConstants:
+    """The constants (FITTED of them) whose predictions best match the measured times, in log space."""
+    x0 = np.log([getattr(start, name) for name in FITTED])
+    measured = np.log([p.seconds for p in points])
+
+    def constants(x):
+        return dataclasses.replace(start, **{name: float(math.exp(v)) for name, v in zip(FITTED, x)})
+
+    def residuals(x):
+        predicted = np.log([predicted_seconds(args, p.layout, constants(x), vocab_size) for p in points])
+        return np.concatenate([predicted - measured, PRIOR_WEIGHT * (x - x0)])
+
+    x, damping = x0.copy(), 1e-2
+    r = residuals(x)
+    for _ in range(iterations):
+        jacobian = np.stack([(residuals(x + step) - r) / 1e-4 for step in np.eye(len(x)) * 1e-4], axis=1)
+        normal = jacobian.T @ jacobian
+        gradient = jacobian.T @ r
+        step = -np.linalg.solve(normal + damping * np.diag(np.diag(normal) + 1e-12), gradient)
+        candidate = residuals(x + step)
+        if candidate @ candidate < r @ r:
+            x, r, damping = x + step, candidate, damping / 3
+            if np.abs(step).max() < 1e-6:
+                break
+        else:
+            damping *= 4
+    return constants(x)
+
+
+def leave_one_out(args, points: list[MeasuredPoint], start: SpeedConstants, vocab_size: int) -> list[float]:
+    """Each point's predicted seconds with the constants fitted to the other points (a check of the fit)."""
+    return [predicted_seconds(args, point.layout, fit_constants(args, points[:i] + points[i + 1:], start, vocab_size),
+                              vocab_size) for i, point in enumerate(points)]
+
+
+def calibrate(args, vocab_size: int, max_ranks: int = 4, iterations: int = 3, warmup: int = 2, rounds: int = 3,
+              start: SpeedConstants | None = None, log=print) -> tuple[GoodputProfile, list[MeasuredPoint], dict]:
+    """Measure the profile layouts, fit the constants, and build the goodput profile.
+
+    The layouts take turns, `rounds` times; a layout's time is its fastest iteration: on a shared
+    machine other processes' load only ever slows an iteration down, by however much they happen to take.
+    Returns (profile, measured points, {"before", "after": SpeedConstants})."""
+    args = fix_global_batch(args, max_ranks)
+    dtype = dtype_name(args)
+    before = start or cpu_cluster(1).speed(dtype)
+    layouts = []
+    for tp, pp, dp in profile_layouts(max_ranks):
+        layout = _profile_layout(args, tp, pp, dp)
+        plan = plan_layout(args, layout, cpu_cluster(tp * pp * dp), vocab_size, before)
+        if plan.valid:
+            layouts.append(layout)
+        else:
+            log(f"  TP{tp} PP{pp} DP{dp}: skipped ({plan.rejected})")
+    if not layouts:
+        raise ValueError("no profile layout is valid for these arguments (see the reasons above)")
+    times, memory = {layout: [] for layout in layouts}, {}
+    for round_ in range(rounds):
+        for layout in layouts:
+            measured, memory[layout] = measure_layout(args, layout, iterations, warmup)
+            times[layout] += measured
+            log(f"  round {round_ + 1}/{rounds} TP{layout.tp} PP{layout.pp} DP{layout.dp}: "
+                + " ".join(f"{t * 1e3:.0f}" for t in measured) + " ms")
+    points = [MeasuredPoint(layout, min(times[layout]), memory[layout]) for layout in layouts]
+    after = fit_constants(args, points, before, vocab_size)
+    profile = GoodputProfile(constants={"cpu": {dtype: after.to_dict()}},
+                             model=_model_record(args, vocab_size),
+                             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    for point in points:
+        predicted_before = predicted_seconds(args, point.layout, before, vocab_size)
+        predicted_after = predicted_seconds(args, point.layout, after, vocab_size)
+        profile.points.append(_point(args, point.layout, point.seconds, measured=True,
+                                     predicted_before_ms=predicted_before * 1e3,
+                                     predicted_ms=predicted_after * 1e3, memory=point.memory))
+    measured_layouts = {p.layout for p in points}
+    for devices in (1, 2, 4):
+        for plan in plan_layouts(args, cpu_cluster(devices), vocab_size, _search_space(args), after):
+            if plan.fits and plan.layout not in measured_layouts:
+                profile.points.append(_point(args, plan.layout, plan.time.total, measured=False))
+    return profile, points, {"before": before, "after": after}
+
+
+def _profile_layout(args, tp: int, pp: int, dp: int) -> Layout:
+    return Layout(tp, pp, dp, None, args.micro_batch_size, args.recompute_granularity,
+                  args.use_distributed_optimizer and dp > 1, args.sequence_parallel and tp > 1)
+
+
+def _search_space(args) -> SearchSpace:
+    """The predicted points vary TP, PP, DP and the micro-batch; the other choices stay as given."""
+    return SearchSpace(virtual_pp=(None,), recompute=(args.recompute_granularity,),
+                       distributed_optimizer=(False, True) if args.use_distributed_optimizer else (False,),
+                       sequence_parallel=(False, True) if args.sequence_parallel else (False,))
+
+
+def _point(args, layout: Layout, seconds: float, measured: bool, **extra) -> dict:
+    point = {"accelerator": "cpu", "devices": layout.world_size, "layout": layout.to_dict(),
+             "flags": " ".join(layout.flags()), "measured": measured, "ms_per_iteration": seconds * 1e3,
+             "tokens_per_s": args.global_batch_size * args.seq_length / seconds}
+    point.update(extra)
+    return point
+
+
+def _model_record(args, vocab_size: int) -> dict:
+    return {"num_layers": args.num_layers, "hidden_size": args.hidden_size,
+            "num_attention_heads": args.num_attention_heads, "ffn_hidden_size": args.ffn_hidden_size,
+            "seq_length": args.seq_length, "vocab_size": vocab_size, "global_batch_size": args.global_batch_size,
+            "dtype": dtype_name(args)}

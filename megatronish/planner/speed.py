@@ -1,0 +1,137 @@
+"""Time of one training iteration of a layout, from FLOPs, bytes and the constants of a machine.
+
+Per pipeline stage r, for its m micro-batches (each of n = s b tokens):
+  compute      the training log's model FLOPs (megatronish/training/training_log.py) of the stage's
+               layers, and of the output layer on the last stage, / t, at the achievable FLOP/s
+               (shared among the ranks when a CPU node runs more ranks than it has cores);
+  TP           per layer and micro-batch 2 all-reduces forward and 2 backward of n h values (under
+               sequence parallelism 2 all-gathers + 2 reduce-scatters each way, the same bytes in twice
+               the messages), 2 more all-reduces when full recompute reruns the forward; the
+               embedding's all-reduce (first stage) and the output layer's input gradient (last);
+               a ring moves 2 (t - 1) / t of the bytes through each link, plus a latency per message;
+  overhead     host-side dispatch per layer and micro-batch (matters on CPU, 0 on GPUs by default).
+The slowest stage sets the pace: the schedule runs m + (p - 1) / v of its per-micro-batch times
+(Narayanan et al. 2021: the 1F1B bubble (p - 1) / m, interleaved (p - 1) / (v m)), plus the
+pipeline transfers on the critical path, 2 (v m + p - 1) messages of n h / (t if SP) values.
+After the last backward: the DP gradient reduction of the stage's fp32 buffer (all-reduce; with
+the distributed optimizer a reduce-scatter, and an all-gather of the parameters after the step),
+of which --overlap-grad-reduce hides up to one micro-batch's backward; the tied embeddings'
+all-reduce between the first and the last stage; and the Adam step over this rank's main elements.
+TP traffic uses the intra-node link when a TP group fits in a node, DP and pipeline traffic
+likewise for their groups (ranks are ordered TP, then DP, then PP, as Megatron).
+"""
+
+from dataclasses import dataclass
+
+from megatronish.planner.cluster import Cluster, SpeedConstants
+from megatronish.planner.parameters import StateBytes
+from megatronish.parallel_layout import ParallelDims
+from megatronish.training.training_log import flops_per_token
+
+
+@dataclass(frozen=True)
+class StageWork:
+    """What one pipeline stage (one of its TP x DP ranks) does in an iteration."""
+    layers: int               # transformer layers, all model chunks
+    embedding: bool           # holds the input embedding (first stage)
+    output_layer: bool        # holds the output layer and the loss (last stage)
+    state: StateBytes
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    """Seconds per iteration, by cause (on the slowest stage)."""
+    compute: float
+    tensor_parallel: float
+    overhead: float
+    pipeline_bubble: float
+    pipeline_transfers: float
+    data_parallel: float       # the exposed part
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return (self.compute + self.tensor_parallel + self.overhead + self.pipeline_bubble + self.pipeline_transfers
+                + self.data_parallel + self.optimizer)
+
+
+def _ring(volume: float, ranks: int, messages: int, bandwidth: float, latency: float) -> float:
+    """One collective pattern: `messages` messages whose bytes add up to `volume`, ring over `ranks`."""
+    return messages * latency + volume * (ranks - 1) / ranks / bandwidth
+
+
+def _intra_node(span: int, cluster: Cluster) -> bool:
+    """Whether a group whose ranks lie within `span` consecutive global ranks stays in one node."""
+    return span <= cluster.devices_per_node
+
+
+def stage_flops(args, stage: StageWork, tp: int, padded_vocab_size: int) -> float:
+    """Model FLOPs of one rank of a stage per iteration: its share of the training log's count. Summed over the
+    ranks of every stage it gives num_floating_point_operations(args, padded_vocab_size)."""
+    layer_flops, output_flops = flops_per_token(args, padded_vocab_size)
+    tokens = args.global_batch_size * args.seq_length / args.data_parallel_size  # this DP replica's
+    per_token = stage.layers * layer_flops / args.num_layers + (output_flops if stage.output_layer else 0.0)
+    return tokens * per_token / tp
+
+
+def iteration_time(args, dims: ParallelDims, stages: list[StageWork], cluster: Cluster, constants: SpeedConstants,
+                   padded_vocab_size: int, dtype_bytes: int) -> TimeEstimate:
+    """The time model above for one layout (`args`: its validated training arguments)."""
+    t, p, d, v = dims.tp, dims.pp, dims.dp, dims.num_model_chunks
+    m = args.global_batch_size // (args.micro_batch_size * d)
+    n = args.seq_length * args.micro_batch_size
+    bandwidth = {True: constants.intra_node_bytes_per_s, False: constants.inter_node_bytes_per_s}
+    tp_bandwidth = bandwidth[_intra_node(t, cluster)]
+    ranks_per_node = min(cluster.devices_per_node, dims.world_size)
+    share = min(1.0, cluster.cores_per_node / ranks_per_node) if cluster.cores_per_node else 1.0
+
+    per_stage = []
+    for stage in stages:
+        compute = stage_flops(args, stage, t, padded_vocab_size) / (constants.flops_per_s * share)
+        tp_time = 0.0
+        if t > 1:
+            activation = n * args.hidden_size * dtype_bytes
+            reductions = stage.layers * (6 if args.recompute_granularity == "full" else 4)
+            reductions += stage.embedding + stage.output_layer
+            messages = reductions * (2 if args.sequence_parallel else 1) + 3 * stage.output_layer  # + the loss's
+            tp_time = m * _ring(2 * reductions * activation, t, messages, tp_bandwidth, constants.latency_s)
+        overhead = m * stage.layers * constants.overhead_s_per_layer_microbatch / share
+        per_stage.append((compute, tp_time, overhead))
+    slowest = max(range(len(stages)), key=lambda i: sum(per_stage[i]))
+    compute, tp_time, overhead = per_stage[slowest]
+    busy = compute + tp_time + overhead
+    bubble = busy * (p - 1) / (v * m)
+
+    transfers = 0.0
+    if p > 1:
+        rows = n // t if args.sequence_parallel else n
+        message = rows * args.hidden_size * dtype_bytes
+        pp_bandwidth = bandwidth[_intra_node(t * d * 2, cluster)]
+        transfers = 2 * (v * m + p - 1) * (constants.latency_s + message / pp_bandwidth)
+
+    dp_time = max(_data_parallel_time(args, stage, d, bandwidth[_intra_node(t * d, cluster)], constants, busy / m)
+                  for stage in stages)
+    if p > 1 and not args.untie_embeddings_and_output_weights:  # tied embeddings: first + last stage sum gradients
+        embedding_bytes = padded_vocab_size // t * args.hidden_size * 4
+        dp_time += _ring(2 * embedding_bytes, 2, 1, bandwidth[_intra_node(dims.world_size, cluster)],
+                         constants.latency_s)
+    optimizer = max(stage.state.main_elements for stage in stages) * constants.optimizer_s_per_element / share
+    optimizer += 2 * constants.latency_s  # the gradient norm's all-reduces
+    return TimeEstimate(compute, tp_time, overhead, bubble, transfers, dp_time, optimizer)
+
+
+def _data_parallel_time(args, stage: StageWork, d: int, bandwidth: float, constants: SpeedConstants,
+                        microbatch_time: float) -> float:
+    """Exposed seconds of a stage's DP gradient reduction (and the distributed optimizer's all-gather)."""
+    if d == 1:
+        return 0.0
+    buckets, gradients = stage.state.buckets, stage.state.gradients
+    if args.use_distributed_optimizer:
+        reduce = _ring(gradients, d, buckets, bandwidth, constants.latency_s)
+        gather = _ring(stage.state.parameters, d, buckets, bandwidth, constants.latency_s)
+    else:
+        reduce, gather = _ring(2 * gradients, d, buckets, bandwidth, constants.latency_s), 0.0
+    if args.overlap_grad_reduce:  # hidden behind the last micro-batch's backward (2/3 of its compute, 3/4 recomputing)
+        backward = microbatch_time * (0.75 if args.recompute_granularity == "full" else 2 / 3)
+        reduce = max(0.0, reduce - backward)
+    return reduce + gather
