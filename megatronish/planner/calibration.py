@@ -193,8 +193,9 @@ def fit_constants(args, points: list[MeasuredPoint], start: SpeedConstants, voca
         step = -np.linalg.solve(normal + damping * np.diag(np.diag(normal) + 1e-12), gradient)
         candidate = residuals(x + step)
         if candidate @ candidate < r @ r:
+            converged = r @ r - candidate @ candidate < 1e-9 * (r @ r) + 1e-15
             x, r, damping = x + step, candidate, damping / 3
-            if np.abs(step).max() < 1e-6:
+            if converged:
                 break
         else:
             damping *= 4
@@ -233,7 +234,7 @@ def calibrate(args, vocab_size: int, max_ranks: int = 4, iterations: int = 3, wa
             measured, memory[layout] = measure_layout(args, layout, iterations, warmup)
             times[layout] += measured
             log(f"  round {round_ + 1}/{rounds} TP{layout.tp} PP{layout.pp} DP{layout.dp}: "
-                + " ".join(f"{t * 1e3:.0f}" for t in measured) + " ms")
+                + " ".join(f"{t * 1e3:.0f}" for t in measured) + f" ms (load average {os.getloadavg()[0]:.1f})")
     points = [MeasuredPoint(layout, min(times[layout]), memory[layout]) for layout in layouts]
     after = fit_constants(args, points, before, vocab_size)
     profile = GoodputProfile(constants={"cpu": {dtype: after.to_dict()}},

@@ -75,7 +75,8 @@ def recommendation(plans: list[LayoutPlan]) -> str:
         smallest = min(valid, key=lambda p: p.peak_memory)
         return (f"no layout fits: the smallest, {describe(smallest)}, needs {format_bytes(smallest.peak_memory)} per "
                 f"rank of {format_bytes(smallest.memory_limit)}; use more devices, a smaller micro-batch or model")
-    best = fitting[0]
+    # Among layouts within 1% of the fastest (the model cannot tell them apart), the one with the most headroom.
+    best = min((p for p in fitting if p.tokens_per_s >= 0.99 * fitting[0].tokens_per_s), key=lambda p: p.peak_memory)
     return (f"recommended: {' '.join(best.layout.flags())}  ->  {best.tokens_per_s:,.0f} tokens/s "
             f"({best.tokens_per_s / best.world_size:,.0f} per device), {format_bytes(best.peak_memory)} of "
             f"{format_bytes(best.memory_limit)} per rank")

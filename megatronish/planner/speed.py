@@ -3,7 +3,9 @@
 Per pipeline stage r, for its m micro-batches (each of n = s b tokens):
   compute      the training log's model FLOPs (megatronish/training/training_log.py) of the stage's
                layers, and of the output layer on the last stage, / t, at the achievable FLOP/s
-               (shared among the ranks when a CPU node runs more ranks than it has cores);
+               (shared among the ranks when a CPU node runs more ranks than it has cores); selective
+               recompute adds the attention core's forward (4 s h per token and layer), which the
+               model FLOPs leave out (full recompute's extra forward is in them);
   TP           per layer and micro-batch 2 all-reduces forward and 2 backward of n h values (under
                sequence parallelism 2 all-gathers + 2 reduce-scatters each way, the same bytes in twice
                the messages), 2 more all-reduces when full recompute reruns the forward; the
@@ -87,7 +89,10 @@ def iteration_time(args, dims: ParallelDims, stages: list[StageWork], cluster: C
 
     per_stage = []
     for stage in stages:
-        compute = stage_flops(args, stage, t, padded_vocab_size) / (constants.flops_per_s * share)
+        flops = stage_flops(args, stage, t, padded_vocab_size)
+        if args.recompute_granularity == "selective":  # the attention scores and context once more (not model FLOPs)
+            flops += m * n * stage.layers * 4 * args.seq_length * args.hidden_size / t
+        compute = flops / (constants.flops_per_s * share)
         tp_time = 0.0
         if t > 1:
             activation = n * args.hidden_size * dtype_bytes

@@ -173,3 +173,23 @@ def test_goodput_profile_round_trip_and_best_point(tmp_path, capsys):
     plan_tool.main(["--accelerator", "cpu", "--devices-per-node", "2", "--goodput-profile", path, "--top", "1"])
     assert "speed constants: calibrated" in capsys.readouterr().out
     assert math.isclose(loaded.speed_constants("cpu", "fp32").flops_per_s, cpu_cluster(1).speed("fp32").flops_per_s)
+
+
+@pytest.mark.slow
+def test_profile_measures_fits_and_writes_a_profile_the_planner_then_uses(tmp_path, capsys):
+    path = str(tmp_path / "profile.json")
+    tiny = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "16",
+            "--micro-batch-size", "2", "--global-batch-size", "4"]
+    plan_tool.main(tiny + ["--profile", "--max-ranks", "2", "--iterations", "1", "--rounds", "1",
+                           "--goodput-profile", path])
+    out = capsys.readouterr().out
+    assert "goodput profile written to" in out and "2 ranks: measured best" in out
+    profile = load_profile(path)
+    measured = [p for p in profile.points if p["measured"]]
+    assert {(p["layout"]["tp"], p["layout"]["pp"], p["layout"]["dp"]) for p in measured} == {
+        (1, 1, 1), (1, 1, 2), (1, 2, 1), (2, 1, 1)}
+    assert all(p["memory"]["rank_0"]["activations"] > 0 for p in measured)
+    assert any(not p["measured"] and p["devices"] == 4 for p in profile.points)
+    assert profile.best_point("cpu", 2)["devices"] == 2
+    plan_tool.main(tiny + ["--accelerator", "cpu", "--devices-per-node", "2", "--goodput-profile", path])
+    assert "speed constants: calibrated" in capsys.readouterr().out
