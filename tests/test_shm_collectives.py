@@ -92,8 +92,7 @@ def _sequence_parallel_ops(tp, slot_mb):
     out = reduce_scatter_to_sequence_parallel_region(x)
     gathered = gather_from_sequence_parallel_region(out)
     gathered.backward(torch.ones_like(gathered))
-    total = torch.tensor([float(dist.get_rank() + 1)])
-    all_reduce_in_tensor_model_parallel_group(total, dist.ReduceOp.MAX)
+    total = all_reduce_in_tensor_model_parallel_group(torch.tensor([float(dist.get_rank() + 1)]), "max")
     return ps.get_tensor_model_parallel_shared_memory() is not None, gathered.detach(), x.grad, total
 
 
@@ -113,8 +112,7 @@ def _larger_than_a_slot():
     shared_memory = ps.get_tensor_model_parallel_shared_memory()
     x = torch.full((300_000,), float(dist.get_rank() + 1))  # 1.2 MB > 1 MiB slot
     assert not shared_memory.fits(x) and shared_memory.fits(x[:1000])
-    all_reduce_in_tensor_model_parallel_group(x)  # falls back to gloo
-    return x
+    return all_reduce_in_tensor_model_parallel_group(x)  # falls back to gloo
 
 
 def test_a_tensor_larger_than_a_slot_goes_through_gloo():

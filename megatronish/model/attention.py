@@ -16,6 +16,7 @@ from torch import nn
 from megatronish import ops, parallel_state
 from megatronish.model.config import TransformerConfig
 from megatronish.tensor_parallel import (
+    TP_RNG_STREAM,
     ColumnParallelLinear,
     RowParallelLinear,
     checkpoint,
@@ -102,17 +103,19 @@ class ParallelAttention(nn.Module):
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # [b, np, s, hn] views
         dropout = self.config.attention_dropout if self.training else 0.0
         scale = 1.0 / math.sqrt(self.head_dim)
-        with get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
-            if self.config.attention_backend == "sdpa":
+        if self.config.attention_backend == "sdpa":
+            # SDPA draws its mask inside the kernel: the stream is swapped in around it (torch.compile cannot
+            # trace the swap; with attention dropout, compile the explicit backend, whose mask is an op).
+            with get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
                 context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                                          is_causal=attention_mask is None, scale=scale)
+        else:
+            scores = torch.matmul(query, key.transpose(-2, -1))  # [b, np, s, sk]
+            if attention_mask is None:
+                probs = ops.scaled_causal_softmax(scores, scale)
             else:
-                scores = torch.matmul(query, key.transpose(-2, -1))  # [b, np, s, sk]
-                if attention_mask is None:
-                    probs = ops.scaled_causal_softmax(scores, scale)
-                else:
-                    probs = ops.scaled_masked_softmax(scores, ~attention_mask, scale)
-                context = torch.matmul(F.dropout(probs, dropout, training=dropout > 0), value)
+                probs = ops.scaled_masked_softmax(scores, ~attention_mask, scale)
+            context = torch.matmul(ops.dropout(probs, dropout, dropout > 0, TP_RNG_STREAM), value)
         # [b, np, s, hn] (memory [b, s, np, hn]) -> contiguous [s, b, np * hn]: one copy, and a contiguous
         # input lets the projection add its bias inside the GEMM.
         return context.permute(2, 0, 1, 3).contiguous().view(s, b, -1)

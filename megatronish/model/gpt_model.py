@@ -13,17 +13,17 @@ on the TP or PP size or on the order in which its parts are built.
 """
 
 import hashlib
+import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from megatronish import parallel_state
+from megatronish import ops, parallel_state
 from megatronish.parallel_layout import ParallelLayout
 from megatronish.model.attention import RotaryEmbedding
 from megatronish.model.config import TransformerConfig
 from megatronish.model.pipeline_split import stage_layers
-from megatronish.model.transformer import TransformerBlock, hidden_dropout_rng
+from megatronish.model.transformer import TransformerBlock, hidden_dropout_stream
 from megatronish.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
@@ -66,8 +66,7 @@ class Embedding(nn.Module):
             else:
                 positions = self.position_embeddings(position_ids[:, first:first + length].t())
             embeddings = embeddings + positions
-        with hidden_dropout_rng(self.config, self.training):
-            return F.dropout(embeddings, self.config.hidden_dropout, self.training)
+        return ops.dropout(embeddings, self.config.hidden_dropout, self.training, hidden_dropout_stream(self.config))
 
     def _local_positions(self, seq_length: int) -> tuple[int, int]:
         """The [first, first + length) sequence positions this rank embeds."""
@@ -196,6 +195,28 @@ class GPTModel(nn.Module):
                                               partition_vocab_size=output_weight.size(0), tp_group=self.tp_group)
         return losses.t().contiguous()
 
+    def compile(self, *args, **kwargs) -> None:
+        """torch.compile this model in place (nn.Module.compile: parameter names and state dict unchanged).
+
+        Needs real vocabulary on every TP rank: on a rank holding only padding the loss does not depend on
+        the rank's hidden states, the compiler moves what only backward needs (the layers' collectives
+        and dropout draws) out of that rank's forward graph, and the ranks fall out of step.
+        """
+        tp = self.layout.tp
+        if self.post_process and not _vocab_on_every_rank(self.config, tp):
+            raise ValueError(
+                f"torch.compile needs real vocabulary on every tensor-parallel rank, but vocab_size "
+                f"{self.config.vocab_size} padded to {self.padded_vocab_size} leaves the last rank(s) of TP {tp} "
+                f"only padding: lower make_vocab_size_divisible_by ({self.config.make_vocab_size_divisible_by}) "
+                "or the TP size, or run eagerly")
+        if self.config.attention_dropout > 0 and self.config.attention_backend == "sdpa":
+            warnings.warn(
+                "attention dropout inside SDPA draws from the per-TP-rank stream, which a compiled graph cannot "
+                "swap in: the attention core runs outside the graph (a graph break per layer). Use "
+                "attention_backend='explicit' (its dropout is an op of the graph) or attention_dropout=0",
+                stacklevel=2)
+        super().compile(*args, **kwargs)
+
     def _check_inputs(self, input_ids, position_ids, labels, inference_context) -> None:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, sequence] token ids, got shape {list(input_ids.shape)}")
@@ -208,6 +229,11 @@ class GPTModel(nn.Module):
             raise ValueError("a KV-cached forward cannot split the sequence across TP ranks: build the model with "
                              "sequence_parallel=False for inference (the weights are the same; "
                              "megatronish.inference.without_sequence_parallel(model) shares them)")
+
+
+def _vocab_on_every_rank(config: TransformerConfig, tp: int) -> bool:
+    """Whether every TP rank holds some real (unpadded) vocabulary rows."""
+    return config.vocab_size > (tp - 1) * (config.padded_vocab_size(tp) // tp)
 
 
 def loss_vocab_rows(real_rows: int, padded_rows: int, device: torch.device) -> int:

@@ -8,8 +8,6 @@ projection deferred past its all-reduce (TP > 1; at TP = 1 the GEMM adds it), dr
 adds the residual in one op.
 """
 
-import contextlib
-
 import torch
 from torch import nn
 
@@ -18,19 +16,17 @@ from megatronish.model.attention import ParallelAttention
 from megatronish.model.config import TransformerConfig
 from megatronish.model.mlp import ParallelMLP
 from megatronish.model.norm import Norm
-from megatronish.tensor_parallel import checkpoint, get_cuda_rng_tracker
+from megatronish.tensor_parallel import TP_RNG_STREAM, checkpoint
 
 
-def hidden_dropout_rng(config: TransformerConfig, training: bool):
-    """The random stream for dropout on the residual stream.
+def hidden_dropout_stream(config: TransformerConfig) -> str | None:
+    """The random stream for dropout on the residual stream (the rng_stream of the dropout ops).
 
     Without sequence parallelism the residual stream is replicated across TP ranks and all
     of them must draw the same mask (the default stream, seeded alike on every rank). With it,
     each rank holds a different sequence shard and draws from its own per-TP-rank stream.
     """
-    if config.sequence_parallel and training and config.hidden_dropout > 0:
-        return get_cuda_rng_tracker().fork()
-    return contextlib.nullcontext()
+    return TP_RNG_STREAM if config.sequence_parallel else None
 
 
 def make_norm(config: TransformerConfig) -> Norm:
@@ -58,11 +54,10 @@ class TransformerLayer(nn.Module):
             attention_out, attention_bias = self.self_attention(
                 self.input_layernorm(hidden_states.transpose(0, 1).contiguous()), rotary, batch_first=True,
                 inference_context=inference_context)
-        with hidden_dropout_rng(self.config, self.training):
-            hidden_states = ops.bias_dropout_add(attention_out, attention_bias, hidden_states, dropout, self.training)
+        stream = hidden_dropout_stream(self.config)
+        hidden_states = ops.bias_dropout_add(attention_out, attention_bias, hidden_states, dropout, self.training, stream)
         mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(hidden_states))
-        with hidden_dropout_rng(self.config, self.training):
-            return ops.bias_dropout_add(mlp_out, mlp_bias, hidden_states, dropout, self.training)
+        return ops.bias_dropout_add(mlp_out, mlp_bias, hidden_states, dropout, self.training, stream)
 
 
 class TransformerBlock(nn.Module):

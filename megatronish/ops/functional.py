@@ -3,11 +3,16 @@
 All take fp32 / fp16 / bf16 inputs, compute in fp32 and return the input dtype. A CPU tensor always
 takes the PyTorch path (torch_impl); a CUDA tensor takes the kernel unless the kernels are switched
 off or could not be built (see extension.py). Both paths have the same semantics and gradients.
+
+Under torch.compile both paths trace without graph breaks: the kernels are custom ops (cuda_impl), the
+PyTorch paths are plain PyTorch that Inductor fuses, and dropout masks come from the random custom ops
+of tensor_parallel.random, so that compiled and eager runs draw the same masks from the same streams.
 """
 
 import torch
 
 from megatronish.ops import cuda_impl, extension, torch_impl
+from megatronish.tensor_parallel.random import dropout_keep_mask, dropout_seed
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -26,12 +31,11 @@ def _require_vector(name: str, tensor, size: int) -> None:
         _require_float(name, tensor)
 
 
-def _kernel_for(x: torch.Tensor, *others):
-    """The extension when x is a CUDA tensor, every given tensor has a kernel dtype and the kernels are available."""
-    ext = extension.cuda_module_for(x)  # None at once for CPU tensors: the common CPU case stays cheap
-    if ext is None or any(t is not None and t.dtype not in KERNEL_DTYPES for t in (x, *others)):
-        return None  # float64 and friends: PyTorch only
-    return ext
+def _kernel_for(x: torch.Tensor, *others) -> bool:
+    """Whether x is a CUDA tensor, every given tensor has a kernel dtype and the kernels are available."""
+    if extension.cuda_module_for(x) is None:  # None at once for CPU tensors: the common CPU case stays cheap
+        return False
+    return all(t is None or t.dtype in KERNEL_DTYPES for t in (x, *others))  # float64 and friends: PyTorch only
 
 
 def _same_dtype(x: torch.Tensor, *others) -> bool:
@@ -53,10 +57,9 @@ def scaled_causal_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
     if scores.size(2) != scores.size(3):
         raise ValueError(f"the causal softmax needs sq == sk, got scores shape {list(scores.shape)}; use scaled_masked_softmax with an explicit mask")
     _require_float("scores", scores)
-    ext = _kernel_for(scores)
-    if ext is None:
+    if not _kernel_for(scores):
         return torch_impl.scaled_causal_softmax(scores, scale)
-    return cuda_impl.ScaledSoftmax.apply(scores, None, float(scale), True)
+    return cuda_impl.scaled_softmax(scores, None, float(scale), True)
 
 
 def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -72,10 +75,9 @@ def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float
         broadcast = None
     if broadcast != scores.shape:
         raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to scores of shape {list(scores.shape)}")
-    ext = _kernel_for(scores)
-    if ext is None:
+    if not _kernel_for(scores):
         return torch_impl.scaled_masked_softmax(scores, mask, scale)
-    return cuda_impl.ScaledSoftmax.apply(scores, mask, float(scale), False)
+    return cuda_impl.scaled_softmax(scores, mask, float(scale), False)
 
 
 # --- normalization ---
@@ -93,9 +95,8 @@ def _check_norm(x, weight, bias, eps) -> None:
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim of x; weight/bias [h] in x's dtype or fp32; bias may be None."""
     _check_norm(x, weight, bias, eps)
-    ext = _kernel_for(x, weight, bias)
-    if ext is not None and _norm_params_fit_kernel(x, weight, bias):
-        return cuda_impl.Norm.apply(x, weight, bias, float(eps), False)
+    if _kernel_for(x, weight, bias) and _norm_params_fit_kernel(x, weight, bias):
+        return cuda_impl.norm(x, weight, bias, float(eps), False)
     apex_norms = extension.apex_norms_for(x)
     if apex_norms is not None and bias is not None and weight.dtype == x.dtype == bias.dtype:
         return apex_norms.fused_layer_norm_affine(x, weight, bias, (x.size(-1),), eps)
@@ -105,9 +106,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias, eps: float) -> torch
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of x: x / sqrt(mean(x^2) + eps) * weight."""
     _check_norm(x, weight, None, eps)
-    ext = _kernel_for(x, weight)
-    if ext is not None and _norm_params_fit_kernel(x, weight, None):
-        return cuda_impl.Norm.apply(x, weight, None, float(eps), True)
+    if _kernel_for(x, weight) and _norm_params_fit_kernel(x, weight, None):
+        return cuda_impl.norm(x, weight, None, float(eps), True)
     apex_norms = extension.apex_norms_for(x)
     if apex_norms is not None and weight.dtype == x.dtype:
         return apex_norms.fused_rms_norm_affine(x, weight, (x.size(-1),), eps)
@@ -120,10 +120,9 @@ def bias_gelu(x: torch.Tensor, bias) -> torch.Tensor:
     """GeLU (tanh form) of x + bias; bias [h] or None."""
     _require_float("x", x)
     _require_vector("bias", bias, x.size(-1))
-    ext = _kernel_for(x, bias)
-    if ext is None or not _same_dtype(x, bias):
+    if not (_kernel_for(x, bias) and _same_dtype(x, bias)):
         return torch_impl.bias_gelu(x, bias)
-    return cuda_impl.BiasGelu.apply(x, bias)
+    return cuda_impl.bias_gelu(x, bias)
 
 
 def bias_swiglu(x: torch.Tensor, bias) -> torch.Tensor:
@@ -132,28 +131,47 @@ def bias_swiglu(x: torch.Tensor, bias) -> torch.Tensor:
     if x.dim() == 0 or x.size(-1) % 2:
         raise ValueError(f"bias_swiglu needs an even last dim (gate and up halves), got shape {list(x.shape)}")
     _require_vector("bias", bias, x.size(-1))
-    ext = _kernel_for(x, bias)
-    if ext is None or not _same_dtype(x, bias):
+    if not (_kernel_for(x, bias) and _same_dtype(x, bias)):
         return torch_impl.bias_swiglu(x, bias)
-    return cuda_impl.BiasSwiglu.apply(x, bias)
+    return cuda_impl.bias_swiglu(x, bias)
 
 
 # --- residual ---
 
-def bias_dropout_add(x: torch.Tensor, bias, residual: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
-    """residual + dropout(x + bias, prob) (dropout only when training). The mask is drawn from the default
-    generator of x's device at call time, so restoring that generator's state replays it exactly."""
+def bias_dropout_add(x: torch.Tensor, bias, residual: torch.Tensor, prob: float, training: bool,
+                     rng_stream: str | None = None) -> torch.Tensor:
+    """residual + dropout(x + bias, prob) (dropout only when training). The mask is drawn at call time from
+    rng_stream (a stream of the RNG tracker, e.g. tensor_parallel.TP_RNG_STREAM), or from the default
+    generator of x's device when None; restoring that stream's state replays it exactly."""
     _require_float("x", x)
     _require_float("residual", residual)
     if residual.shape != x.shape:
         raise ValueError(f"residual shape {list(residual.shape)} must equal x shape {list(x.shape)}")
     _require_vector("bias", bias, x.size(-1))
+    _check_prob(prob)
+    prob = float(prob) if training else 0.0
+    random = 0.0 < prob < 1.0
+    if not (_kernel_for(x, bias, residual) and _same_dtype(x, bias, residual)):
+        keep = dropout_keep_mask(x, 1.0 - prob, rng_stream) if random else None
+        return torch_impl.bias_dropout_add(x, bias, residual, prob, keep)
+    return cuda_impl.bias_dropout_add(x, bias, residual, prob, dropout_seed(x, rng_stream) if random else None)
+
+
+def dropout(x: torch.Tensor, prob: float, training: bool, rng_stream: str | None = None) -> torch.Tensor:
+    """F.dropout(x, prob, training) with its mask drawn as in bias_dropout_add: from rng_stream (None: the
+    default generator of x's device), also under torch.compile."""
+    _require_float("x", x)
+    _check_prob(prob)
+    if not training or prob == 0:
+        return x
+    if prob == 1:
+        return torch.zeros_like(x)
+    return x * dropout_keep_mask(x, 1.0 - prob, rng_stream) * (1.0 / (1.0 - prob))
+
+
+def _check_prob(prob: float) -> None:
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"dropout prob must be in [0, 1], got {prob}")
-    ext = _kernel_for(x, bias, residual)
-    if ext is None or not _same_dtype(x, bias, residual):
-        return torch_impl.bias_dropout_add(x, bias, residual, prob, training)
-    return cuda_impl.BiasDropoutAdd.apply(x, bias, residual, float(prob) if training else 0.0)
 
 
 # --- rotary embedding ---
@@ -178,10 +196,9 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
             raise ValueError(f"{name} must be [s, d/2] = [{s}, {d // 2}] or [s, b, d/2] = [{s}, {b}, {d // 2}], "
                              f"got {list(t.shape)}; slice the table to the sequence")
         _require_float(name, t)
-    ext = _kernel_for(q, k) if cos.dim() == 2 else None
-    if ext is None:
+    if not (cos.dim() == 2 and _kernel_for(q, k)):
         return torch_impl.apply_rotary_pos_emb(q, k, cos, sin)
-    return cuda_impl.Rotary.apply(q, cos, sin), cuda_impl.Rotary.apply(k, cos, sin)
+    return cuda_impl.rotary(q, cos, sin, False), cuda_impl.rotary(k, cos, sin, False)
 
 
 # --- vocab-parallel cross entropy, local part ---
@@ -206,10 +223,9 @@ def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start:
     max over valid columns (-inf if none), sum of exp(x - local_max) (0 if none), the target's logit if
     this rank owns it (else 0), and the sum of the valid logits."""
     _check_cross_entropy(logits, target, vocab_start, vocab_size)
-    ext = _kernel_for(logits)
-    if ext is None:
+    if not _kernel_for(logits):
         return torch_impl.cross_entropy_stats(logits, target, vocab_start, vocab_size)
-    return cuda_impl.cross_entropy_stats(ext, logits, target, vocab_start, vocab_size)
+    return cuda_impl.cross_entropy_stats(logits, target, vocab_start, vocab_size)
 
 
 def cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_loss, label_smoothing: float):
@@ -224,7 +240,8 @@ def cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_l
             raise ValueError(f"{name} must be {accumulate} [{n}], got {t.dtype} {list(t.shape)}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    ext = _kernel_for(logits)
-    if ext is None:
+    # The kernel writes rows in place; a column-strided view takes the PyTorch path.
+    if not _kernel_for(logits) or logits.stride(1) != 1:
         return torch_impl.cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_loss, label_smoothing)
-    return cuda_impl.cross_entropy_backward_(ext, logits, target, vocab_start, vocab_size, lse, grad_loss, label_smoothing)
+    cuda_impl.cross_entropy_backward_(logits, target, vocab_start, vocab_size, lse, grad_loss, label_smoothing)
+    return logits

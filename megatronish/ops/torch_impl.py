@@ -91,16 +91,15 @@ def bias_swiglu(x: torch.Tensor, bias) -> torch.Tensor:
     return (F.silu(gate) * up).to(x.dtype)
 
 
-def bias_dropout_add(x: torch.Tensor, bias, residual: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
+def bias_dropout_add(x: torch.Tensor, bias, residual: torch.Tensor, prob: float, keep) -> torch.Tensor:
+    """residual + dropout(x + bias) with the given bool keep mask (drawn by the caller), or no dropout
+    when keep is None and prob < 1."""
     out_dtype = torch.promote_types(x.dtype, residual.dtype)
     y = _add_bias_fp32(x, bias)
-    if training and prob > 0:
-        if prob >= 1:
-            y = torch.zeros_like(y)
-        else:
-            # Drawn from the default generator of x's device, so restoring its state replays the mask.
-            keep = torch.empty(y.shape, dtype=torch.float32, device=y.device).bernoulli_(1.0 - prob)
-            y = y * keep * (1.0 / (1.0 - prob))
+    if prob >= 1:
+        y = torch.zeros_like(y)
+    elif keep is not None:
+        y = y * keep * (1.0 / (1.0 - prob))
     return (residual.float() + y).to(out_dtype)
 
 

@@ -22,6 +22,7 @@ from megatronish.tensor_parallel.mappings import (
     scatter_to_tensor_model_parallel_region,
 )
 from megatronish.tensor_parallel.random import (
+    TP_RNG_STREAM,
     RNGStatesTracker,
     checkpoint,
     get_cuda_rng_tracker,

@@ -15,7 +15,6 @@ excluded from the softmax, so TP=1 and TP=k compute identical losses.
 """
 
 import torch
-import torch.distributed as dist
 
 from megatronish import ops, parallel_state
 from megatronish.tensor_parallel.mappings import all_reduce_in_tensor_model_parallel_group
@@ -37,12 +36,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             logits_2d, target_1d, vocab_start, vocab_size)
 
         if tp > 1:
-            global_max = local_max.clone()
-            all_reduce_in_tensor_model_parallel_group(global_max, dist.ReduceOp.MAX, tp_group)
+            global_max = all_reduce_in_tensor_model_parallel_group(local_max, "max", tp_group)
             # A rank with no valid columns has local_max = -inf and sum_exp = 0: contributes 0.
             sum_exp = torch.where(sum_exp > 0, sum_exp * torch.exp(local_max - global_max), torch.zeros_like(sum_exp))
-            sums = torch.stack([sum_exp, target_logit, sum_logits])
-            all_reduce_in_tensor_model_parallel_group(sums, group=tp_group)
+            sums = all_reduce_in_tensor_model_parallel_group(torch.stack([sum_exp, target_logit, sum_logits]),
+                                                             group=tp_group)
             sum_exp, target_logit, sum_logits = sums.unbind(0)
         else:  # one rank: its statistics are the global ones
             global_max = local_max

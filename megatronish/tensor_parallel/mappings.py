@@ -12,6 +12,11 @@ Each op is the adjoint of another: what one does in forward, its partner does in
     reduce_scatter_to_sequence_parallel.. reduce-scatter dim 0    all-gather dim 0
 
 With a TP size of 1 every op is the identity and no collective is called.
+
+The collectives themselves are torch.library custom ops (megatronish::tp_all_reduce, tp_all_gather,
+tp_reduce_scatter) that take the group by name, with fake implementations: torch.compile traces these
+Functions with each collective inside as one op, whichever transport (shared memory or the group's
+backend) runs it.
 """
 
 import torch
@@ -34,26 +39,42 @@ def _shared_memory_for(x: torch.Tensor, group):
     return shared_memory if shared_memory is not None and shared_memory.fits(x) else None
 
 
-def all_reduce_in_tensor_model_parallel_group(x: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> None:
-    """dist.all_reduce over the TP group (in place), through shared memory where the group has it."""
-    group = group or parallel_state.get_tensor_model_parallel_group()
-    shared_memory = _shared_memory_for(x, group)
-    if shared_memory is not None and x.is_contiguous() and op in shared_memory.REDUCE_OPS:
-        shared_memory.all_reduce(x, op)
-    else:
-        dist.all_reduce(x, op=op, group=group)
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
-def _reduce(x, group):
-    # The sum goes into a new tensor, never into the caller's (an incoming gradient may be
+def _group_named(name: str) -> dist.ProcessGroup:
+    return dist.distributed_c10d._resolve_process_group(name)
+
+
+@torch.library.custom_op("megatronish::tp_all_reduce", mutates_args=())
+def _all_reduce(x: torch.Tensor, op: str, group_name: str) -> torch.Tensor:
+    # The result goes into a new tensor, never into the caller's (an incoming gradient may be
     # shared with other consumers of the graph).
+    group = _group_named(group_name)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     shared_memory = _shared_memory_for(x, group)
     if shared_memory is not None:
-        return shared_memory.all_reduce(x, out=out)
+        return shared_memory.all_reduce(x, _REDUCE_OPS[op], out=out)
     out.copy_(x)
-    dist.all_reduce(out, group=group)
+    dist.all_reduce(out, op=_REDUCE_OPS[op], group=group)
     return out
+
+
+@_all_reduce.register_fake
+def _(x, op, group_name):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def all_reduce_in_tensor_model_parallel_group(x: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """The sum ("sum") or maximum ("max") of x over the TP group, as a new tensor (no autograd)."""
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"unknown reduction {op!r}: use one of {sorted(_REDUCE_OPS)}")
+    group = group or parallel_state.get_tensor_model_parallel_group()
+    return _all_reduce(x, op, group.group_name)
+
+
+def _reduce(x, group):
+    return _all_reduce(x, "sum", group.group_name)
 
 
 def _split_along_last_dim(x, group):
@@ -75,8 +96,20 @@ def _split_along_first_dim(x, group):
 
 
 def _gather_along_first_dim(x, group):
+    return _all_gather(x, group.group_name, group.size())
+
+
+def _reduce_scatter_along_first_dim(x, group):
+    divide(x.size(0), group.size(), "sequence length")
+    return _reduce_scatter(x, group.group_name, group.size())
+
+
+# The group's size is an argument too, so that the fake implementations know the output shapes.
+@torch.library.custom_op("megatronish::tp_all_gather", mutates_args=())
+def _all_gather(x: torch.Tensor, group_name: str, group_size: int) -> torch.Tensor:
+    group = _group_named(group_name)
     x = x.contiguous()
-    out = torch.empty((group.size() * x.size(0), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    out = torch.empty((group_size * x.size(0), *x.shape[1:]), dtype=x.dtype, device=x.device)
     shared_memory = _shared_memory_for(x, group)
     if shared_memory is not None:
         shared_memory.all_gather_into_tensor(out, x)
@@ -85,16 +118,27 @@ def _gather_along_first_dim(x, group):
     return out
 
 
-def _reduce_scatter_along_first_dim(x, group):
-    length = divide(x.size(0), group.size(), "sequence length")
+@torch.library.custom_op("megatronish::tp_reduce_scatter", mutates_args=())
+def _reduce_scatter(x: torch.Tensor, group_name: str, group_size: int) -> torch.Tensor:
+    group = _group_named(group_name)
     x = x.contiguous()
-    out = torch.empty((length, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    out = torch.empty((x.size(0) // group_size, *x.shape[1:]), dtype=x.dtype, device=x.device)
     shared_memory = _shared_memory_for(x, group)
     if shared_memory is not None:
         shared_memory.reduce_scatter_tensor(out, x)
     else:
         _reduce_scatter_single(out, x, group=group)
     return out
+
+
+@_all_gather.register_fake
+def _(x, group_name, group_size):
+    return x.new_empty((group_size * x.size(0), *x.shape[1:]))
+
+
+@_reduce_scatter.register_fake
+def _(x, group_name, group_size):
+    return x.new_empty((x.size(0) // group_size, *x.shape[1:]))
 
 
 class _CopyToModelParallelRegion(torch.autograd.Function):

@@ -9,15 +9,23 @@ Two streams drive dropout:
 
 The tracker keeps each named stream as a saved generator state and swaps it into the default
 generator of the compute device inside `fork()`. It works on CPU and CUDA alike.
+
+torch.compile cannot trace a swap of generator states, and Inductor would draw the masks of traced
+dropout with its own generator. So dropout masks (and the seeds of the dropout kernel) are drawn by
+two custom ops that take the stream's name, `dropout_keep_mask` and `dropout_seed`: compiled or not,
+a mask comes from the same stream, in the same order, as in eager mode.
 """
 
 import contextlib
+import functools
 
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from megatronish import parallel_state
 
 _MODEL_PARALLEL_RNG_TRACKER_NAME = "model-parallel-rng"
+TP_RNG_STREAM = _MODEL_PARALLEL_RNG_TRACKER_NAME  # the per-TP-rank stream, for the rng_stream of the dropout ops
 _TP_SEED_OFFSET = 2718
 _PP_SEED_OFFSET = 100
 
@@ -111,6 +119,38 @@ def model_parallel_manual_seed(seed: int, layout=None) -> None:
     _RNG_TRACKER.add(_MODEL_PARALLEL_RNG_TRACKER_NAME, tp_seed)
 
 
+def _drawing_from(stream: str | None):
+    """Draw from the tracker's stream `stream`, or from the default generator when None."""
+    return _RNG_TRACKER.fork(stream) if stream is not None else contextlib.nullcontext()
+
+
+# Tagged nondeterministic_seeded, so that a compiled graph never merges two draws. Being custom ops, they
+# are not recomputed in backward either (only torch's allowlisted ops are), except inside checkpoint()
+# regions, whose policy below keeps them.
+@torch.library.custom_op("megatronish::dropout_keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def dropout_keep_mask(like: torch.Tensor, keep_prob: float, stream: str | None) -> torch.Tensor:
+    """A bool mask of like's shape, each entry True with probability keep_prob, drawn from `stream`."""
+    with _drawing_from(stream):
+        return torch.empty(like.shape, dtype=torch.bool, device=like.device).bernoulli_(keep_prob)
+
+
+@dropout_keep_mask.register_fake
+def _(like, keep_prob, stream):
+    return torch.empty(like.shape, dtype=torch.bool, device=like.device)
+
+
+@torch.library.custom_op("megatronish::dropout_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def dropout_seed(like: torch.Tensor, stream: str | None) -> torch.Tensor:
+    """One int64 seed on like's device, drawn from `stream` (the fused dropout kernel makes its mask from it)."""
+    with _drawing_from(stream):
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=like.device)
+
+
+@dropout_seed.register_fake
+def _(like, stream):
+    return torch.empty(1, dtype=torch.int64, device=like.device)
+
+
 def _capture_rng():
     device_type = _device_type()
     return device_type, _get_rng_state(device_type), torch.get_rng_state(), _RNG_TRACKER.get_states()
@@ -157,6 +197,19 @@ class CheckpointFunction(torch.autograd.Function):
         return (None, *input_grads)
 
 
+def _keep_random_draws(ctx, op, *args, **kwargs):
+    if op in (torch.ops.megatronish.dropout_keep_mask.default, torch.ops.megatronish.dropout_seed.default):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def checkpoint(fn, *args):
     """Activation recompute: `fn(*args)` whose dropout masks are replayed exactly in backward."""
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace CheckpointFunction (it saves and restores generator states). torch's own
+        # checkpoint traces; its policy keeps the masks and seeds that fn drew instead of drawing them
+        # again in backward, from a stream that has moved on since.
+        return torch.utils.checkpoint.checkpoint(
+            fn, *args, use_reentrant=False,
+            context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_random_draws))
     return CheckpointFunction.apply(fn, *args)

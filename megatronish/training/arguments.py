@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch scaled_dot_product_attention, or the explicit softmax path of megatronish.ops")
     g.add_argument("--recompute-granularity", choices=("full", "selective"),
                    help="activation recompute: whole layers, or the attention core only")
+    g.add_argument("--torch-compile", action="store_true",
+                   help="torch.compile the model (Inductor), with the fused kernels as custom ops in its graph")
 
     g = p.add_argument_group("parallelism and distributed")
     g.add_argument("--tensor-model-parallel-size", "--tp", dest="tensor_model_parallel_size", type=int, default=1)

@@ -113,6 +113,9 @@ def setup(args: argparse.Namespace) -> TrainingRun:
     config = transformer_config_from_args(args, tokenizer.vocab_size)
     model = [GPTModel(config, seed=args.seed, layout=layout, vp_stage=chunk)
              for chunk in range(layout.dims.num_model_chunks)]
+    if args.torch_compile:
+        for chunk in model:
+            chunk.compile()  # in place: DDP, the optimizer and checkpoints see the same modules and names
     ddp_model = [DistributedDataParallel(chunk, use_distributed_optimizer=args.use_distributed_optimizer,
                                          overlap_grad_reduce=args.overlap_grad_reduce, layout=layout)
                  for chunk in model]

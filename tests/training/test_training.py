@@ -137,6 +137,24 @@ def test_tp2_sequence_parallel_and_dp2_distributed_optimizer_match_tp1_and_mixed
         assert bf16["losses"] == pytest.approx(ref["losses"], rel=0.05)
 
 
+@pytest.mark.slow
+def test_torch_compile_at_tp2_matches_tp1(data, reference):
+    """pretrain --torch-compile (Inductor): the training losses and grad norms of the eager TP=1 run."""
+    outs = run_distributed(_run_compiled, 2, args=(tiny_argv(*data, "--tp", "2", "--torch-compile"),), timeout=900)
+    ref, _ = reference
+    for result, graphs, graph_breaks in outs:
+        assert graphs >= 1 and graph_breaks == 0, (graphs, graph_breaks)
+        _assert_same_run(result, ref, "TP2, torch.compile")
+
+
+def _run_compiled(argv: list[str]):
+    """_run, and how many graphs Dynamo compiled and how many times it broke a graph."""
+    torch._dynamo.utils.counters.clear()
+    result = _run(argv)
+    counters = torch._dynamo.utils.counters
+    return result, counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
 def test_resume_from_checkpoint_continues_exactly(data, reference, tmp_path):
     save = str(tmp_path / "ckpt")
     argvs = [tiny_argv(*data, "--tp", "2", "--save", save, "--exit-interval", "4"),
