@@ -12,8 +12,9 @@ The constants below describe *this* model, op by op, as its code saves tensors (
 the op; the planner's tests compare them with SavedTensorBytes on CPU within 10%). They differ
 from the paper's where our code differs:
   - On the PyTorch path (CPU) every fused op computes in fp32 (megatronish/ops/torch_impl.py): the
-    norms keep an fp32 input, GeLU an fp32 input and output, dropout an fp32 mask. On CUDA the
-    kernels (ops/cuda_impl.py) keep inputs in the model dtype and regenerate dropout masks from a seed.
+    norms keep an fp32 input, GeLU an fp32 input and output. Dropout keeps a bool mask (drawn by
+    megatronish::dropout_keep_mask). On CUDA the kernels (ops/cuda_impl.py) keep inputs in the model
+    dtype, and the fused bias-dropout-add regenerates its mask from a seed.
   - Attention is torch's scaled_dot_product_attention: a flash-style kernel that keeps q, k, v
     (one fused QKV buffer), its output and the fp32 log-sum-exp, never the s x s scores. Only on CPU
     with attention dropout does torch fall back to the math path, which keeps three s x s tensors
@@ -96,8 +97,8 @@ def _attention_core(c: _Shape, config: TransformerConfig) -> tuple[int, int]:
     scores = c.b * c.at * c.s * c.s
     if config.attention_backend == "explicit":
         # copies of q, k^T, v for the batched matmuls; fp32 exponentials, probabilities; the causal mask,
-        # row sums; with dropout its mask (a bool on CUDA; on CPU F.dropout keeps it in the input's dtype)
-        dropout_mask = scores * (BOOL if c.cuda else c.e) if config.attention_dropout > 0 else 0
+        # row sums; with dropout its bool mask (ops.dropout)
+        dropout_mask = scores * BOOL if config.attention_dropout > 0 else 0
         exponentials = 0 if c.cuda else scores * FP32 + c.s * c.s * BOOL + c.b * c.at * c.s * (FP32 + BOOL)
         return 3 * c.n * c.ht * c.e + scores * c.e + exponentials + dropout_mask, False
     if config.attention_dropout > 0 and not c.cuda:
@@ -115,7 +116,7 @@ def layer_activation_bytes(config: TransformerConfig, seq_length: int, micro_bat
     core, keeps_qkv_buffer = _attention_core(c, config)
     # Flash-style attention on rotated q, k writes its output in the layout the projection wants: no copy.
     proj_input = 0 if (rope and keeps_qkv_buffer) else c.n * c.ht * c.e
-    dropout_masks = 2 * c.n_res * c.h * FP32 if config.hidden_dropout > 0 and not c.cuda else 0
+    dropout_masks = 2 * c.n_res * c.h * BOOL if config.hidden_dropout > 0 and not c.cuda else 0
     if c.cuda:
         mlp = (3 if config.activation == "swiglu" else 2) * c.n * c.ft * c.e  # kernel input (gate+up) and output
     elif config.activation == "swiglu":  # fp32 gate+up, silu(gate), product; fc2's input
@@ -140,7 +141,7 @@ def embedding_activation_bytes(config: TransformerConfig, seq_length: int, micro
     """The first stage's extras: token ids, the vocabulary-range mask (TP > 1), the embedding dropout's mask."""
     c = _shape(config, seq_length, micro_batch_size, tp, device)
     mask = c.n * BOOL if tp > 1 else 0
-    dropout = c.n_res * c.h * (BOOL if c.cuda else c.e) if config.hidden_dropout > 0 else 0
+    dropout = c.n_res * c.h * BOOL if config.hidden_dropout > 0 else 0  # ops.dropout's bool mask
     return c.n * INT64 + mask + dropout
 
 
