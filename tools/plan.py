@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--search-distributed-optimizer", nargs="+", choices=("on", "off"))
     g.add_argument("--search-sequence-parallel", nargs="+", choices=("on", "off"))
     g.add_argument("--top", type=int, default=20, help="rows of the table (default 20)")
-    g.add_argument("--all", action="store_true", help="every layout: those that do not fit and the rejected, with reasons")
+    g.add_argument("--all", action="store_true",
+                   help="every layout: those that do not fit and the rejected, with reasons")
     g.add_argument("--json", action="store_true", help="print JSON instead of the table")
     g.add_argument("--goodput-profile", help=f"read calibrated constants from here (default: {default_profile_path()} "
                    "when it exists)")

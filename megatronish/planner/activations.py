@@ -131,8 +131,8 @@ def layer_activation_bytes(config: TransformerConfig, seq_length: int, micro_bat
         shared = c.n_res * c.h * c.e if config.sequence_parallel and (c.cuda or c.e == FP32) else 0
         return ActivationBytes(layers=c.n_res * c.h * c.e, transient=full - shared)
     if config.recompute_granularity == "selective":  # the core's inputs (q, k, v) stay; its insides are recomputed
-        return ActivationBytes(layers=without_core + qkv_buffer + (c.n * c.ht * c.e if rope and keeps_qkv_buffer else 0),
-                               transient=core)
+        context = c.n * c.ht * c.e if rope and keeps_qkv_buffer else 0  # now a copy again: the core's output is gone
+        return ActivationBytes(layers=without_core + qkv_buffer + context, transient=core)
     return ActivationBytes(layers=full)
 
 

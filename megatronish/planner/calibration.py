@@ -35,7 +35,6 @@ from megatronish.cache import cache_root, partial_path
 from megatronish.planner.cluster import Cluster, SpeedConstants, cpu_accelerator
 from megatronish.planner.search import (
     Layout,
-    LayoutPlan,
     SearchSpace,
     dtype_name,
     fix_global_batch,
@@ -128,7 +127,8 @@ def measure_layout(args, layout: Layout, iterations: int, warmup: int) -> tuple[
     times, and the measured memory of rank 0 and of the last rank."""
     from megatronish.testing import run_distributed
 
-    results = run_distributed(_timed_rank, layout.world_size, args=(layout_args(args, layout), iterations, warmup), timeout=1800)
+    results = run_distributed(_timed_rank, layout.world_size, args=(layout_args(args, layout), iterations, warmup),
+                              timeout=1800)
     return results[0][0], {"rank_0": results[0][1], "last_rank": results[-1][1]}
 
 

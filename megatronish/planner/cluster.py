@@ -143,7 +143,8 @@ class Cluster:
         known = {f.name for f in dataclasses.fields(cls)} - {"accelerator", "constants"}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown cluster field(s) {unknown}: valid fields are accelerator, {', '.join(sorted(known))}")
+            raise ValueError(f"unknown cluster field(s) {unknown}: valid fields are accelerator, "
+                             f"{', '.join(sorted(known))}")
         devices = values.get("devices_per_node", 8)
         return cls(accelerator=accelerator_from(accelerator, devices), **values)
 

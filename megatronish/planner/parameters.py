@@ -59,7 +59,8 @@ def _norm_parameters(config: TransformerConfig, prefix: str) -> list:
 
 
 def _linear_parameters(config: TransformerConfig, prefix: str, rows: int, columns: int, bias_rows: int) -> list:
-    return [(prefix + "weight", (rows, columns))] + ([(prefix + "bias", (bias_rows,))] if config.add_bias_linear else [])
+    bias = [(prefix + "bias", (bias_rows,))] if config.add_bias_linear else []
+    return [(prefix + "weight", (rows, columns))] + bias
 
 
 def _layer_parameters(config: TransformerConfig, t: int, prefix: str) -> list:
@@ -100,7 +101,8 @@ def state_bytes(config: TransformerConfig, dims: ParallelDims, pp_rank: int, dp_
         gradients += padded * FP32_BYTES
         parameters += (padded if distributed_optimizer else sum(numels)) * param_bytes
         for start, end, members in bucket_ranges:
-            shard_start, shard_end = shard_range(start, end, dp_rank, dims.dp) if distributed_optimizer else (start, end)
+            shard_start, shard_end = (shard_range(start, end, dp_rank, dims.dp) if distributed_optimizer
+                                      else (start, end))
             for i in members:
                 held = min(starts[i] + numels[i], shard_end) - max(starts[i], shard_start)
                 if held > 0:
@@ -125,7 +127,8 @@ def total_parameters(config: TransformerConfig, dims: ParallelDims) -> int:
 
 
 def _is_tensor_parallel(name: str) -> bool:
-    """Split across TP ranks: the embedding and output rows, QKV and fc1 (rows, with their bias), proj and fc2 (columns)."""
+    """Split across TP ranks: the embedding and output rows, QKV and fc1 (rows, with their bias), proj and fc2
+    (columns)."""
     if name.endswith(".bias"):
         return name.endswith(("linear_qkv.bias", "linear_fc1.bias"))
     return name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight",

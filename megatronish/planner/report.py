@@ -8,7 +8,7 @@ import re
 import torch
 
 from megatronish.planner.cluster import PRESETS, Accelerator, Cluster, GiB, MiB, cpu_accelerator
-from megatronish.planner.search import LayoutPlan, device_kind, model_parameters, plan_given_layout
+from megatronish.planner.search import LayoutPlan, model_parameters, plan_given_layout
 
 GPT2_VOCAB_SIZE = 50257
 
@@ -32,9 +32,9 @@ def table(plans: list[LayoutPlan], top: int | None = 20, show_rejected: bool = F
     too_big = [p for p in plans if p.valid and not p.fits]
     rejected = [p for p in plans if not p.valid]
     dollars = any(p.tokens_per_dollar is not None for p in fitting)
-    header = (f"{'#':>3} {'layout (TP PP DP micro-batch recompute dist-opt SP)':<40} {'memory/rank':>11} {'params':>10} "
-              f"{'grads':>10} {'optim':>10} {'activ':>10} {'in-fl':>5} {'ms/iter':>9} {'bubble':>6} {'tokens/s':>10} "
-              f"{'tok/s/dev':>9}" + (f" {'tokens/$':>10}" if dollars else ""))
+    header = (f"{'#':>3} {'layout (TP PP DP micro-batch recompute dist-opt SP)':<40} {'memory/rank':>11} "
+              f"{'params':>10} {'grads':>10} {'optim':>10} {'activ':>10} {'in-fl':>5} {'ms/iter':>9} {'bubble':>6} "
+              f"{'tokens/s':>10} {'tok/s/dev':>9}" + (f" {'tokens/$':>10}" if dollars else ""))
     lines = [header, "-" * len(header)]
     shown = fitting if top is None else fitting[:top]
     for i, plan in enumerate(shown + (too_big if top is None else []), 1):
@@ -89,7 +89,8 @@ def plan_details(plan: LayoutPlan) -> str:
     lines = [f"layout {describe(plan)}: {plan.world_size} ranks, global batch {plan.global_batch_size} x "
              f"{plan.seq_length} tokens"]
     for s in plan.stages:
-        lines.append(f"  stage {s.pp_rank}: parameters {format_bytes(s.parameters)} + gradients {format_bytes(s.gradients)}"
+        lines.append(f"  stage {s.pp_rank}: parameters {format_bytes(s.parameters)} + gradients "
+                     f"{format_bytes(s.gradients)}"
                      f" + optimizer {format_bytes(s.optimizer)} + activations {format_bytes(s.activations.layers)} "
                      f"(layers) + {format_bytes(s.activations.extras)} (embedding/output; {s.activations.in_flight} "
                      f"micro-batches in flight) + allowance {format_bytes(s.allowance)} = {format_bytes(s.total)}")

@@ -19,7 +19,7 @@ import torch
 from megatronish.parallel_layout import ParallelDims
 from megatronish.planner.activations import PeakActivations, chunk_activation_bytes, peak_activations
 from megatronish.planner.cluster import GiB, Cluster, SpeedConstants
-from megatronish.planner.parameters import StateBytes, state_bytes, total_parameters
+from megatronish.planner.parameters import state_bytes, total_parameters
 from megatronish.planner.speed import StageWork, TimeEstimate, iteration_time, stage_flops
 from megatronish.model.pipeline_split import stage_layers
 from megatronish.training.arguments import ArgumentError, transformer_config_from_args, validate_layout_args
@@ -254,7 +254,8 @@ def plan_layout(args: argparse.Namespace, layout: Layout, cluster: Cluster, voca
         counted = state.parameters + state.gradients + state.optimizer + activations.total
         allowance = int(ALLOWANCE_FRACTION * counted) + ALLOWANCE_FIXED[device]
         stages.append(StageMemory(pp_rank, state.parameters, state.gradients, state.optimizer, activations, allowance))
-        layers = sum(len(stage_layers(config, dims.pp, pp_rank, dims.virtual_pp, c)) for c in range(dims.num_model_chunks))
+        layers = sum(len(stage_layers(config, dims.pp, pp_rank, dims.virtual_pp, c))
+                     for c in range(dims.num_model_chunks))
         work.append(StageWork(layers, pp_rank == 0, pp_rank == dims.pp - 1, state))
     padded_vocab = config.padded_vocab_size(dims.tp)
     time = iteration_time(run, dims, work, cluster, constants or cluster.speed(dtype_name(run)), padded_vocab,

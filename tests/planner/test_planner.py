@@ -116,13 +116,15 @@ def test_in_flight_micro_batches_follow_the_schedules():
 
 
 def test_plan_tool_table_json_cluster_file_and_price(tmp_path, capsys):
-    plan_tool.main(GPT2_345M + ["--accelerator", "H100", "--top", "5", "--no-goodput-profile"])
+    plan_tool.main(GPT2_345M + ["--accelerator", "H100", "--top", "5", "--no-goodput-profile",
+                                "--search-micro-batch-sizes", "4"])
     out = capsys.readouterr().out
     assert "354,871,296 parameters" in out and "1 x 8 H100" in out
     assert out.strip().splitlines()[-1].startswith("recommended: --tensor-model-parallel-size")
     cluster = tmp_path / "cluster.json"
     cluster.write_text(json.dumps({"accelerator": "A100-40GB", "nodes": 2, "devices_per_node": 8}))
-    plan_tool.main(GPT2_345M + ["--cluster", str(cluster), "--price", "1.5", "--json", "--no-goodput-profile"])
+    plan_tool.main(GPT2_345M + ["--cluster", str(cluster), "--price", "1.5", "--json", "--no-goodput-profile",
+                                "--search-micro-batch-sizes", "4", "32"])
     result = json.loads(capsys.readouterr().out)
     fitting = [p for p in result["plans"] if p.get("fits")]
     assert result["cluster"].startswith("2 x 8 A100-40GB") and fitting
