@@ -8,7 +8,7 @@ import re
 import torch
 
 from megatronish.planner.cluster import PRESETS, Accelerator, Cluster, GiB, MiB, cpu_accelerator
-from megatronish.planner.search import LayoutPlan, model_parameters, plan_given_layout
+from megatronish.planner.search import LayoutPlan, SearchSpace, model_parameters, plan_given_layout, plan_layouts
 
 GPT2_VOCAB_SIZE = 50257
 
@@ -66,17 +66,24 @@ def _row(i: int, plan: LayoutPlan, dollars: bool) -> str:
     return row + fit
 
 
-def recommendation(plans: list[LayoutPlan]) -> str:
+def recommended(plans: list[LayoutPlan]) -> LayoutPlan | None:
+    """Among the layouts that fit and are within 1% of the fastest (the model cannot tell them apart), the one
+    with the most headroom; None if none fits. `plans` ranked as plan_layouts ranks them."""
     fitting = [p for p in plans if p.fits]
     if not fitting:
+        return None
+    return min((p for p in fitting if p.tokens_per_s >= 0.99 * fitting[0].tokens_per_s), key=lambda p: p.peak_memory)
+
+
+def recommendation(plans: list[LayoutPlan]) -> str:
+    best = recommended(plans)
+    if best is None:
         valid = [p for p in plans if p.valid]
         if not valid:
             return "no layout is valid for these arguments: see the reasons with --all"
         smallest = min(valid, key=lambda p: p.peak_memory)
         return (f"no layout fits: the smallest, {describe(smallest)}, needs {format_bytes(smallest.peak_memory)} per "
                 f"rank of {format_bytes(smallest.memory_limit)}; use more devices, a smaller micro-batch or model")
-    # Among layouts within 1% of the fastest (the model cannot tell them apart), the one with the most headroom.
-    best = min((p for p in fitting if p.tokens_per_s >= 0.99 * fitting[0].tokens_per_s), key=lambda p: p.peak_memory)
     return (f"recommended: {' '.join(best.layout.flags())}  ->  {best.tokens_per_s:,.0f} tokens/s "
             f"({best.tokens_per_s / best.world_size:,.0f} per device), {format_bytes(best.peak_memory)} of "
             f"{format_bytes(best.memory_limit)} per rank")
@@ -136,6 +143,22 @@ def local_cluster(world_size: int) -> Cluster:
         properties = torch.cuda.get_device_properties(0)
         return Cluster(gpu_preset(properties.name, properties.total_memory), 1, world_size)
     return Cluster(cpu_accelerator(world_size), 1, world_size, cores_per_node=len(os.sched_getaffinity(0)))
+
+
+def choose_layout(args, world_size: int, space: SearchSpace | None = None,
+                  profile_path: str | None = None) -> LayoutPlan | None:
+    """The planner's recommended layout for `world_size` ranks of this machine (`--layout auto` of an elastic
+    run), with the goodput profile's constants when it has them; None when no layout fits. By default only TP
+    and PP vary (one chunk per stage); micro-batch, recompute, distributed optimizer and SP stay as given."""
+    from megatronish.planner.calibration import constants_for
+
+    cluster = local_cluster(world_size)
+    space = space or SearchSpace(virtual_pp=(None,), micro_batch_size=(args.micro_batch_size,),
+                                 recompute=(args.recompute_granularity,),
+                                 distributed_optimizer=(args.use_distributed_optimizer,),
+                                 sequence_parallel=(args.sequence_parallel,))
+    return recommended(plan_layouts(args, cluster, vocab_size_of(args), space,
+                                    constants_for(cluster, args, profile_path)))
 
 
 def dry_run(args, world_size: int) -> str:

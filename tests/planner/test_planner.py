@@ -195,3 +195,17 @@ def test_profile_measures_fits_and_writes_a_profile_the_planner_then_uses(tmp_pa
     assert profile.best_point("cpu", 2)["devices"] == 2
     plan_tool.main(tiny + ["--accelerator", "cpu", "--devices-per-node", "2", "--goodput-profile", path])
     assert "speed constants: calibrated" in capsys.readouterr().out
+
+
+def test_choose_layout_for_a_new_world_size_keeps_the_other_choices(tmp_path):
+    from megatronish.planner import choose_layout
+
+    args = parse_args(["--micro-batch-size", "2", "--recompute-granularity", "full"])
+    no_profile = str(tmp_path / "none.json")
+    for world_size in (4, 2, 1):
+        plan = choose_layout(args, world_size, profile_path=no_profile)
+        layout = plan.layout
+        assert plan.fits and layout.world_size == world_size and layout.virtual_pp is None
+        assert (layout.micro_batch_size, layout.recompute) == (2, "full")
+    # 3 ranks: 8 heads, 4 layers and a global batch of 16 = 2 x DP leave no layout
+    assert choose_layout(args, 3, profile_path=no_profile) is None
