@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-optim", action="store_true", help="load only the model weights")
     g.add_argument("--no-load-rng", action="store_true", help="do not restore the random streams")
     g.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints")
+    g.add_argument("--allow-architecture-change", action="store_true",
+                   help="with --finetune: load a checkpoint of another architecture (the parameters both models share "
+                        "load, the others keep their initialization)")
     g.add_argument("--finetune", action="store_true",
                    help="load only the model weights from --load and start at iteration 0 (new optimizer, data, RNG)")
     g.add_argument("--async-save", action="store_true",
@@ -286,6 +289,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         fail(f"--exit-duration-in-mins {args.exit_duration_in_mins} must be positive")
     if args.keep_last is not None and args.keep_last < 1:
         fail(f"--keep-last {args.keep_last} must be positive")
+    if args.allow_architecture_change and not (args.finetune and args.load):
+        fail("--allow-architecture-change applies to --finetune --load only: add them, or resume with the "
+             "checkpoint's own model arguments")
     if args.distributed_backend == "nccl" and not torch.cuda.is_available():
         fail("--distributed-backend nccl needs CUDA GPUs and none is visible: use --distributed-backend gloo")
     _validate_data_args(args, fail)

@@ -26,7 +26,8 @@ def write_manifest(folder: str, write_durably) -> None:
             path = os.path.join(directory, name)
             files[os.path.relpath(path, folder)] = os.path.getsize(path)
     files.pop(MANIFEST_FILENAME, None)
-    write_durably(os.path.join(folder, MANIFEST_FILENAME), json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
+    text = json.dumps({"files": files}, indent=1, sort_keys=True) + "\n"
+    write_durably(os.path.join(folder, MANIFEST_FILENAME), text)
 
 
 def why_incomplete(folder: str) -> str | None:

@@ -39,9 +39,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatronish.model import GPTModel, TransformerConfig
 from megatronish.parallel_layout import ParallelLayout
+from megatronish.training.checkpoint_compat import check_architecture
 from megatronish.training.checkpoint_format import (
     Block,
     check_against_metadata,
@@ -56,6 +58,7 @@ from megatronish.training.checkpoint_manifest import (
     why_incomplete,
     write_manifest,
 )
+from megatronish.training.collective_errors import named_collective
 from megatronish.training.progress import TrainingProgress
 from megatronish.training.utils import get_rng_state, print_rank_0, set_rng_state
 
@@ -100,6 +103,11 @@ def save_checkpoint(save_dir: str, progress: TrainingProgress, model, optimizer,
     the files are written in the background; the folder appears when they are complete.
     """
     wait_for_async_save()
+    with named_collective(f"while saving the checkpoint of iteration {progress.iteration}"):
+        return _save(save_dir, progress, model, optimizer, scheduler, args, keep_last, async_save)
+
+
+def _save(save_dir, progress, model, optimizer, scheduler, args, keep_last, async_save) -> str:
     start = time.perf_counter()
     optimizer_state = optimizer.sharded_state_by_name()  # a collective with the distributed optimizer
     state = _model_blocks(model, lambda name, param: param.detach())
@@ -140,8 +148,41 @@ def wait_for_async_save() -> None:
         pending.result()
 
 
+def raise_if_async_save_failed() -> None:
+    """Raise the error of a background save that has failed, now (training calls this every iteration:
+    a full disk must stop the run at once, not one save interval later)."""
+    if _pending is not None and _pending.done() and _pending.exception() is not None:
+        wait_for_async_save()
+
+
 def _write(state, common, temporary, final, save_dir, keep_last, group) -> None:
-    save_blocks(state, temporary, process_group=group)  # DCP fsyncs every data file
+    with named_collective(f"writing {final}"):
+        try:
+            save_blocks(state, temporary, process_group=group)  # DCP fsyncs every data file
+        except CheckpointException as error:  # DCP's message is a dump of every rank's traceback
+            raise OSError(f"writing checkpoint {temporary} failed: {_cause_of_failed_write(error, temporary)}") from None
+        _publish_checkpoint(common, temporary, final, save_dir, keep_last)
+        dist.barrier(group=group)
+
+
+def _cause_of_failed_write(error: CheckpointException, folder: str) -> str:
+    """The OS error behind a failed DCP save (a full disk...). torch.save reports a failed write as
+    "unexpected pos", so the folder is probed with a write of its own, which fails the same way."""
+    try:
+        probe = os.open(os.path.join(folder, ".write-probe"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            os.write(probe, bytes(1 << 20))
+            os.fsync(probe)
+        finally:
+            os.close(probe)
+            os.remove(os.path.join(folder, ".write-probe"))
+    except OSError as os_error:
+        return str(os_error).split(":")[0]  # "[Errno 28] No space left on device" without the path
+    failures = [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
+    return f"{type(failures[0]).__name__}: {failures[0]}" if failures else str(error)
+
+
+def _publish_checkpoint(common, temporary, final, save_dir, keep_last) -> None:
     if dist.get_rank() == 0:  # DCP returned on rank 0 only after every rank's files were written
         _write_json_durably(os.path.join(temporary, COMMON_FILENAME), common)
         write_manifest(temporary, _write_text_durably)
@@ -153,7 +194,6 @@ def _write(state, common, temporary, final, save_dir, keep_last, group) -> None:
         _write_text_durably(os.path.join(save_dir, TRACKER_FILENAME), str(common["iteration"]))
         if keep_last:
             _delete_old_checkpoints(save_dir, keep_last, common["iteration"])
-    dist.barrier(group=group)
 
 
 def _publish(temporary: str, final: str) -> None:
@@ -194,15 +234,17 @@ def _common_metadata(progress, model, optimizer_state, scheduler, args) -> dict:
 # ---------------------------------------------------------------------------------------- loading
 
 def load_checkpoint(load_dir: str, model, optimizer, scheduler, *, load_optim: bool = True,
-                    load_rng: bool = True, finetune: bool = False) -> TrainingProgress | None:
+                    load_rng: bool = True, finetune: bool = False,
+                    allow_architecture_change: bool = False) -> TrainingProgress | None:
     """Restore the newest checkpoint under `load_dir` into model/optimizer/scheduler, in place, at
     whatever TP x DP layout this run has.
 
     Returns the saved TrainingProgress, or None when `load_dir` holds no checkpoint yet (a fresh
     start: the same command line then works for the first run and every restart).
     `load_optim=False` restores the weights only (optimizer and scheduler start fresh, the
-    progress still comes back). `finetune=True` loads the weights only and starts at iteration 0.
-    RNG states come back only when the layout is the one they were saved at.
+    progress still comes back). `finetune=True` loads the weights only and starts at iteration 0;
+    with `allow_architecture_change` too, a checkpoint of another architecture loads the parameters
+    both models share (checkpoint_compat.py). RNG states come back only when the layout is the one they were saved at.
     """
     iteration = _agreed_checkpoint(load_dir)
     if iteration is None:
@@ -218,8 +260,12 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, *, load_optim: b
     metadata = read_metadata(folder)
     load_optim = load_optim and not finetune
     load_rng = load_rng and not finetune
+    changed = check_architecture(folder, common["model_config"], _chunks(model)[0].config.to_dict(),
+                                 allow_change=finetune and allow_architecture_change)
 
     state = _model_blocks(model, lambda name, param: param.data)
+    if changed:
+        state = _shared_blocks(state, metadata, changed)
     moments = {}
     if load_optim:
         if common["optimizer"] is None:
@@ -257,6 +303,18 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, *, load_optim: b
     print_rank_0(f"loaded checkpoint {folder} at iteration {iteration}: {what} "
                  f"({time.perf_counter() - start:.2f} s)")
     return progress
+
+
+def _shared_blocks(state: dict, metadata, changed: list[str]) -> dict:
+    """The blocks the checkpoint holds at the same global shape; says which keep their initialization."""
+    stored = metadata.state_dict_metadata
+    shared = {name: block for name, block in state.items()
+              if name in stored and tuple(getattr(stored[name], "size", ())) == tuple(block.global_shape)}
+    fresh = sorted(set(state) - set(shared))
+    print_rank_0(f"--allow-architecture-change ({'; '.join(changed)}): {len(shared)} tensors loaded, "
+                 f"{len(fresh)} keep their initialization{': ' + ', '.join(fresh[:8]) if fresh else ''}"
+                 f"{' ...' if len(fresh) > 8 else ''}")
+    return shared
 
 
 def newest_complete_checkpoint(load_dir: str) -> tuple[int | None, list[str]]:

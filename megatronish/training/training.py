@@ -40,12 +40,18 @@ from megatronish.parallel_layout import ParallelLayout
 from megatronish.pipeline_parallel import get_forward_backward_func
 from megatronish.tensor_parallel import model_parallel_manual_seed
 from megatronish.training.arguments import transformer_config_from_args, validate_args, warmup_iters
-from megatronish.training.checkpointing import load_checkpoint, save_checkpoint, wait_for_async_save
+from megatronish.training.checkpointing import (
+    load_checkpoint,
+    raise_if_async_save_failed,
+    save_checkpoint,
+    wait_for_async_save,
+)
 from megatronish.training.collective_errors import named_collective
 from megatronish.training.nonfinite import NonFiniteGuard, parameters_are_finite
 from megatronish.training.memory_report import MeasuredMemory, MemoryMonitor
 from megatronish.training.preemption import ExitConditions
 from megatronish.training.progress import TrainingProgress
+from megatronish.training.save_lock import claim_save_folder
 from megatronish.training.training_log import (
     MetricWriters,
     num_floating_point_operations,
@@ -131,10 +137,13 @@ def setup(args: argparse.Namespace) -> TrainingRun:
         lr_decay_steps=args.lr_decay_iters * args.global_batch_size, lr_decay_style=args.lr_decay_style)
     _print_setup(args, config, model, layout, num_microbatches)
 
+    if args.save:
+        claim_save_folder(args.save)  # one writer per folder
     progress = TrainingProgress()
     if args.load:
         loaded = load_checkpoint(args.load, model, optimizer, scheduler, load_optim=not args.no_load_optim,
-                                 load_rng=not args.no_load_rng, finetune=args.finetune)
+                                 load_rng=not args.no_load_rng, finetune=args.finetune,
+                                 allow_architecture_change=args.allow_architecture_change)
         progress = loaded or progress
     return TrainingRun(args=args, layout=layout, tokenizer=tokenizer, config=config, model=model,
                        ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler, progress=progress,
@@ -169,6 +178,7 @@ def train(run: TrainingRun, result: TrainingResult) -> str | None:
             run.scheduler.step(args.global_batch_size)
         progress.iteration += 1
         progress.consumed_train_samples += args.global_batch_size
+        raise_if_async_save_failed()
         is_nan = not math.isfinite(loss)
         progress.skipped_iterations += not update_successful
         progress.nan_iterations += is_nan
@@ -238,7 +248,8 @@ def finish(run: TrainingRun, result: TrainingResult, exit_reason: str | None) ->
 def _save(run: TrainingRun) -> None:
     args = run.args
     if not (run.finite and parameters_are_finite(run.model)):  # never replace a healthy checkpoint by a broken one
-        print_rank_0(f"not saving iteration {run.progress.iteration}: its loss, gradient norm or weights are not finite")
+        print_rank_0(f"not saving iteration {run.progress.iteration}: its loss, gradient norm or weights are "
+                     "not finite")
         return
     save_checkpoint(args.save, run.progress, run.model, run.optimizer, run.scheduler, args,
                     keep_last=args.keep_last, async_save=args.async_save)

@@ -21,6 +21,7 @@ from checkpoint_testing import build_corpus, run_pretrains, tiny_argv
 from megatronish.testing import RankFailed, run_distributed
 from megatronish.training.checkpoint_manifest import MANIFEST_FILENAME
 from megatronish.training.checkpointing import TRACKER_FILENAME, newest_complete_checkpoint, read_latest_iteration
+from megatronish.training.save_lock import LOCK_FILENAME
 
 ITERS = 6
 
@@ -104,7 +105,7 @@ def test_keep_last_never_deletes_the_checkpoint_just_written(corpus, saved, tmp_
         f.write("2")  # a rollback to iteration 2: iter_0000006 is from the abandoned history
     resumed = _pretrain(_argv(corpus, directory, "--train-iters", "4", "--save-interval", "2", "--keep-last", "1"))
     assert resumed["iteration"] == 4
-    assert sorted(os.listdir(directory)) == ["iter_0000004", "iter_0000006", TRACKER_FILENAME]
+    assert sorted(os.listdir(directory)) == [LOCK_FILENAME, "iter_0000004", "iter_0000006", TRACKER_FILENAME]
     assert newest_complete_checkpoint(directory) == (4, [])
 
 

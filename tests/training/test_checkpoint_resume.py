@@ -16,6 +16,7 @@ from checkpoint_testing import build_corpus, run_pretrains, tiny_argv
 
 from megatronish.testing import run_distributed
 from megatronish.training.checkpointing import TRACKER_FILENAME
+from megatronish.training.save_lock import LOCK_FILENAME
 
 RESHARD_VALID_REL = 1e-6   # the same weights and batches; only fp32 summation order differs by layout
 RESHARD_LOSS_REL = 1e-5
@@ -44,8 +45,9 @@ def test_exact_resume_bitwise_with_dropout_tp2_dp2_both_optimizers(corpus, tmp_p
         assert before["iteration"] == 10 and after["iteration"] == 20
         assert before["losses"] == full["losses"][:10]
         assert after["losses"] == full["losses"][10:]  # bitwise: model, Adam, LR, RNG and data position
-    assert sorted(os.listdir(sharded)) == ["iter_0000020", TRACKER_FILENAME]  # --keep-last 1, no temporaries
-    assert sorted(os.listdir(plain)) == ["iter_0000010", "iter_0000020", TRACKER_FILENAME]
+    # --keep-last 1, no temporaries:
+    assert sorted(os.listdir(sharded)) == [LOCK_FILENAME, "iter_0000020", TRACKER_FILENAME]
+    assert sorted(os.listdir(plain)) == [LOCK_FILENAME, "iter_0000010", "iter_0000020", TRACKER_FILENAME]
 
 
 def test_reshard_tp2_dp2_checkpoint_to_tp1_tp4_and_dp4(corpus, tmp_path):

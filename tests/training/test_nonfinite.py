@@ -17,6 +17,7 @@ from checkpoint_testing import build_corpus, run_pretrains, tiny_argv
 from megatronish.testing import run_distributed
 from megatronish.training.checkpointing import TRACKER_FILENAME, read_full_model_state, read_latest_iteration
 from megatronish.training.nonfinite import NonFiniteGuard
+from megatronish.training.save_lock import LOCK_FILENAME
 
 PRECISIONS = {"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16", "--loss-scale", "1"]}
 LAST_HEALTHY = {"fp32": 2, "bf16": 2, "fp16": 1}
@@ -50,7 +51,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_healthy_checkpoints(corpus, tmp_pa
         assert "--max-nan-iterations" in message
         kept = [f"iter_{i:07d}" for i in range(1, LAST_HEALTHY[name] + 1)]
         assert read_latest_iteration(folders[name]) == LAST_HEALTHY[name], name
-        assert sorted(os.listdir(folders[name])) == [*kept, TRACKER_FILENAME], name
+        assert sorted(os.listdir(folders[name])) == [LOCK_FILENAME, *kept, TRACKER_FILENAME], name
         _, weights, _ = read_full_model_state(folders[name])
         assert all(bool(w.float().isfinite().all()) for w in weights.values()), name
 
