@@ -9,15 +9,17 @@
 # every 1000 iterations; rerunning the same command resumes from the newest one.
 # The flags are Megatron-LM's GPT-2 example flags: extra arguments after the fourth are passed on
 # (e.g. --use-distributed-optimizer, --sequence-parallel, --tensorboard-dir runs/345m).
+# Without 8 GPUs it stops with a message before starting anything. TORCHRUN_ARGS adds torchrun flags.
 set -euo pipefail
 DATA_PREFIX=${1:?usage: $0 DATA_PREFIX VOCAB_JSON MERGES_TXT [CHECKPOINT_DIR] [extra flags]}
 VOCAB=${2:?vocab.json missing}
 MERGES=${3:?merges.txt missing}
 CHECKPOINTS=${4:-checkpoints/gpt2-345m}
 shift $(( $# < 4 ? $# : 4 ))
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+source "$(dirname "$0")/common.sh"
+require_gpus "$(basename "$0")" 8  # 8 CPU ranks of a 345M bf16 model would only exhaust the memory
 
-exec torchrun --standalone --nproc_per_node 8 "$REPO/pretrain_gpt.py" \
+exec torchrun --standalone --nproc_per_node "$NPROC_PER_NODE" "${TORCHRUN_EXTRA[@]}" "$TRAIN_SCRIPT" \
     --tensor-model-parallel-size 8 \
     --num-layers 24 --hidden-size 1024 --num-attention-heads 16 \
     --seq-length 1024 --max-position-embeddings 1024 \

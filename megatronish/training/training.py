@@ -430,6 +430,10 @@ def _print_setup(args, config, model: list[GPTModel], layout: ParallelLayout, nu
     print_rank_0(f"> parallelism: {layout.describe()}; global batch {args.global_batch_size} = micro-batch "
                  f"{args.micro_batch_size} x DP {layout.dp} x {num_microbatches} micro-batches; distributed optimizer: "
                  f"{args.use_distributed_optimizer}")
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", layout.dims.world_size))
+    if layout.tp > local_ranks:
+        print_rank_0(f"warning: --tp {layout.tp} is larger than the {local_ranks} ranks of a node: tensor-parallel "
+                     "collectives (several per layer) cross the network, which is slow; keep --tp <= the GPUs of a node")
     if args.save:
         print_rank_0(f"> checkpoints go to {os.path.abspath(args.save)} (every {args.save_interval} iterations "
                      "and at the end)")

@@ -73,7 +73,7 @@ def wait_for_file_value(path: Path, at_least: int, procs, timeout: float) -> Non
                 return
         except (FileNotFoundError, ValueError):
             pass
-        if all(proc.poll() is not None for proc in procs):
+        if procs and all(proc.poll() is not None for proc in procs):
             raise AssertionError(f"the launchers ended before {path.name} reached {at_least}")
         time.sleep(0.1)
     raise AssertionError(f"{path.name} did not reach {at_least} within {timeout} s")
@@ -93,3 +93,81 @@ def finish(procs, timeout: float, also_kill=()) -> list[int | None]:
             codes.append(None)
     kill_all(also_kill)
     return codes
+
+
+SLURM_CONF = """\
+ClusterName=megatronish-test
+SlurmctldHost={host}
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/builtin
+MpiDefault=none
+ReturnToService=2
+JobRequeue=1
+KillWait=30
+NodeName={host} CPUs={cpus} RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+class SlurmCluster:
+    """A one-node SLURM cluster (slurmctld + slurmd from Debian's slurm-wlm, munge authentication) in
+    `root`; `env` points SLURM's commands at it. Raises RuntimeError saying why when it cannot start."""
+
+    def __init__(self, root: Path):
+        from megatronish.testing import find_free_port
+
+        missing = [tool for tool in ("slurmctld", "slurmd", "sbatch", "munged") if not shutil.which(tool)]
+        if missing:
+            raise RuntimeError(f"{', '.join(missing)} not installed (apt-get install slurm-wlm)")
+        self.root, self.host = root, subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+        for folder in ("state", "spool"):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+        conf = root / "slurm.conf"
+        conf.write_text(SLURM_CONF.format(host=self.host, root=root, ctld_port=find_free_port(),
+                                          slurmd_port=find_free_port(), cpus=os.cpu_count()))
+        self.env = dict(os.environ, SLURM_CONF=str(conf))
+        self.daemons = []
+        if subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
+            os.makedirs("/run/munge", exist_ok=True)
+            self._run_daemon(["munged", "--foreground", "--force"])
+        self._run_daemon(["slurmctld", "-D", "-i", "-f", str(conf)])
+        self._run_daemon(["slurmd", "-D", "-f", str(conf)])
+        deadline = time.monotonic() + 60
+        while "idle" not in self.run("sinfo", "-h", "-o", "%T", check=False).stdout:
+            if time.monotonic() > deadline or any(d.poll() is not None for d in self.daemons):
+                self.stop()
+                raise RuntimeError("slurmctld/slurmd did not bring the node up within 60 s (see "
+                                   f"{root}/slurmctld.log, {root}/slurmd.log)")
+            time.sleep(0.5)
+
+    def _run_daemon(self, command):
+        log = open(self.root / f"{command[0]}.out", "w")
+        self.daemons.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                             start_new_session=True))
+
+    def run(self, *command, check=True) -> subprocess.CompletedProcess:
+        return subprocess.run(command, capture_output=True, text=True, env=self.env, check=check, timeout=60)
+
+    def job_field(self, job_id: str, field: str) -> str:
+        text = self.run("scontrol", "show", "job", job_id, check=False).stdout
+        return next((item.split("=", 1)[1] for item in text.split() if item.startswith(field + "=")), "")
+
+    def stop(self) -> None:
+        for daemon in reversed(self.daemons):
+            kill_all(process_tree(daemon.pid))
+            daemon.wait()
+        self.daemons = []

@@ -7,18 +7,23 @@
   SIGKILLed while its peer is busy; the agents' restart counters then differ, and the restarted
   ranks still meet and finish from the newest checkpoint.
 - an agent SIGKILLed: its workers notice, save and stop instead of training on unsupervised.
+- launch/slurm.sbatch on a real SLURM cluster (slurmctld + slurmd started here): the stop signal
+  saves, the job requeues itself and the next run resumes from the checkpoint.
 """
 
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
-from checkpoint_testing import build_corpus, tiny_argv
+from checkpoint_testing import build_corpus, run_pretrains, tiny_argv
 from launcher_testing import (
     FAULT_ENTRY,
+    REPO,
     TORCHRUN,
+    SlurmCluster,
     finish,
     kill_all,
     process_tree,
@@ -27,7 +32,7 @@ from launcher_testing import (
     wait_for_file_value,
 )
 
-from megatronish.testing import find_free_port
+from megatronish.testing import find_free_port, run_distributed
 from megatronish.training.checkpointing import read_latest_iteration
 
 
@@ -74,13 +79,15 @@ def test_sigterm_with_data_loader_workers_saves_on_every_rank(corpus, tmp_path, 
 
 
 def test_two_agents_restart_together_after_a_killed_worker(corpus, tmp_path):
-    save, port = tmp_path / "ckpt", find_free_port()
+    """launch/multi_node_torchrun.sh run twice on 127.0.0.1 as two nodes, TORCHRUN_ARGS="--max-restarts 1"."""
+    save = tmp_path / "ckpt"
     # Rank 1 (on one node) dies in its 3rd step while rank 0 (on the other) is busy: rank 0's agent
     # restarts its worker for the membership change without counting a restart, rank 1's counts one.
-    env = dict(KILL_AT="1:3", SLEEP_AT="0:3:5", RESULT_FILE=tmp_path / "result.json")
-    command = [TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
-               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-agents", "--max-restarts", "1",
-               *_train_argv(corpus, save, "--save-interval", "2", iters=6)]
+    env = dict(KILL_AT="1:3", SLEEP_AT="0:3:5", RESULT_FILE=tmp_path / "result.json", NNODES=2,
+               RDZV_HOST="127.0.0.1", RDZV_PORT=find_free_port(), RUN_ID="two-agents", MEGATRONISH_CPU=1,
+               NPROC_PER_NODE=1, TORCHRUN_ARGS="--max-restarts 1", TRAIN_SCRIPT=FAULT_ENTRY)
+    command = ["bash", str(REPO / "launch" / "multi_node_torchrun.sh"),
+               *_train_argv(corpus, save, "--save-interval", "2", iters=6)[1:]]
     agents = [start(command, tmp_path / f"node{n}.txt", tmp_path, **env) for n in range(2)]
     codes = finish(agents, timeout=240)
     logs = "\n".join((tmp_path / f"node{n}.txt").read_text() for n in range(2))
@@ -113,3 +120,53 @@ def test_workers_of_a_killed_agent_save_and_stop(corpus, tmp_path):
     stopped = read_latest_iteration(str(save))
     assert stopped is not None and stopped >= 2, output[-3000:]
     assert f"exiting after iteration {stopped}: a torchrun agent is gone" in output
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    try:
+        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+        pytest.skip(f"no SLURM cluster can start here: {error}")
+    yield cluster
+    cluster.run("scancel", "--full", "--user", "root", check=False)
+    time.sleep(1)
+    cluster.stop()
+
+
+@pytest.mark.slow
+def test_slurm_job_saves_at_the_stop_signal_requeues_itself_and_resumes(corpus, tmp_path, slurm):
+    """launch/slurm.sbatch on a real one-node cluster, as gloo ranks with loader workers. The signal
+    is the one --signal=B:USR1@120 sends before the time limit (scancel --batch --signal=USR1)."""
+    log, progress = tmp_path / "job.log", tmp_path / "progress"
+    slurm.env.update(MEGATRONISH_CPU="1", NPROC_PER_NODE="2", TRAIN_SCRIPT=FAULT_ENTRY, STEP_DELAY="0.3",
+                     PROGRESS_FILE=str(progress), RESULT_FILE=str(tmp_path / "result.json"), REPO=str(REPO),
+                     CHECKPOINTS=str(tmp_path / "ckpt"), PYTHONPATH=str(REPO), STOP_GRACE="60")
+    job = slurm.run("sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10",
+                    f"--output={log}", f"--chdir={tmp_path}", str(REPO / "launch" / "slurm.sbatch"),
+                    *tiny_argv(corpus, "--num-workers", "2", "--save-interval", "1000", iters=20, tp=2)).stdout.strip()
+    wait_for_file_value(progress, 3, [], timeout=180)
+    slurm.run("scancel", "--batch", "--signal=USR1", job)
+    deadline = time.monotonic() + 240
+    while slurm.job_field(job, "JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        if slurm.job_field(job, "JobState") == "PENDING" and slurm.job_field(job, "Restarts") == "1":
+            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip SLURM's requeue hold-off
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(1)
+    output = log.read_text()  # both runs of the job: --open-mode=append
+    assert (slurm.job_field(job, "JobState"), slurm.job_field(job, "Restarts")) == ("COMPLETED", "1"), output[-3000:]
+    stopped = int(output.split("exiting after iteration ")[1].split(":")[0])
+    assert f"exiting after iteration {stopped}: received SIGTERM" in output and "killed by signal" not in output
+    assert f"job {job} starts (restart 1)" in output
+    assert f"loaded checkpoint {tmp_path}/ckpt/iter_{stopped:07d} at iteration {stopped}" in output
+    assert json.loads((tmp_path / "result.json").read_text())["iteration"] == 20
+
+
+def _pretrain_as_one_rank_per_node(argv):
+    os.environ["LOCAL_WORLD_SIZE"] = "1"  # what torchrun sets with --nproc_per_node 1 on each node
+    return run_pretrains([argv])
+
+
+def test_tensor_parallelism_across_nodes_is_warned_about(corpus, capfd):
+    run_distributed(_pretrain_as_one_rank_per_node, 2, args=(tiny_argv(corpus, iters=3, tp=2),), timeout=300)
+    assert "warning: --tp 2 is larger than the 1 ranks of a node: tensor-parallel collectives" in capfd.readouterr().out
