@@ -13,7 +13,7 @@ Same flags and the same output bytes as Megatron-LM's tools/preprocess_data.py.
 import argparse
 import sys
 
-from megatronish.data.preprocess import TokenizerSpec, preprocess_hf_dataset, preprocess_jsonl
+from megatronish.data.preprocess import MAX_RECORD_BYTES, TokenizerSpec, preprocess_hf_dataset, preprocess_jsonl
 from megatronish.data.tokenizers import TOKENIZER_TYPES
 
 
@@ -39,6 +39,9 @@ def parse_args(argv=None):
         "--log-interval", type=int, default=1000, help="documents between progress lines when stderr is not a terminal"
     )
     p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
+    p.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
+                   help=f"skip (or, with --strict, stop at) JSONL lines longer than this; bounds the memory one line "
+                        f"can take (default: {MAX_RECORD_BYTES})")
     return p.parse_args(argv)
 
 
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
         log_interval=args.log_interval,
     )
     if args.input:
-        stats = preprocess_jsonl(args.input, **common)
+        stats = preprocess_jsonl(args.input, max_record_bytes=args.max_record_bytes, **common)
     else:
         stats = preprocess_hf_dataset(args.hf_dataset, args.hf_split, **common)
     seconds = max(stats.seconds, 1e-9)

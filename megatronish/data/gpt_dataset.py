@@ -104,14 +104,28 @@ class GPTDataset(torch.utils.data.Dataset):
     def _load_or_build_indices(self, cache_dir):
         key = self._cache_key()
         paths = [os.path.join(cache_dir, f"{key}-{part}.npy") for part in ("document", "sample", "shuffle")]
-        if not all(os.path.exists(p) for p in paths):
-            os.makedirs(cache_dir, exist_ok=True)
-            arrays = build_gpt_indices(
-                self._document_lengths, self.document_range, self.num_samples, self.seq_length, self.seed
-            )
-            for path, array in zip(paths, arrays):  # each rename is atomic; a racing builder writes the same bytes
-                save_npy_atomic(path, array)
-        return [np.load(p, mmap_mode="r").view(np.ndarray) for p in paths]
+        if all(os.path.exists(p) for p in paths):
+            try:
+                return [_load_index(p) for p in paths]
+            except ValueError as error:  # a cache: rebuild it
+                print(f"warning: {error}; rebuilding it", flush=True)
+        os.makedirs(cache_dir, exist_ok=True)
+        arrays = build_gpt_indices(
+            self._document_lengths, self.document_range, self.num_samples, self.seq_length, self.seed
+        )
+        for path, array in zip(paths, arrays):  # each rename is atomic; a racing builder writes the same bytes
+            save_npy_atomic(path, array)
+        return [_load_index(p) for p in paths]
+
+
+def _load_index(path: str) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r").view(np.ndarray)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"the sample-index cache file {path} is corrupt ({type(error).__name__}: {error})") from None
+    if array.ndim not in (1, 2) or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"the sample-index cache file {path} is corrupt (a {array.dtype} array of shape {array.shape})")
+    return array
 
 
 def build_gpt_indices(

@@ -8,9 +8,11 @@ sequence of every non-empty document; an empty document adds only its document-i
 
 The input is read in chunks of records; up to 2 x workers chunks are in flight, and results
 are written in input order, so memory stays bounded however large the input and the output
-does not depend on the number of workers. A record that is not valid JSON, not an object, or
-lacks a key is reported with its line number and skipped (counted), or stops the run under
-`strict`. Blank lines are ignored.
+does not depend on the number of workers. A record that is not valid JSON (or nested too
+deeply to parse), not an object, lacks a key, holds text that is not valid Unicode (a lone
+surrogate escape such as \ud800), or is longer than `max_record_bytes` (read no further than
+that: one huge line would otherwise hold gigabytes through tokenization) is reported with its
+line number and skipped (counted), or stops the run under `strict`. Blank lines are ignored.
 """
 
 import itertools
@@ -28,6 +30,15 @@ from megatronish.data.indexed_dataset import IndexedDatasetBuilder, optimal_dtyp
 from megatronish.data.tokenizers import build_tokenizer
 
 MAX_REPORTED_BAD_RECORDS = 20
+MAX_RECORD_BYTES = 8 << 20  # default --max-record-bytes
+
+
+@dataclass(frozen=True)
+class _TooLong:
+    """Stands in for a JSONL line longer than the limit (its bytes were never kept)."""
+
+    num_bytes: int
+    limit: int
 
 
 @dataclass(frozen=True)
@@ -99,11 +110,15 @@ class _Encoder:
 
     def _parse(self, record):
         """-> ({key: [sentence, ...]}, None), or (None, why the record is bad)."""
+        if isinstance(record, _TooLong):
+            return None, f"{record.num_bytes} bytes, longer than --max-record-bytes {record.limit}"
         if isinstance(record, bytes):
             try:
                 record = json.loads(record)
             except ValueError as e:
                 return None, f"invalid JSON ({e})"
+            except RecursionError:
+                return None, "JSON nested too deeply to parse"
         if not isinstance(record, dict):
             return None, f"expected a JSON object, got {type(record).__name__}"
         sentences = {}
@@ -117,6 +132,8 @@ class _Encoder:
                 sentences[key] = value
             else:
                 return None, f"key {key!r} holds {type(value).__name__}, expected a string or a list of strings"
+            if not all(_is_unicode(s) for s in sentences[key]):
+                return None, f"key {key!r} holds text that is not valid Unicode (a lone surrogate such as \\ud800)"
         return sentences, None
 
     def _tokenize(self, documents: list[list[str]]):
@@ -134,6 +151,15 @@ class _Encoder:
             lengths = lengths + is_last
         per_document = np.bincount(document_of, minlength=len(documents)).astype(np.int64)
         return tokens.astype(self.dtype), lengths, per_document
+
+
+def _is_unicode(text: str) -> bool:
+    """False for strings holding lone surrogates (JSON allows the escape; UTF-8 and tokenizers do not)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 _worker_encoder: _Encoder | None = None
@@ -158,11 +184,12 @@ def preprocess_jsonl(
     strict: bool = False,
     log_interval: int = 1000,
     chunk_records: int = 1024,
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> PreprocessStats:
     """Tokenize a JSONL file (one JSON object per line) into `<output_prefix>_<key>_document`."""
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"--input {input_path} does not exist")
-    chunks = _jsonl_chunks(input_path, chunk_records)
+    chunks = _jsonl_chunks(input_path, chunk_records, max_record_bytes)
     return _run(
         chunks,
         os.path.getsize(input_path),
@@ -243,17 +270,29 @@ def load_hf_dataset(name_or_path: str, split: str, cache_dir=None):
     return datasets.load_dataset(name_or_path, split=split, cache_dir=cache_dir)
 
 
-def _jsonl_chunks(path: str, chunk_records: int, chunk_bytes: int = 1 << 20):
+def _jsonl_chunks(path: str, chunk_records: int, max_record_bytes: int = MAX_RECORD_BYTES, chunk_bytes: int = 1 << 20):
     with open(path, "rb") as f:
         records, size, first = [], 0, 1
-        for number, line in enumerate(f, start=1):
+        for number, line in enumerate(iter(lambda: f.readline(max_record_bytes + 1), b""), start=1):
+            if len(line) > max_record_bytes and not line.endswith(b"\n"):
+                line = _TooLong(len(line) + _skip_to_next_line(f), max_record_bytes)
             records.append(line)
-            size += len(line)
+            size += len(line) if isinstance(line, bytes) else line.num_bytes
             if len(records) >= chunk_records or size >= chunk_bytes:
                 yield _Chunk(first, records, size)
                 records, size, first = [], 0, number + 1
         if records:
             yield _Chunk(first, records, size)
+
+
+def _skip_to_next_line(f) -> int:
+    """Read past the rest of a line in bounded pieces; returns how many bytes that was."""
+    skipped = 0
+    while True:
+        piece = f.readline(1 << 20)
+        skipped += len(piece)
+        if not piece or piece.endswith(b"\n"):
+            return skipped
 
 
 def _dataset_chunks(dataset, json_keys, chunk_records: int):

@@ -157,6 +157,18 @@ def test_build_datasets_splits_and_caches(dataset, tmp_path, monkeypatch):
         build_gpt_datasets([indexed.prefix], "90,10,0", SEQ, 6, (50, 0, 0), eod_id=7, cache_dir=cache)
 
 
+def test_a_corrupt_cache_file_is_named_and_rebuilt(dataset, tmp_path, capsys):
+    indexed, _ = dataset
+    cache = tmp_path / "cache_c"
+    first = served(build_gpt_datasets([indexed.prefix], "90,10,0", SEQ, 5, (50, 0, 0), eod_id=7, cache_dir=cache)[0])
+    sample_file = next(cache / name for name in os.listdir(cache) if name.endswith("-sample.npy"))
+    for damage in (b"\x93NUMPY garbage", b""):  # a foreign header, then an empty file
+        sample_file.write_bytes(damage)
+        again = build_gpt_datasets([indexed.prefix], "90,10,0", SEQ, 5, (50, 0, 0), eod_id=7, cache_dir=cache)[0]
+        assert f"warning: the sample-index cache file {sample_file} is corrupt" in capsys.readouterr().out
+        assert served(again) == first
+
+
 def test_blending_proportions(tmp_path):
     rng = np.random.default_rng(3)
     a = write_dataset(tmp_path / "a", random_documents(rng, 50, 40, 30000))

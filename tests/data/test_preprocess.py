@@ -130,6 +130,31 @@ def test_bad_lines_are_reported_and_counted(tmp_path, capsys):
     assert not [f for f in os.listdir(tmp_path) if f.startswith("strict")]  # nothing half-written is left
 
 
+def test_surrogates_deep_nesting_and_huge_lines_are_bad_records_with_their_line(tmp_path, capsys):
+    huge = json.dumps({"text": "x" * 400_000})
+    lines = [{"text": "one"}, '{"text": "half a pair \\ud800 here"}', {"text": "three"},
+             '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}", {"text": "five"}, huge, {"text": "seven"}]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    stats = preprocess_jsonl(str(path), str(tmp_path / "out"), BYTES, workers=2, chunk_records=2,
+                             max_record_bytes=300_000)
+    err = capsys.readouterr().err
+    assert stats.bad_records == 3 and stats.documents == 4
+    assert "in.jsonl line 2: key 'text' holds text that is not valid Unicode (a lone surrogate" in err
+    assert "in.jsonl line 4: JSON nested too deeply to parse" in err
+    assert f"in.jsonl line 6: {len(huge) + 1} bytes, longer than --max-record-bytes 300000" in err
+    ds, tok = IndexedDataset(stats.outputs[0]), BYTES.build()
+    assert [tok.detokenize(ds[i]) for i in range(len(ds))] == ["one", "three", "five", "seven"]
+    with pytest.raises(BadRecordError, match="line 2: key 'text' holds text that is not valid Unicode"):
+        preprocess_jsonl(str(path), str(tmp_path / "strict"), BYTES, strict=True, max_record_bytes=300_000)
+
+
+def test_a_huge_line_is_never_held_whole(tmp_path):
+    path = tmp_path / "huge.jsonl"
+    path.write_bytes(b'{"text": "' + b"y" * (6 << 20) + b'"}\n{"text": "after"}\n')
+    records = [r for chunk in preprocess._jsonl_chunks(str(path), 16, max_record_bytes=1 << 20) for r in chunk.records]
+    assert records == [preprocess._TooLong((6 << 20) + 13, 1 << 20), b'{"text": "after"}\n']
+
+
 def test_several_json_keys(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{"text": "abc", "title": "T1"}, {"text": "", "title": "T2"}])
     stats = preprocess_jsonl(str(path), str(tmp_path / "out"), BYTES, json_keys=["text", "title"], append_eod=True)

@@ -14,7 +14,7 @@ import torch
 from megatronish import parallel_state
 from megatronish.data.indexed_dataset import IndexedDatasetBuilder
 from megatronish.model import GPTModel
-from megatronish.testing import run_distributed
+from megatronish.testing import RankFailed, run_distributed
 from megatronish.training.arguments import parse_args, transformer_config_from_args, validate_args
 from megatronish.training.training import build_datasets, forward_step, pretrain
 
@@ -165,3 +165,16 @@ def test_resume_from_checkpoint_continues_exactly(data, reference, tmp_path):
     assert first["losses"] + resumed["losses"] == pytest.approx(ref["losses"], rel=REL)
     assert resumed["lrs"] == pytest.approx(ref["lrs"][4:], rel=1e-12)
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == str(ITERS)
+
+
+def test_token_ids_past_the_vocabulary_fail_before_training(tmp_path):
+    """GPT-2 BPE ids with the byte tokenizer: at TP=2 they used to train silently on the padding rows."""
+    prefix = str(tmp_path / "gpt2_ids_text_document")
+    builder = IndexedDatasetBuilder(prefix, dtype=np.uint16)
+    for _ in range(40):
+        builder.add_document(np.array([464, 50256, 318, 257, 256]))
+    builder.finalize()
+    with pytest.raises(RankFailed) as failure:
+        run_distributed(_run, 2, args=(tiny_argv(prefix, str(tmp_path / "cache"), "--tp", "2"),), timeout=300)
+    assert (f"ValueError: --data-path {prefix} holds token id 50256, but --tokenizer-type ByteTokenizer has a "
+            "vocabulary of 258 (ids 0-257)") in str(failure.value)
