@@ -72,3 +72,15 @@ def run_pretrains(argvs: list[list[str]], faults: list | None = None) -> list[di
         results.append({"losses": result.losses, "valid": result.validation_losses,
                         "final_valid": result.final_valid_loss, "iteration": result.progress.iteration})
     return results
+
+
+def pretrain_errors(argvs: list[list[str]]) -> list[str]:
+    """Run pretrain once per argv in this rank; each run's error as "Type: message", or "no error"."""
+    messages = []
+    for argv in argvs:
+        try:
+            run_pretrains([argv])
+            messages.append("no error")
+        except Exception as error:  # noqa: BLE001 - the message is what the tests check
+            messages.append(f"{type(error).__name__}: {error}")
+    return messages

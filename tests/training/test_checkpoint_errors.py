@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_testing import build_corpus, run_pretrains, tiny_argv
+from checkpoint_testing import build_corpus, pretrain_errors, run_pretrains, tiny_argv
 
 from megatronish.testing import RankFailed, run_distributed
 from megatronish.training import checkpointing, save_lock
@@ -37,18 +37,6 @@ def saved(corpus, tmp_path_factory):
     argv = tiny_argv(corpus, "--save", directory, "--exit-interval", "2", iters=4, tp=2)
     run_distributed(run_pretrains, 2, args=([argv],), timeout=300)
     return directory
-
-
-def _load_errors(argvs: list[list[str]]) -> list[str]:
-    """Each argv's error message (pretrain with --load fails before any data is read)."""
-    messages = []
-    for argv in argvs:
-        try:
-            run_pretrains([argv])
-            messages.append("no error")
-        except Exception as error:  # noqa: BLE001 - the message is what the test checks
-            messages.append(f"{type(error).__name__}: {error}")
-    return messages
 
 
 def _damaged_copy(saved: str, root, name: str, damage) -> str:
@@ -107,7 +95,7 @@ def test_missing_truncated_and_foreign_checkpoints_name_the_file(corpus, saved, 
     # A description whose model config says hidden 64 over tensors of hidden 32: each tensor is compared too.
     shapes = _damaged_copy(saved, tmp_path, "description_disagrees", lambda it, root: _describe_hidden_64(it))
     argvs.append(tiny_argv(corpus, "--load", shapes, "--hidden-size", "64", iters=4))
-    messages = run_distributed(_load_errors, 1, args=(argvs,), timeout=300)[0]
+    messages = run_distributed(pretrain_errors, 1, args=(argvs,), timeout=300)[0]
 
     for (name, (_, words)), message in zip(cases.items(), messages):
         for word in words:
@@ -128,7 +116,7 @@ def test_resuming_another_architecture_is_refused_unless_finetuning_into_it(corp
     argvs = [tiny_argv(corpus, "--load", saved, *flags.split(), iters=4) for flags in changes]
     finetune = tiny_argv(corpus, "--load", saved, "--normalization", "RMSNorm", "--position-embedding-type", "rope",
                          "--finetune", "--allow-architecture-change", "--save", str(tmp_path / "tuned"), iters=3)
-    messages = run_distributed(_load_errors, 1, args=(argvs + [finetune],), timeout=300)[0]
+    messages = run_distributed(pretrain_errors, 1, args=(argvs + [finetune],), timeout=300)[0]
     for (flags, difference), message in zip(changes.items(), messages):
         assert message.startswith(f"ValueError: the checkpoint {saved}/iter_0000002 holds another model "
                                   f"architecture ({difference}): resume with the model arguments it was saved "

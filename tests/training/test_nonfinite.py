@@ -12,7 +12,7 @@ import math
 import os
 
 import pytest
-from checkpoint_testing import build_corpus, run_pretrains, tiny_argv
+from checkpoint_testing import build_corpus, pretrain_errors, tiny_argv
 
 from megatronish.testing import run_distributed
 from megatronish.training.checkpointing import TRACKER_FILENAME, read_full_model_state, read_latest_iteration
@@ -28,23 +28,12 @@ def corpus(tmp_path_factory):
     return build_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def _errors(argvs):
-    messages = []
-    for argv in argvs:
-        try:
-            run_pretrains([argv])
-            messages.append("no error")
-        except Exception as error:  # noqa: BLE001 - the message is what the test checks
-            messages.append(f"{type(error).__name__}: {error}")
-    return messages
-
-
 def test_nan_loss_stops_the_run_and_keeps_the_healthy_checkpoints(corpus, tmp_path):
     folders = {name: str(tmp_path / name) for name in PRECISIONS}
     argvs = [tiny_argv(corpus, "--lr", "1e30", "--min-lr", "0", "--save", folders[name], "--save-interval", "1",
                        "--keep-last", "2", "--max-nan-iterations", "2", *flags, iters=8)
              for name, flags in PRECISIONS.items()]
-    messages = run_distributed(_errors, 1, args=(argvs,), timeout=300)[0]
+    messages = run_distributed(pretrain_errors, 1, args=(argvs,), timeout=300)[0]
     for name, message in zip(PRECISIONS, messages):
         assert message.startswith("NonFiniteTrainingError: the lm loss or gradient norm was not finite in 2 "
                                   "iteration(s) in a row (3-4; last loss nan"), (name, message)
