@@ -103,6 +103,7 @@ SlurmdUser=root
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
+AuthInfo=socket={root}/munge.socket
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
@@ -124,7 +125,7 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 
 
 class SlurmCluster:
-    """A one-node SLURM cluster (slurmctld + slurmd from Debian's slurm-wlm, munge authentication) in
+    """A one-node SLURM cluster (slurmctld + slurmd from Debian's slurm-wlm, a munge daemon) in
     `root`; `env` points SLURM's commands at it. Raises RuntimeError saying why when it cannot start."""
 
     def __init__(self, root: Path):
@@ -141,9 +142,10 @@ class SlurmCluster:
                                           slurmd_port=find_free_port(), cpus=os.cpu_count()))
         self.env = dict(os.environ, SLURM_CONF=str(conf))
         self.daemons = []
-        if subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
-            os.makedirs("/run/munge", exist_ok=True)
-            self._run_daemon(["munged", "--foreground", "--force"])
+        # A munge daemon of this cluster's own (its socket named in slurm.conf), beside any system one.
+        self._run_daemon(["munged", "--foreground", "--force", f"--socket={root}/munge.socket",
+                          f"--pid-file={root}/munged.pid", f"--log-file={root}/munged.log",
+                          f"--seed-file={root}/munged.seed"])
         self._run_daemon(["slurmctld", "-D", "-i", "-f", str(conf)])
         self._run_daemon(["slurmd", "-D", "-f", str(conf)])
         deadline = time.monotonic() + 60
