@@ -97,10 +97,11 @@ def save_checkpoint(save_dir: str, progress: TrainingProgress, model, optimizer,
     """Save everything needed to resume at `progress.iteration`; returns the checkpoint's folder.
 
     Collective: every rank calls it. `model` is the unwrapped GPTModel (or the list of this pipeline
-    stage's model chunks); `optimizer` has
-    `sharded_state_by_name()`; `scheduler` has `state_dict()`; `args` is the argparse Namespace.
-    `keep_last` deletes all but the newest `keep_last` complete checkpoints. With `async_save`
-    the files are written in the background; the folder appears when they are complete.
+    stage's model chunks); `optimizer` has `sharded_state_by_name()`; `scheduler` has `state_dict()`;
+    `args` is the argparse Namespace. `keep_last` keeps the newest `keep_last` checkpoints up to this
+    one (folders of later iterations are another run's). With `async_save` the files are written in
+    the background; the folder appears when they are complete (training raises the error of a failed
+    one at its next iteration: raise_if_async_save_failed).
     """
     wait_for_async_save()
     with named_collective(f"while saving the checkpoint of iteration {progress.iteration}"):

@@ -48,8 +48,8 @@ from megatronish.training.checkpointing import (
     wait_for_async_save,
 )
 from megatronish.training.collective_errors import named_collective
-from megatronish.training.nonfinite import NonFiniteGuard, parameters_are_finite
 from megatronish.training.memory_report import MeasuredMemory, MemoryMonitor
+from megatronish.training.nonfinite import NonFiniteGuard, parameters_are_finite
 from megatronish.training.preemption import ExitConditions
 from megatronish.training.progress import TrainingProgress
 from megatronish.training.save_lock import claim_save_folder
