@@ -3,6 +3,7 @@
     python tools/bench_model.py                      # nanoGPT's CPU config: 4 layers, 4 heads,
                                                      # hidden 128, sequence 64, batch 12, vocab 65
     python tools/bench_model.py --layers 6 --hidden 384 --heads 6 --seq 256 --batch 8 --vocab 50257
+    python tools/bench_model.py --torch-compile      # also both models under torch.compile (Inductor)
 
 A step is forward + backward + AdamW step on a fixed random batch, fp32, dropout 0, timed three ways:
   baseline       the plain PyTorch GPT below with torch.optim.AdamW (its default multi-tensor
@@ -11,6 +12,8 @@ A step is forward + backward + AdamW step on a fixed random batch, fp32, dropout
   megatronish    GPTModel trained as pretrain_gpt.py trains it: DistributedDataParallel grad buffers,
    train_step    megatronish's optimizer (fused AdamW, grad norm; clipping off, as the baseline has
                  none) and megatronish.training.train_step
+With --torch-compile, two more: the baseline and the megatronish model (GPTModel.compile(), the fused ops
+inside its graph) compiled, each with torch.optim.AdamW; the first warm-up step compiles them.
 They run interleaved in one process (rounds of --steps steps each, after --warmup steps), so
 that a busy machine slows all alike. Reported: the median over rounds of each one's time per
 step, and the speed ratio to the baseline as the median over rounds of the ratio within each
@@ -127,6 +130,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="steps per model per round")
     p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    p.add_argument("--torch-compile", action="store_true", help="also time both models compiled with torch.compile")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: what each rank gets when the ranks fill the cores, and the "
                         "steadier timing on a shared machine; 0: every core)")
@@ -180,6 +184,17 @@ def main(argv=None):
         "megatronish": make_step(ours, lambda: ours(ids, labels=labels).mean()),
         "train_step": lambda: train_step([batch], trained, trained_optimizer),
     }
+    ratios = [("megatronish", "baseline"), ("train_step", "baseline")]
+    if args.torch_compile:  # their own copies of the same initial weights
+        baseline_compiled = BaselineGPT(args.layers, args.hidden, args.heads, 4 * args.hidden, args.vocab, args.seq)
+        copy_weights(baseline_compiled, ours)
+        ours_compiled = GPTModel(config)
+        baseline_compiled.compile()
+        ours_compiled.compile()
+        steps["baseline_compiled"] = make_step(baseline_compiled, lambda: baseline_compiled(ids, labels))
+        steps["megatronish_compiled"] = make_step(ours_compiled, lambda: ours_compiled(ids, labels=labels).mean())
+        ratios += [("baseline_compiled", "baseline"), ("megatronish_compiled", "baseline"),
+                   ("megatronish_compiled", "baseline_compiled"), ("megatronish_compiled", "megatronish")]
     prepare_process_for_training_loop()  # as pretrain_gpt.py does before its loop; process-wide, so for all three alike
     for step in steps.values():
         for _ in range(args.warmup):
@@ -205,13 +220,13 @@ def main(argv=None):
     for label, times in (("wall", wall), ("cpu", cpu)):
         for name, per_round in times.items():
             seconds, spread = statistics.median(per_round), max(per_round) / min(per_round) - 1
-            print(f"{label:4s} {name:12s} {seconds * 1e3:8.2f} ms/step  {tokens / seconds:10.0f} tokens/s  "
+            print(f"{label:4s} {name:20s} {seconds * 1e3:8.2f} ms/step  {tokens / seconds:10.0f} tokens/s  "
                   f"{flops / seconds / 1e9:7.2f} GFLOP/s  (spread over rounds {spread:.0%})")
-        for name in ("megatronish", "train_step"):
-            ratios = [base / ours for base, ours in zip(times["baseline"], times[name])]
-            low, _, high = statistics.quantiles(ratios, n=4)
-            print(f"{label:4s} speed {name} / baseline: {statistics.median(ratios):.3f} "
-                  f"(median of the {len(ratios)} rounds; quartiles {low:.3f}-{high:.3f})")
+        for name, reference in ratios:
+            per_round = [theirs / mine for theirs, mine in zip(times[reference], times[name])]
+            low, _, high = statistics.quantiles(per_round, n=4)
+            print(f"{label:4s} speed {name} / {reference}: {statistics.median(per_round):.3f} "
+                  f"(median of the {len(per_round)} rounds; quartiles {low:.3f}-{high:.3f})")
     return wall, cpu
 
 

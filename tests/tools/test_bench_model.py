@@ -23,9 +23,19 @@ def test_tiny_run_times_all_three_and_reports_the_ratios():
     assert "(same weights)" in out  # the two models computed the same initial loss
     for clock in ("wall", "cpu"):
         for name in ("baseline", "megatronish", "train_step"):
-            assert f"{clock:4s} {name:12s}" in out
+            assert f"{clock:4s} {name:20s}" in out
         for name in ("megatronish", "train_step"):
             assert f"{clock:4s} speed {name} / baseline: " in out
+    assert "compiled" not in out
+
+
+@pytest.mark.slow
+def test_torch_compile_adds_both_compiled_models_and_their_ratios():
+    result = _run(*TINY, "--torch-compile")
+    assert result.returncode == 0, result.stderr
+    for pair in ("baseline_compiled / baseline", "megatronish_compiled / baseline",
+                 "megatronish_compiled / baseline_compiled", "megatronish_compiled / megatronish"):
+        assert f"wall speed {pair}: " in result.stdout
 
 
 @pytest.mark.parametrize("args,message", [
