@@ -138,6 +138,24 @@ class ParallelLayout:
                 _SHARED_MEMORY[layout.tp_group] = shared_memory
         return layout
 
+    @classmethod
+    def standalone_stage(cls, stage: int, num_stages: int) -> "ParallelLayout":
+        """Pipeline stage `stage` of `num_stages`, held whole by this one process (a SWARM peer).
+
+        No other rank shares the stage, so every group is this process's world of one (start
+        torch.distributed as a single process first) and there is no embedding group: whoever
+        drives the stage sums the tied-embedding gradients of the first and last stage itself.
+        """
+        if not dist.is_initialized() or dist.get_world_size() != 1:
+            raise RuntimeError("a standalone pipeline stage needs torch.distributed started as a world of one "
+                               "(megatronish.parallel_state.initialize_distributed() without torchrun's variables)")
+        if not 0 <= stage < num_stages:
+            raise ValueError(f"stage {stage} is outside the {num_stages} pipeline stage(s): use 0..{num_stages - 1}")
+        world = dist.group.WORLD
+        # rank = the stage: in a TP 1 x PP num_stages x DP 1 layout, global rank k is pipeline stage k.
+        return cls(ParallelDims(pp=num_stages), stage, world, world, world, world, None,
+                   tp_ranks=[0], dp_ranks=[0], pp_ranks=[0])
+
     def destroy(self) -> None:
         """Stop using this layout's shared memory (the groups themselves live until the world ends)."""
         _SHARED_MEMORY.pop(self.tp_group, None)

@@ -218,9 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse, fill the defaults that depend on --data-path, and reject unknown flags (with a suggestion)."""
+def parse_args(argv: list[str] | None = None, extra_args_provider=None) -> argparse.Namespace:
+    """Parse, fill the defaults that depend on --data-path, and reject unknown flags (with a suggestion).
+    `extra_args_provider(parser)` adds a tool's own flags (Megatron's hook of that name)."""
     parser = build_parser()
+    if extra_args_provider is not None:
+        extra_args_provider(parser)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise ArgumentError(_unknown_flag_message(parser, unknown))

@@ -128,16 +128,7 @@ def setup(args: argparse.Namespace) -> TrainingRun:
     ddp_model = [DistributedDataParallel(chunk, use_distributed_optimizer=args.use_distributed_optimizer,
                                          overlap_grad_reduce=args.overlap_grad_reduce, layout=layout)
                  for chunk in model]
-    optimizer = get_megatron_optimizer(
-        ddp_model,
-        OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
-                        adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad),
-        fp16=args.fp16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
-        min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis)
-    scheduler = OptimizerParamScheduler(
-        optimizer, max_lr=args.lr, min_lr=args.min_lr, init_lr=args.lr_warmup_init,
-        lr_warmup_steps=warmup_iters(args) * args.global_batch_size,
-        lr_decay_steps=args.lr_decay_iters * args.global_batch_size, lr_decay_style=args.lr_decay_style)
+    optimizer, scheduler = build_optimizer(args, ddp_model)
     _print_setup(args, config, model, layout, num_microbatches)
 
     if args.save:
@@ -153,6 +144,23 @@ def setup(args: argparse.Namespace) -> TrainingRun:
                        datasets=build_datasets(args, tokenizer.eod, progress), num_microbatches=num_microbatches,
                        writers=MetricWriters(args), device=parallel_state.get_device(),
                        loaded=bool(args.load and progress.iteration))
+
+
+def build_optimizer(args: argparse.Namespace, ddp_model, clip_grad: float | None = None):
+    """(optimizer, LR schedule) as the arguments say, over DDP-wrapped model chunks. `clip_grad` overrides
+    --clip-grad (a SWARM stage clips by the norm of the whole model, summed over stages, itself)."""
+    optimizer = get_megatron_optimizer(
+        ddp_model,
+        OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+                        adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+                        clip_grad=args.clip_grad if clip_grad is None else clip_grad),
+        fp16=args.fp16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis)
+    scheduler = OptimizerParamScheduler(
+        optimizer, max_lr=args.lr, min_lr=args.min_lr, init_lr=args.lr_warmup_init,
+        lr_warmup_steps=warmup_iters(args) * args.global_batch_size,
+        lr_decay_steps=args.lr_decay_iters * args.global_batch_size, lr_decay_style=args.lr_decay_style)
+    return optimizer, scheduler
 
 
 def train(run: TrainingRun, result: TrainingResult) -> str | None:

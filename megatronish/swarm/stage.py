@@ -1,0 +1,258 @@
+"""One pipeline stage of the GPT, held whole by one process: what a SWARM peer computes.
+
+A peer serves whichever trainer asks, in any order, so it keeps no activations between calls:
+    forward(inputs)                                   -> the stage's outputs (no graph kept)
+    backward(step, micro_batch, inputs, grad_output)  -> the gradient of the inputs; the parameters'
+                                                         gradients are added to that step's sum
+    forward_backward(step, micro_batch, inputs, labels, loss_mask, num_microbatches)
+                                                      -> (loss, gradient of the inputs): the last stage
+`backward` recomputes the forward from the inputs sent with it (as hivemind's ModuleBackend does),
+so it may run on another peer of the stage than the forward did, and a backward lost with a dead
+peer can be replayed on any peer. The random streams are seeded per call (the trainer sends the
+seed), so a recomputation draws the forward's dropout masks.
+
+Gradient sums are kept per training step (`StepGradients`: a flat fp32 buffer laid out like the
+DDP gradient buffer, and the micro-batches it holds), so the next step's micro-batches can arrive
+while a step is being committed. Committing step t on every peer of the stage:
+    sum_parts(t, attempt, parts)    the stage's gradient: every holder's part, in the order given
+    embedding_part / add_embedding_part   tied embeddings: the first and last stage add each other's
+                                    part of the word-embedding gradient (Megatron sums it over the
+                                    embedding group; here the two stages exchange it)
+    squared_norm(t)                 this stage's share of the global gradient norm (each parameter once)
+    apply(t, attempt, norm)         clip by the global norm, AdamW, LR schedule: iteration t -> t + 1
+The optimizer, the clipping rule and the LR schedule are pretrain_gpt.py's (built by the same
+functions); only the gradient norm is summed over the stages by whoever commits the step.
+"""
+
+import hashlib
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from megatronish.model import GPTModel, TransformerConfig
+from megatronish.optimizer import DistributedDataParallel, clip_grads_by_norm_, counted_in_grad_norm
+from megatronish.parallel_layout import ParallelLayout
+from megatronish.tensor_parallel import model_parallel_manual_seed
+from megatronish.training.checkpointing import load_checkpoint
+from megatronish.training.training import build_optimizer, masked_mean_loss
+
+
+class StaleStep(RuntimeError):
+    """An apply whose gradient sum this stage does not hold (another attempt, or none): the caller
+    must download the stage's state from a peer that applied it."""
+
+
+@dataclass
+class StepGradients:
+    """The sum of the parameter gradients of the micro-batches one peer ran for one training step."""
+    flat: torch.Tensor
+    micro_batches: set = field(default_factory=set)
+    samples: int = 0
+
+
+class StageWorker:
+    """Stage `stage` of `num_stages` of the GPT the arguments describe (pretrain_gpt.py's flags),
+    with its optimizer and LR schedule. Not thread-safe: one thread runs every call."""
+
+    def __init__(self, args, config: TransformerConfig, stage: int, num_stages: int):
+        self.stage, self.num_stages = stage, num_stages
+        self.layout = ParallelLayout.standalone_stage(stage, num_stages)
+        self.model = GPTModel(config, seed=args.seed, layout=self.layout)
+        self.ddp = DistributedDataParallel(self.model, layout=self.layout)
+        # The optimizer does not clip: the norm that clips is the whole model's, summed over the stages.
+        self.optimizer, self.scheduler = build_optimizer(args, self.ddp, clip_grad=0.0)
+        self.clip_grad, self.global_batch_size, self.seed = args.clip_grad, args.global_batch_size, args.seed
+        self.iteration = 0
+        self.params = list(self.ddp.param_range)  # the flat buffers' order
+        self.names = {param: name for name, param in self.model.named_parameters()}
+        self.step_gradients: dict[int, StepGradients] = {}
+        self.pending: dict[int, tuple[int, torch.Tensor]] = {}  # step -> (attempt, the stage's gradient sum)
+        self.own_embedding_part: dict[int, torch.Tensor] = {}
+        shared = [p for p in self.params if getattr(p, "shared_embedding", False)]
+        self.tied_embedding = shared[0] if shared else None  # pp > 1 with tied embeddings, first or last stage
+
+    @property
+    def is_first(self) -> bool:
+        return self.model.pre_process
+
+    @property
+    def is_last(self) -> bool:
+        return self.model.post_process
+
+    # ------------------------------------------------------------------ forward and backward
+
+    @torch.no_grad()
+    def forward(self, inputs: torch.Tensor, seed: int) -> torch.Tensor:
+        with self._seeded(seed):
+            return self._run(inputs)
+
+    def backward(self, step: int, micro_batch: int, samples: int, inputs: torch.Tensor, grad_output: torch.Tensor,
+                 seed: int) -> torch.Tensor | None:
+        """Recompute the forward, add the parameters' gradients to step `step`'s sum (once per micro-batch),
+        return the gradient of the inputs (None on the first stage: token ids have none)."""
+        with self._seeded(seed), torch.enable_grad():
+            inputs = self._differentiable(inputs)
+            output = self._run(inputs)
+            grads = torch.autograd.grad(output, self._wrt(inputs), grad_output, allow_unused=True)
+        return self._keep(step, micro_batch, samples, grads)
+
+    def forward_backward(self, step: int, micro_batch: int, samples: int, inputs: torch.Tensor,
+                         labels: torch.Tensor, loss_mask: torch.Tensor, num_microbatches: int,
+                         seed: int) -> tuple[float, torch.Tensor | None]:
+        """The last stage: the micro-batch's loss (pretrain_gpt.py's masked mean), and its backward
+        with the loss divided by the micro-batches per step, as the pipeline schedules do."""
+        if not self.is_last:
+            raise ValueError(f"forward_backward runs on the last stage ({self.num_stages - 1}), this is stage "
+                             f"{self.stage}: call forward/backward here")
+        with self._seeded(seed), torch.enable_grad():
+            inputs = self._differentiable(inputs)
+            loss, _ = masked_mean_loss(loss_mask, self._run(inputs, labels))
+            grads = torch.autograd.grad(loss / num_microbatches, self._wrt(inputs), allow_unused=True)
+        return loss.item(), self._keep(step, micro_batch, samples, grads)
+
+    def _run(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.is_first:
+            return self.model(inputs, labels=labels)
+        self.model.set_input_tensor(inputs)
+        seq_length, batch = inputs.shape[:2]
+        # Later stages read only the shape of the token ids (sequence length, positions 0..s-1).
+        return self.model(torch.zeros(batch, seq_length, dtype=torch.long), labels=labels)
+
+    def _differentiable(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs if self.is_first else inputs.detach().requires_grad_()
+
+    def _wrt(self, inputs: torch.Tensor) -> list[torch.Tensor]:
+        return self.params if self.is_first else self.params + [inputs]
+
+    def _keep(self, step: int, micro_batch: int, samples: int, grads) -> torch.Tensor | None:
+        if step < self.iteration:
+            raise StaleStep(f"step {step} is already applied here (iteration {self.iteration}): the trainer "
+                              "sent a backward for a committed step")
+        sums = self.step_gradients.get(step)
+        if sums is None:
+            sums = self.step_gradients[step] = StepGradients(torch.zeros_like(self.ddp.grad_buffer))
+        if micro_batch not in sums.micro_batches:  # a retried call must not count twice
+            views = [v for v, g in zip(self._views(sums.flat), grads) if g is not None]
+            torch._foreach_add_(views, [g for g in grads[:len(self.params)] if g is not None])
+            sums.micro_batches.add(micro_batch)
+            sums.samples += samples
+        return None if self.is_first else grads[-1]
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[start:end].view_as(param) for param, (start, end) in self.ddp.param_range.items()]
+
+    @contextmanager
+    def _seeded(self, seed: int):
+        with torch.random.fork_rng(devices=[]):
+            model_parallel_manual_seed(seed, self.layout)
+            yield
+
+    # ------------------------------------------------------------------ committing a step
+
+    def part(self, step: int, micro_batches: list[int]) -> torch.Tensor:
+        """This peer's gradient sum for `step`, if it holds exactly `micro_batches` (else ValueError)."""
+        sums = self.step_gradients.get(step)
+        held = sorted(sums.micro_batches) if sums else []
+        if held != sorted(micro_batches):
+            raise ValueError(f"stage {self.stage} holds micro-batches {held} of step {step}, not "
+                             f"{sorted(micro_batches)}: its part cannot be used")
+        return sums.flat
+
+    def sum_parts(self, step: int, attempt: int, parts: list[torch.Tensor]) -> None:
+        """The stage's gradient for `step`: the holders' parts added in the given order (the same order,
+        and so the same bits, on every peer of the stage)."""
+        total = torch.zeros_like(self.ddp.grad_buffer)
+        for part in parts:
+            total.add_(part)
+        self.pending[step] = (attempt, total)
+        if self.tied_embedding is not None:
+            self.own_embedding_part[step] = self._slice(total, self.tied_embedding).clone()
+
+    def embedding_part(self, step: int, attempt: int) -> torch.Tensor:
+        """This stage's own part of the tied word-embedding gradient of `step` (before the exchange)."""
+        self._pending(step, attempt)
+        if step not in self.own_embedding_part:
+            raise ValueError(f"stage {self.stage} holds no copy of tied word embeddings")
+        return self.own_embedding_part[step]
+
+    def add_embedding_part(self, step: int, attempt: int, other: torch.Tensor) -> None:
+        """Make the tied word-embedding gradient the sum of both stages' parts (the same bits on both:
+        a + b == b + a in IEEE arithmetic)."""
+        own = self.embedding_part(step, attempt)
+        self._slice(self._pending(step, attempt), self.tied_embedding).copy_(own + other)
+
+    def squared_norm(self, step: int, attempt: int) -> float:
+        """Sum of squares of this stage's gradients, each parameter counted once in the whole model (the
+        last stage's copy of tied embeddings not at all), as pretrain_gpt.py's norm counts them."""
+        total = self._pending(step, attempt)
+        counted = [view for view, param in zip(self._views(total), self.params)
+                   if counted_in_grad_norm(param, self.layout)]
+        if not counted:
+            return 0.0
+        return torch.stack(torch._foreach_norm(counted, 2.0)).float().square().sum().item()
+
+    def apply(self, step: int, attempt: int, global_norm: float) -> bool:
+        """Iteration step -> step + 1: clip by the global norm, AdamW, LR schedule. A non-finite norm
+        skips the update (as pretrain_gpt.py does) but not the iteration. Returns whether it updated."""
+        total = self._pending(step, attempt)
+        if step != self.iteration:
+            raise StaleStep(f"stage {self.stage} is at iteration {self.iteration}, cannot apply step {step}")
+        updated = math.isfinite(global_norm)
+        if updated:
+            self.ddp.grad_buffer.copy_(total)
+            if self.clip_grad > 0:
+                clip_grads_by_norm_([self.ddp.grad_buffer], global_norm, self.clip_grad)
+            updated, _ = self.optimizer.step()
+            if updated:
+                self.scheduler.step(self.global_batch_size)
+        self._advance_to(step + 1)
+        return updated
+
+    def _pending(self, step: int, attempt: int) -> torch.Tensor:
+        held_attempt, total = self.pending.get(step, (None, None))
+        if held_attempt != attempt:
+            raise StaleStep(f"stage {self.stage} holds no gradient sum of step {step} attempt {attempt} "
+                              f"(it holds attempt {held_attempt})")
+        return total
+
+    def _slice(self, flat: torch.Tensor, param) -> torch.Tensor:
+        start, end = self.ddp.param_range[param]
+        return flat[start:end]
+
+    def _advance_to(self, iteration: int) -> None:
+        """Forget every step before `iteration` (sums of old steps: retries that came too late)."""
+        self.iteration = iteration
+        for table in (self.step_gradients, self.pending, self.own_embedding_part):
+            for step in [s for s in table if s < iteration]:
+                del table[step]
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict:
+        """Everything a new peer of the stage needs: weights, Adam state, LR schedule, iteration."""
+        return {"iteration": self.iteration, "optimizer": self.optimizer.sharded_state_by_name(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self.optimizer.load_state_by_name(state["optimizer"])  # sets the weights too
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._advance_to(state["iteration"])
+
+    def load_checkpoint(self, load_dir: str) -> bool:
+        """This stage's tensors from a megatronish checkpoint (pretrain_gpt.py's or a SWARM run's, any
+        layout: names are global). False when `load_dir` holds none yet."""
+        progress = load_checkpoint(load_dir, [self.model], self.optimizer, self.scheduler, load_rng=False)
+        if progress is None:
+            return False
+        self._advance_to(progress.iteration)
+        return True
+
+    def digest(self) -> str:
+        """A short hash of the weights: equal on two peers exactly when their weights are bit-identical."""
+        hasher = hashlib.sha1()
+        for name, param in sorted((name, p) for p, name in self.names.items()):
+            hasher.update(name.encode())
+            hasher.update(param.detach().contiguous().numpy().tobytes())
+        return hasher.hexdigest()[:16]
