@@ -35,7 +35,9 @@ from megatronish.model import GPTModel, TransformerConfig
 from megatronish.optimizer import DistributedDataParallel, clip_grads_by_norm_, counted_in_grad_norm
 from megatronish.parallel_layout import ParallelLayout
 from megatronish.tensor_parallel import model_parallel_manual_seed
-from megatronish.training.checkpointing import load_checkpoint
+from megatronish.training.checkpoint_format import Block
+from megatronish.training.checkpointing import checkpoint_blocks, checkpoint_description, load_checkpoint
+from megatronish.training.progress import TrainingProgress
 from megatronish.training.training import build_optimizer, masked_mean_loss
 
 
@@ -248,6 +250,17 @@ class StageWorker:
             return False
         self._advance_to(progress.iteration)
         return True
+
+    def checkpoint_part(self, args) -> tuple[dict, dict]:
+        """(tensors, checkpoint.json) of this stage at its iteration, copied: a writer thread may save them
+        while the stage trains on (swarm/checkpoint.py assembles the stages' parts)."""
+        optimizer_state = self.optimizer.sharded_state_by_name()  # copies already
+        blocks = {name: Block(block.local.clone(), block.global_shape, block.offsets) if name.startswith("model.")
+                  else block for name, block in checkpoint_blocks([self.model], optimizer_state).items()}
+        progress = TrainingProgress(iteration=self.iteration,
+                                    consumed_train_samples=self.iteration * self.global_batch_size)
+        return blocks, checkpoint_description(progress, [self.model], optimizer_state, self.scheduler, args,
+                                              all_stages=False)
 
     def digest(self) -> str:
         """A short hash of the weights: equal on two peers exactly when their weights are bit-identical."""

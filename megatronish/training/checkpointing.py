@@ -111,10 +111,9 @@ def save_checkpoint(save_dir: str, progress: TrainingProgress, model, optimizer,
 def _save(save_dir, progress, model, optimizer, scheduler, args, keep_last, async_save) -> str:
     start = time.perf_counter()
     optimizer_state = optimizer.sharded_state_by_name()  # a collective with the distributed optimizer
-    state = _model_blocks(model, lambda name, param: param.detach())
-    state.update(_optimizer_blocks(model, lambda name, param, key: optimizer_state["params"][name][key]))
+    state = checkpoint_blocks(model, optimizer_state)
     state[_rng_key(dist.get_rank())] = get_rng_state()
-    common = _common_metadata(progress, model, optimizer_state, scheduler, args)  # a collective under PP
+    common = checkpoint_description(progress, model, optimizer_state, scheduler, args)  # a collective under PP
     final = checkpoint_dir(save_dir, progress.iteration)
     temporary = final + ".tmp"
     if dist.get_rank() == 0:
@@ -149,6 +148,13 @@ def wait_for_async_save() -> None:
         pending.result()
 
 
+def checkpoint_blocks(model, optimizer_state: dict) -> dict:
+    """The tensors a checkpoint stores for `model` (weights) and its optimizer (`sharded_state_by_name()`)."""
+    state = _model_blocks(model, lambda name, param: param.detach())
+    state.update(_optimizer_blocks(model, lambda name, param, key: optimizer_state["params"][name][key]))
+    return state
+
+
 def raise_if_async_save_failed() -> None:
     """Raise the error of a background save that has failed, now (training calls this every iteration:
     a full disk must stop the run at once, not one save interval later)."""
@@ -162,7 +168,8 @@ def _write(state, common, temporary, final, save_dir, keep_last, group) -> None:
             save_blocks(state, temporary, process_group=group)  # DCP fsyncs every data file
         except CheckpointException as error:  # DCP's message is a dump of every rank's traceback
             raise OSError(f"writing checkpoint {temporary} failed: {_cause_of_failed_write(error, temporary)}") from None
-        _publish_checkpoint(common, temporary, final, save_dir, keep_last)
+        if dist.get_rank() == 0:  # DCP returned on rank 0 only after every rank's files were written
+            publish_checkpoint(temporary, save_dir, common, keep_last)
         dist.barrier(group=group)
 
 
@@ -183,18 +190,21 @@ def _cause_of_failed_write(error: CheckpointException, folder: str) -> str:
     return f"{type(failures[0]).__name__}: {failures[0]}" if failures else str(error)
 
 
-def _publish_checkpoint(common, temporary, final, save_dir, keep_last) -> None:
-    if dist.get_rank() == 0:  # DCP returned on rank 0 only after every rank's files were written
-        _write_json_durably(os.path.join(temporary, COMMON_FILENAME), common)
-        write_manifest(temporary, _write_text_durably)
-        _fsync_dir(temporary)
-        _publish(temporary, final)
-        incomplete = why_incomplete(final)
-        if incomplete:  # the tracker must never name it
-            raise OSError(f"checkpoint {final} is incomplete right after saving: {incomplete}")
-        _write_text_durably(os.path.join(save_dir, TRACKER_FILENAME), str(common["iteration"]))
-        if keep_last:
-            _delete_old_checkpoints(save_dir, keep_last, common["iteration"])
+def publish_checkpoint(temporary: str, save_dir: str, common: dict, keep_last: int | None = None) -> str:
+    """Finish a folder whose DCP files are written and synced: add checkpoint.json (`common`) and the
+    manifest, rename it to iter_XXXXXXX, check it, and only then name it in the tracker file."""
+    final = checkpoint_dir(save_dir, common["iteration"])
+    _write_json_durably(os.path.join(temporary, COMMON_FILENAME), common)
+    write_manifest(temporary, _write_text_durably)
+    _fsync_dir(temporary)
+    _publish(temporary, final)
+    incomplete = why_incomplete(final)
+    if incomplete:  # the tracker must never name it
+        raise OSError(f"checkpoint {final} is incomplete right after saving: {incomplete}")
+    _write_text_durably(os.path.join(save_dir, TRACKER_FILENAME), str(common["iteration"]))
+    if keep_last:
+        _delete_old_checkpoints(save_dir, keep_last, common["iteration"])
+    return final
 
 
 def _publish(temporary: str, final: str) -> None:
@@ -209,12 +219,14 @@ def _publish(temporary: str, final: str) -> None:
         shutil.rmtree(replaced, ignore_errors=True)
 
 
-def _common_metadata(progress, model, optimizer_state, scheduler, args) -> dict:
+def checkpoint_description(progress, model, optimizer_state, scheduler, args, all_stages: bool = True) -> dict:
+    """checkpoint.json's content. Under PP it lists every stage's parameters (a collective over the
+    pipeline), unless `all_stages` is False (a SWARM stage, which merges the lists when it assembles)."""
     layout, config = _layout(model), _chunks(model)[0].config
     # TP rank 0's block: a rank holding only vocabulary padding has none, and the global shape is the same.
     parameters = {name: {"stored_shape": list(parameter_block(param, param, 0, layout.tp).global_shape),
                          "shape": _full_unpadded_shape(param, layout.tp)} for name, param in _named_parameters(model)}
-    if layout.pp > 1:  # every stage's parameters, so that one file describes the whole model
+    if layout.pp > 1 and all_stages:  # every stage's parameters, so that one file describes the whole model
         per_stage = [None] * layout.pp
         dist.all_gather_object(per_stage, parameters, group=layout.pp_group)
         parameters = {name: shapes for stage in per_stage for name, shapes in stage.items()}
@@ -446,7 +458,8 @@ def save_model_only(save_dir: str, model, iteration: int = 0, args=None) -> str:
         _remove_stale_temporaries(save_dir)
     dist.barrier()
     state = _model_blocks(model, lambda name, param: param.detach())
-    _write(state, _common_metadata(progress, model, None, None, args), final + ".tmp", final, save_dir, None, None)
+    common = checkpoint_description(progress, model, None, None, args)
+    _write(state, common, final + ".tmp", final, save_dir, None, None)
     return final
 
 

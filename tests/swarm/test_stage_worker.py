@@ -1,6 +1,8 @@
 """The stage computation of SWARM peers, without the network: micro-batches wired through two peers
 per stage, gradient parts summed per stage, tied embeddings exchanged, clipped by the global norm
-and applied, give pretrain_gpt.py's step (a PP=1 model in one process) on the same samples."""
+and applied, give pretrain_gpt.py's step (a PP=1 model in one process) on the same samples; the
+stages' checkpoint parts assemble into a checkpoint pretrain_gpt.py loads, and a stage loads one of
+pretrain_gpt.py's."""
 
 import torch
 
@@ -8,9 +10,12 @@ from megatronish.model import GPTModel
 from megatronish.optimizer import DistributedDataParallel
 from megatronish.parallel_layout import ParallelLayout
 from megatronish.swarm.arguments import parse_swarm_args
+from megatronish.swarm.checkpoint import save_stage_part
 from megatronish.swarm.stage import StageWorker
 from megatronish.testing import run_distributed
 from megatronish.training.arguments import transformer_config_from_args
+from megatronish.training.checkpointing import load_checkpoint, save_checkpoint
+from megatronish.training.progress import TrainingProgress
 from megatronish.training.training import build_optimizer, train_step
 
 VOCAB = 97
@@ -64,7 +69,30 @@ def _swarm_step(peers, step, batches, seed):
     return sum(losses) / len(losses), norm
 
 
-def _compare(clip):
+def _checkpoints(args, config, peers, reference, optimizer, scheduler, folder):
+    """SWARM parts -> one checkpoint that pretrain_gpt.py's loader reads; pretrain's checkpoint -> a stage."""
+    for stage, group in enumerate(peers):
+        published = save_stage_part(str(folder / "swarm"), stage, 2, *group[0].checkpoint_part(args))
+        assert (published is not None) == (stage == 1)  # the second part completes the set
+    model = GPTModel(config, seed=args.seed + 1, layout=reference.layout)  # other initial weights
+    fresh_optimizer, fresh_scheduler = build_optimizer(args, DistributedDataParallel(model, layout=model.layout))
+    assert load_checkpoint(str(folder / "swarm"), [model], fresh_optimizer, fresh_scheduler).iteration == 2
+    saved = {**peers[0][0].optimizer.sharded_state_by_name()["params"],
+             **peers[1][0].optimizer.sharded_state_by_name()["params"]}
+    for name, state in fresh_optimizer.sharded_state_by_name()["params"].items():
+        for key, value in state.items():
+            assert torch.equal(value, saved[name][key]), (name, key)
+    assert fresh_scheduler.state_dict() == peers[0][0].scheduler.state_dict()
+
+    save_checkpoint(str(folder / "pretrain"), TrainingProgress(iteration=2), [reference], optimizer, scheduler, args)
+    stage = StageWorker(args, config, 1, 2)
+    assert stage.load_checkpoint(str(folder / "pretrain")) and stage.iteration == 2
+    expected = dict(reference.named_parameters())
+    for name, param in stage.model.named_parameters():
+        assert torch.equal(param, expected[name]), name
+
+
+def _compare(clip, folder=None):
     args = _args("--clip-grad", str(clip))
     config = transformer_config_from_args(args, VOCAB)
     reference = GPTModel(config, seed=args.seed, layout=ParallelLayout.build(1, 1))
@@ -87,13 +115,15 @@ def _compare(clip):
                 torch.testing.assert_close(param, expected[name], rtol=1e-5, atol=1e-6, msg=name)
             assert stage[0].iteration == step + 1
             assert stage[0].optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    if folder is not None:
+        _checkpoints(args, config, peers, reference, optimizer, scheduler, folder)
     return rows
 
 
-def test_two_peers_per_stage_step_like_pretrain_gpt():
+def test_two_peers_per_stage_step_like_pretrain_gpt_and_checkpoints_go_both_ways(tmp_path):
     # clip 0.05: every step is clipped, so the norm must be the whole model's (both stages), not a stage's
-    for clip in (0.05, 0.0):
-        rows = run_distributed(_compare, 1, args=(clip,))[0]
+    for clip, folder in ((0.05, tmp_path), (0.0, None)):
+        rows = run_distributed(_compare, 1, args=(clip, folder))[0]
         for loss, swarm_loss, norm, swarm_norm in rows:
             assert abs(loss - swarm_loss) < 1e-5 * abs(loss)
             assert abs(norm - swarm_norm) < 1e-5 * norm
