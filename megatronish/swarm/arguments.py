@@ -25,9 +25,6 @@ def add_swarm_args(parser: argparse.ArgumentParser, role: str) -> argparse.Argum
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     g.add_argument("--port", type=int, default=0, help="TCP port to listen on (default: any free one)")
     g.add_argument("--announce-host", help="the address other machines reach this one at (default: --host)")
-    g.add_argument("--compression", choices=COMPRESSIONS, default="none",
-                   help="8-bit blockwise quantization of activations, their gradients and the gradient parts "
-                        "that peers of a stage exchange (hivemind's BLOCKWISE_8BIT)")
     g.add_argument("--call-timeout", type=float, default=30.0,
                    help="seconds any call to another peer may take before it is given up and rerouted")
     g.add_argument("--update-period", type=float, default=1.0,
@@ -48,6 +45,10 @@ def add_swarm_args(parser: argparse.ArgumentParser, role: str) -> argparse.Argum
         g.add_argument("--max-inflight", type=int, help="micro-batches in flight at once (default: 2 x stages)")
         g.add_argument("--max-staleness", type=int, default=1,
                        help="steps this trainer may start before the previous ones are applied by every stage")
+        g.add_argument("--compression", choices=COMPRESSIONS, default="none",
+                       help="8-bit blockwise quantization (int8 codes, one scale per 4096 values) of the activations and "
+                            "gradients this trainer's micro-batches send between stages, and of the gradient parts "
+                            "the peers of a stage exchange to commit its steps")
         g.add_argument("--ban-time", type=float, default=30.0,
                        help="seconds a peer that failed a call is left out of the wiring")
     return parser

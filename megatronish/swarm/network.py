@@ -50,9 +50,16 @@ async def visible_address(p2p: P2P) -> str:
     return str((await p2p.get_visible_maddrs())[0])
 
 
-async def stop_node(p2p: P2P, node: DHTNode) -> None:
-    await node.shutdown()
-    await p2p.shutdown()
+async def stop_node(p2p: P2P, node: DHTNode, timeout: float = 10.0) -> None:
+    """Shut the DHT node and the p2p daemon down (bounded: the daemon may be gone already)."""
+    try:
+        await asyncio.wait_for(node.shutdown(), timeout)
+    except Exception as error:  # noqa: BLE001 - shutting down regardless
+        log.warning(f"the DHT node did not shut down cleanly ({type(error).__name__}: {error})")
+    try:
+        await asyncio.wait_for(p2p.shutdown(), timeout)
+    except Exception as error:  # noqa: BLE001
+        log.warning(f"the p2p daemon did not shut down cleanly ({type(error).__name__}: {error})")
 
 
 def stage_key(run_id: str, stage: int) -> str:
@@ -95,7 +102,7 @@ class PeerTable:
     async def refresh(self) -> None:
         keys = [stage_key(self.run_id, stage) for stage in range(self.num_stages)]
         try:
-            found = await self.node.get_many(keys, latest=True)
+            found = await self.node.get_many(keys, sufficient_expiration_time=float("inf"))  # the newest values
         except Exception as error:  # noqa: BLE001 - a failed read keeps the cached table
             log.warning(f"reading the peer table from the DHT failed ({type(error).__name__}: {error})")
             return

@@ -15,7 +15,7 @@ Gradient sums are kept per training step (`StepGradients`: a flat fp32 buffer la
 DDP gradient buffer, and the micro-batches it holds), so the next step's micro-batches can arrive
 while a step is being committed. Committing step t on every peer of the stage:
     sum_parts(t, attempt, parts)    the stage's gradient: every holder's part, in the order given
-    embedding_part / add_embedding_part   tied embeddings: the first and last stage add each other's
+    embedding_part / set_embedding_gradient   tied embeddings: the first and last stage add each other's
                                     part of the word-embedding gradient (Megatron sums it over the
                                     embedding group; here the two stages exchange it)
     squared_norm(t)                 this stage's share of the global gradient norm (each parameter once)
@@ -41,7 +41,11 @@ from megatronish.training.progress import TrainingProgress
 from megatronish.training.training import build_optimizer, masked_mean_loss
 
 
-class StaleStep(RuntimeError):
+class Refused(RuntimeError):
+    """A call the stage turns down; whoever called goes elsewhere (another peer, a replay, a state download)."""
+
+
+class StaleStep(Refused):
     """An apply whose gradient sum this stage does not hold (another attempt, or none): the caller
     must download the stage's state from a peer that applied it."""
 
@@ -154,13 +158,13 @@ class StageWorker:
     # ------------------------------------------------------------------ committing a step
 
     def part(self, step: int, micro_batches: list[int]) -> torch.Tensor:
-        """This peer's gradient sum for `step`, if it holds exactly `micro_batches` (else ValueError)."""
+        """A copy of this peer's gradient sum for `step`, if it holds exactly `micro_batches` (else Refused)."""
         sums = self.step_gradients.get(step)
         held = sorted(sums.micro_batches) if sums else []
         if held != sorted(micro_batches):
-            raise ValueError(f"stage {self.stage} holds micro-batches {held} of step {step}, not "
+            raise Refused(f"stage {self.stage} holds micro-batches {held} of step {step}, not "
                              f"{sorted(micro_batches)}: its part cannot be used")
-        return sums.flat
+        return sums.flat.clone()
 
     def sum_parts(self, step: int, attempt: int, parts: list[torch.Tensor]) -> None:
         """The stage's gradient for `step`: the holders' parts added in the given order (the same order,
@@ -179,11 +183,10 @@ class StageWorker:
             raise ValueError(f"stage {self.stage} holds no copy of tied word embeddings")
         return self.own_embedding_part[step]
 
-    def add_embedding_part(self, step: int, attempt: int, other: torch.Tensor) -> None:
-        """Make the tied word-embedding gradient the sum of both stages' parts (the same bits on both:
-        a + b == b + a in IEEE arithmetic)."""
-        own = self.embedding_part(step, attempt)
-        self._slice(self._pending(step, attempt), self.tied_embedding).copy_(own + other)
+    def set_embedding_gradient(self, step: int, attempt: int, total: torch.Tensor) -> None:
+        """The tied word-embedding gradient of `step`: the sum of both stages' parts (computed by the caller as
+        first + last on both stages: the same bits, since a + b == b + a in IEEE arithmetic)."""
+        self._slice(self._pending(step, attempt), self.tied_embedding).copy_(total)
 
     def squared_norm(self, step: int, attempt: int) -> float:
         """Sum of squares of this stage's gradients, each parameter counted once in the whole model (the

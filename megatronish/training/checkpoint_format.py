@@ -170,7 +170,10 @@ def save_blocks(state: dict, directory: str, process_group=None, no_dist: bool =
     import torch.distributed.checkpoint as dcp
 
     writer = dcp.FileSystemWriter(directory, sync_files=True, single_file_per_rank=True)
-    dcp.save(state, storage_writer=writer, planner=_BlockSavePlanner(), process_group=process_group, no_dist=no_dist)
+    with warnings.catch_warnings():  # no_dist is deliberate (one process writes alone): DCP warns about it anyway
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, storage_writer=writer, planner=_BlockSavePlanner(), process_group=process_group,
+                 no_dist=no_dist)
 
 
 def load_blocks(state: dict, directory: str, no_dist: bool = False) -> None:

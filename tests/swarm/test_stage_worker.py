@@ -58,8 +58,8 @@ def _swarm_step(peers, step, batches, seed):
             peer.sum_parts(step, 0, parts)
     for a, b in zip(first, last):
         a_part, b_part = a.embedding_part(step, 0), b.embedding_part(step, 0)
-        a.add_embedding_part(step, 0, b_part)
-        b.add_embedding_part(step, 0, a_part)
+        a.set_embedding_gradient(step, 0, a_part + b_part)
+        b.set_embedding_gradient(step, 0, b_part + a_part)
     norms = [stage[0].squared_norm(step, 0) for stage in (first, last)]
     assert [stage[1].squared_norm(step, 0) for stage in (first, last)] == norms  # the same bits on every peer
     norm = sum(norms) ** 0.5

@@ -1,0 +1,387 @@
+"""A SWARM trainer: reads the data, wires micro-batches through the stages' peers, and commits its steps.
+
+Data: the run's step t takes the samples pretrain_gpt.py's iteration t takes (global batch t of the
+same dataset, in micro-batches of --micro-batch-size); with N trainers, step t belongs to trainer
+t mod N, so each sample is used once per epoch across trainers. A trainer may start a step while
+the --max-staleness steps before it are still being applied (SWARM's asynchrony; 0: every step
+sees the weights of the previous one, as in pretrain_gpt.py).
+
+Wiring: each call goes to the peer of the stage that should free up first (`Balancer`: the work
+this trainer has queued there over the throughput the peer announces, peers not yet measured are
+probed first, random tie-break): SWARM's stochastic wiring. A micro-batch goes forward through
+stages 0..p-2, forward and backward on the last stage (it returns the loss and the gradient of its
+input), and backward through stages p-2..0; each backward recomputes its forward from the inputs
+sent with it, so any peer of the stage can run it. A call that fails or times out (--call-timeout)
+bans its peer for --ban-time and is rerouted to another peer of the stage; a stage with no live
+peer makes the call wait, with a log line.
+
+Committing step t (after all its micro-batches), per stage, with every peer of the stage:
+    replay    a peer that failed any call since it took a micro-batch's backward loses what it holds:
+              the trainer kept each micro-batch's stage inputs and output gradients and replays those
+              backward passes on other peers (no forward again, nothing counted twice)
+    prepare   every peer sums the holders' parts (it fetches them; a holder that cannot give its exact
+              set of micro-batches is reported, replayed, and the prepare repeated)
+    exchange  (tied embeddings) the first and last stage add each other's part of that gradient
+    apply     the global gradient norm (summed over stages) clips; AdamW; iteration t -> t + 1; at
+              --save-interval one peer per stage saves its part of the checkpoint
+The log line of each step counts its samples per stage and holder, its reroutes and replays.
+"""
+
+import asyncio
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from megatronish.data.tokenizers import build_tokenizer
+from megatronish.swarm.network import PeerTable, start_node, stop_node
+from megatronish.swarm.peer import StagePeer
+from megatronish.swarm.stage import Refused
+from megatronish.swarm.wire import TRAFFIC, Lossy, Payload, call
+from megatronish.training.training import build_datasets
+
+log = logging.getLogger("megatronish.swarm")
+WORK = {"forward": 0.25, "backward": 0.75, "forward_backward": 1.0}  # a stage's work per sample, by call kind
+
+
+@dataclass
+class MicroBatch:
+    index: int                      # global: step * micro-batches per step + position in the step
+    step: int
+    batch: dict                     # tokens, labels, loss_mask
+    seed: int
+    inputs: dict = field(default_factory=dict)        # stage -> what it got (kept for retries and replays)
+    grad_outputs: dict = field(default_factory=dict)  # stage (not the last) -> gradient of its output
+    holders: dict = field(default_factory=dict)       # stage -> peer id holding its backward's gradients
+    held_since: dict = field(default_factory=dict)    # stage -> when it did
+    loss: float | None = None
+
+    @property
+    def samples(self) -> int:
+        return self.batch["tokens"].size(0)
+
+
+@dataclass
+class StepReport:
+    reroutes: int = 0
+    replays: int = 0
+
+
+class Balancer:
+    """Which peer of a stage takes the next call: the one expected to free up first."""
+
+    def __init__(self, table: PeerTable, ban_time: float):
+        self.table, self.ban_time = table, ban_time
+        self.queued: dict[str, float] = {}       # peer id -> work units this trainer has in flight there
+        self.banned_until: dict[str, float] = {}
+        self.failed_at: dict[str, float] = {}    # peer id -> the last time a call to it failed
+
+    def choose(self, stage: int, work: float) -> str | None:
+        now = time.monotonic()
+        candidates = [r for r in self.table.records(stage) if self.banned_until.get(r.peer_id, 0) <= now]
+        if not candidates:
+            return None
+
+        def finish_time(record):
+            queued = self.queued.get(record.peer_id, 0.0)
+            if record.throughput is None:  # not measured yet: probe it while it is idle
+                return 0.0 if queued == 0 else math.inf
+            return (queued + work) / record.throughput
+
+        return min(candidates, key=lambda r: (finish_time(r), random.random())).peer_id
+
+    def failed(self, peer_id: str) -> None:
+        now = time.monotonic()
+        self.banned_until[peer_id] = now + self.ban_time
+        self.failed_at[peer_id] = now
+
+    def lost(self, micro_batch: MicroBatch, stage: int) -> bool:
+        """Whether the holder of `micro_batch`'s gradients on `stage` failed since it took them."""
+        return self.failed_at.get(micro_batch.holders[stage], -math.inf) >= micro_batch.held_since[stage]
+
+
+class SwarmTrainer:
+    def __init__(self, args):
+        self.args = args
+        self.num_stages = args.pipeline_model_parallel_size
+        self.per_step = args.global_batch_size // args.micro_batch_size
+        self.inflight = asyncio.Semaphore(args.max_inflight)
+        self.applied = 0  # the iteration this trainer knows every stage has reached
+        self.p2p = self.node = self.table = self.balancer = None
+        self.losses: dict[int, float] = {}
+
+    # ------------------------------------------------------------------ the run
+
+    async def run(self) -> dict[int, float]:
+        """Train this trainer's steps up to --train-iters; returns {step: lm loss}."""
+        args = self.args
+        tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
+        self.dataset = build_datasets(args, tokenizer.eod)[0]
+        self.p2p, self.node = await start_node(args, client_mode=True)
+        self.table = PeerTable(self.node, args.run_id, self.num_stages)
+        self.balancer = Balancer(self.table, args.ban_time)
+        refresher = asyncio.create_task(self.table.keep_refreshed(args.update_period))
+        try:
+            start = await self._wait_for_stages()
+            steps = [t for t in range(start, args.train_iters) if t % args.num_trainers == args.trainer_index]
+            log.info(f"trainer {args.trainer_index} of {args.num_trainers}: steps {steps[:1]}..{steps[-1:]} "
+                     f"from iteration {start}, {self.per_step} micro-batches of {args.micro_batch_size} per step")
+            commits = None
+            for step in steps:
+                await self._wait_for_iteration(step - args.max_staleness)
+                micro_batches = [self._micro_batch(step, i) for i in range(self.per_step)]
+                report = StepReport()
+                runs = [asyncio.create_task(self._run_micro_batch(mb, report)) for mb in micro_batches]
+                commits = asyncio.create_task(self._commit_after(step, micro_batches, runs, report, commits))
+            if commits is not None:
+                await commits
+        finally:
+            refresher.cancel()
+            await stop_node(self.p2p, self.node)
+        return self.losses
+
+    async def _wait_for_stages(self) -> int:
+        """Wait until every stage has a serving peer; the run's iteration (where this trainer starts)."""
+        waited = 0
+        while (iteration := self.table.swarm_iteration()) is None:
+            if waited % 10 == 0:
+                missing = [s for s in range(self.num_stages) if self.table.stage_iteration(s) is None]
+                log.info(f"waiting for peers of stage(s) {missing}")
+            await asyncio.sleep(1.0)
+            waited += 1
+        self.applied = iteration
+        return iteration
+
+    async def _wait_for_iteration(self, iteration: int) -> None:
+        while max(self.applied, self.table.swarm_iteration() or 0) < iteration:
+            await asyncio.sleep(0.02)
+
+    def _micro_batch(self, step: int, position: int) -> MicroBatch:
+        """pretrain_gpt.py's micro-batch: consecutive samples of the shuffled dataset (samplers.py, DP = 1)."""
+        index = step * self.per_step + position
+        first = index * self.args.micro_batch_size
+        samples = [self.dataset[i] for i in range(first, first + self.args.micro_batch_size)]
+        batch = {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+        return MicroBatch(index, step, batch, seed=self.args.seed * 1_000_003 + index)
+
+    # ------------------------------------------------------------------ one micro-batch
+
+    async def _run_micro_batch(self, mb: MicroBatch, report: StepReport) -> None:
+        last = self.num_stages - 1
+        async with self.inflight:
+            hidden = mb.batch["tokens"]
+            for stage in range(last):
+                mb.inputs[stage] = hidden
+                _, result = await self._call_stage(stage, "forward", mb, [_sent(stage, hidden)], report)
+                hidden = result.tensors[0]
+            mb.inputs[last] = hidden
+            await self._last_stage(mb, report)
+            for stage in reversed(range(last)):
+                await self._backward(stage, mb, report)
+
+    async def _last_stage(self, mb: MicroBatch, report: StepReport) -> None:
+        last = self.num_stages - 1
+        tensors = [_sent(last, mb.inputs[last]), mb.batch["labels"], mb.batch["loss_mask"]]
+        peer_id, result = await self._call_stage(last, "forward_backward", mb, tensors, report,
+                                                 num_microbatches=self.per_step)
+        mb.loss = result.meta["loss"]
+        self._hold(mb, last, peer_id)
+        if last > 0:
+            mb.grad_outputs[last - 1] = result.tensors[0]
+
+    async def _backward(self, stage: int, mb: MicroBatch, report: StepReport) -> None:
+        tensors = [_sent(stage, mb.inputs[stage]), Lossy(mb.grad_outputs[stage])]
+        peer_id, result = await self._call_stage(stage, "backward", mb, tensors, report)
+        self._hold(mb, stage, peer_id)
+        if stage > 0:
+            mb.grad_outputs[stage - 1] = result.tensors[0]
+
+    def _hold(self, mb: MicroBatch, stage: int, peer_id: str) -> None:
+        mb.holders[stage], mb.held_since[stage] = peer_id, time.monotonic()
+
+    async def _call_stage(self, stage: int, kind: str, mb: MicroBatch, tensors: list, report: StepReport,
+                          **meta) -> tuple[str, Payload]:
+        """Run one call on the peer of `stage` that frees up first; reroute until one succeeds."""
+        work = WORK[kind] * mb.samples
+        payload = Payload({"stage": stage, "step": mb.step, "micro_batch": mb.index, "samples": mb.samples,
+                           "seed": mb.seed, "compression": self.args.compression, **meta}, tensors)
+        waited_since = None
+        while True:
+            peer_id = self.balancer.choose(stage, work)
+            if peer_id is None:
+                if waited_since is None or time.monotonic() - waited_since > 10:
+                    log.warning(f"stage {stage} has no live peer: micro-batch {mb.index} of step {mb.step} waits")
+                    waited_since = time.monotonic()
+                await asyncio.sleep(0.5)
+                continue
+            start = time.monotonic()
+            self.balancer.queued[peer_id] = self.balancer.queued.get(peer_id, 0.0) + work
+            try:
+                return peer_id, await self._call(peer_id, kind, payload)
+            except Exception as error:  # noqa: BLE001 - any failure: another peer of the stage
+                self.balancer.failed(peer_id)
+                report.reroutes += 1
+                log.warning(f"stage {stage}: {kind} of micro-batch {mb.index} on {peer_id} failed after "
+                            f"{time.monotonic() - start:.2f} s ({_describe(error)}): rerouting")
+            finally:
+                self.balancer.queued[peer_id] -= work
+
+    async def _call(self, peer_id: str, method: str, payload: Payload, timeout_calls: float = 1) -> Payload:
+        stub = StagePeer.get_stub(self.p2p, _peer(peer_id))
+        return await call(getattr(stub, f"rpc_{method}"), payload, self.args.compression,
+                          timeout_calls * self.args.call_timeout)
+
+    # ------------------------------------------------------------------ committing a step
+
+    async def _commit_after(self, step, micro_batches, runs, report, previous) -> None:
+        started = time.monotonic()
+        await asyncio.gather(*runs)
+        if previous is not None:
+            await previous  # commits go in step order
+        holders = await self._commit(step, micro_batches, report)
+        self.applied = max(self.applied, step + 1)
+        self.losses[step] = sum(mb.loss for mb in micro_batches) / len(micro_batches)
+        counts = "; ".join(f"stage {stage}: " + ", ".join(f"{peer_id[-6:]} {n}" for peer_id, n in per_peer.items())
+                           for stage, per_peer in holders.items())
+        log.info(f"step {step} | lm loss {self.losses[step]:.6E} | samples {self.args.global_batch_size} per stage "
+                 f"({counts}) | rerouted {report.reroutes} | replayed {report.replays} | "
+                 f"{time.monotonic() - started:.2f} s | sent {TRAFFIC.sent} B, received {TRAFFIC.received} B")
+
+    async def _commit(self, step: int, micro_batches: list, report: StepReport) -> dict:
+        """Commit `step` on every stage; returns {stage: {holder: samples}} of the applied sums."""
+        while True:
+            prepared = await asyncio.gather(*(self._prepare(stage, step, micro_batches, report)
+                                              for stage in range(self.num_stages)))
+            norms = await self._squared_norms(step, prepared)
+            if norms is not None:
+                break
+        save = bool(self.args.save) and ((step + 1) % self.args.save_interval == 0 or step + 1 == self.args.train_iters)
+        norm = math.sqrt(sum(norms))
+        await asyncio.gather(*(self._apply(stage, step, attempt, peers, norm, save)
+                               for stage, (attempt, peers, _) in enumerate(prepared)))
+        return {stage: _samples_per_holder(micro_batches, stage) for stage in range(self.num_stages)}
+
+    async def _prepare(self, stage: int, step: int, micro_batches: list, report: StepReport):
+        """Every live peer of `stage` sums the holders' parts. Returns (attempt, {peer: reply meta}, holders)."""
+        attempt = 0
+        while True:
+            await self._replay_lost(stage, micro_batches, report)
+            holders = {}
+            for mb in micro_batches:
+                holders.setdefault(mb.holders[stage], []).append(mb.index)
+            attempt += 1
+            peers = self._committing_peers(stage) | set(holders)
+            meta = {"stage": stage, "step": step, "attempt": attempt, "holders": holders,
+                    "compression": self.args.compression}
+            replies = await asyncio.gather(*(self._call(p, "prepare", Payload(meta), timeout_calls=3) for p in peers),
+                                           return_exceptions=True)
+            ready = {}
+            for peer_id, reply in zip(peers, replies):
+                if isinstance(reply, Exception):
+                    log.warning(f"stage {stage}: preparing step {step} on {peer_id} failed ({_describe(reply)})")
+                    self.balancer.failed(peer_id)
+                elif reply.meta.get("failed"):
+                    for holder, reason in reply.meta["failed"].items():
+                        log.warning(f"stage {stage}: {peer_id} could not get {holder}'s part of step {step} ({reason})")
+                        self.balancer.failed(holder)
+                elif not reply.meta.get("applied"):
+                    ready[peer_id] = reply.meta
+            if ready and not any(self.balancer.lost(mb, stage) for mb in micro_batches):
+                return attempt, ready, holders
+            await asyncio.sleep(0.1)
+
+    async def _replay_lost(self, stage: int, micro_batches: list, report: StepReport) -> None:
+        """Backward passes whose holder failed since: run them again on live peers of the stage."""
+        lost = [mb for mb in micro_batches if self.balancer.lost(mb, stage)]
+        for mb in lost:
+            log.info(f"stage {stage}: replaying the backward of micro-batch {mb.index} (its holder "
+                     f"{mb.holders[stage]} failed)")
+            report.replays += 1
+        replay = self._last_stage if stage == self.num_stages - 1 else (lambda mb, r: self._backward(stage, mb, r))
+        await asyncio.gather(*(replay(mb, report) for mb in lost))
+
+    def _committing_peers(self, stage: int) -> set[str]:
+        """Peers that take part in a commit: serving or draining, not banned."""
+        now = time.monotonic()
+        return {r.peer_id for r in self.table.records(stage, serving_only=False)
+                if r.state in ("serving", "draining") and self.balancer.banned_until.get(r.peer_id, 0) <= now}
+
+    async def _squared_norms(self, step: int, prepared: list) -> list[float] | None:
+        """Each stage's share of the squared global norm; the tied embeddings' exchange first where needed.
+        None when an exchange found no partner (prepare again)."""
+        norms = []
+        for stage, (attempt, ready, _) in enumerate(prepared):
+            if not any(meta.get("needs_exchange") for meta in ready.values()):
+                norms.append(next(iter(ready.values()))["squared_norm"])
+                continue
+            other = 0 if stage == self.num_stages - 1 else self.num_stages - 1
+            other_attempt, partners, _ = prepared[other]
+            norm = await self._exchange(stage, step, attempt, ready, other, other_attempt, list(partners))
+            if norm is None:
+                return None
+            norms.append(norm)
+        return norms
+
+    async def _exchange(self, stage, step, attempt, ready: dict, other, other_attempt, partners) -> float | None:
+        for partner in partners:
+            meta = {"stage": stage, "step": step, "attempt": attempt, "partner": partner, "partner_stage": other,
+                    "partner_attempt": other_attempt, "compression": self.args.compression}
+            replies = await asyncio.gather(*(self._call(p, "exchange", Payload(meta)) for p in ready),
+                                           return_exceptions=True)
+            done = {p: r for p, r in zip(ready, replies) if not isinstance(r, Exception)}
+            for peer_id in [p for p in ready if p not in done]:
+                del ready[peer_id]  # it will not apply this step: it catches up by downloading the state
+            if done:
+                return next(iter(done.values())).meta["squared_norm"]
+            log.warning(f"stage {stage}: the tied-embedding exchange of step {step} with {partner} failed: "
+                        f"{_describe(replies[0])}")
+        return None
+
+    async def _apply(self, stage, step, attempt, ready: dict, norm: float, save: bool) -> None:
+        """Apply on every prepared peer; at least one peer of the stage must reach iteration step + 1."""
+        while True:
+            peers = list(ready)
+            metas = [{"stage": stage, "step": step, "attempt": attempt, "norm": norm, "save": save and i == 0}
+                     for i in range(len(peers))]
+            replies = await asyncio.gather(*(self._call(p, "apply", Payload(m), timeout_calls=2)
+                                             for p, m in zip(peers, metas)), return_exceptions=True)
+            applied = [p for p, r in zip(peers, replies) if not isinstance(r, Exception)]
+            for peer_id, reply in zip(peers, replies):
+                if isinstance(reply, Exception):
+                    log.warning(f"stage {stage}: applying step {step} on {peer_id} failed ({_describe(reply)})")
+            if applied:
+                return
+            await asyncio.sleep(0.5)
+
+
+def _sent(stage: int, tensor: torch.Tensor):
+    """Stage 0 takes token ids (exact); later stages take activations (may be quantized)."""
+    return tensor if stage == 0 else Lossy(tensor)
+
+
+def _samples_per_holder(micro_batches: list, stage: int) -> dict[str, int]:
+    counts = {}
+    for mb in micro_batches:
+        counts[mb.holders[stage]] = counts.get(mb.holders[stage], 0) + mb.samples
+    return counts
+
+
+def _peer(peer_id: str):
+    from hivemind.p2p import PeerID
+    return PeerID.from_base58(peer_id)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(error, Refused):
+        return f"refused: {error}"
+    return f"{type(error).__name__}: {error}"
+
+
+async def run_trainer(args) -> dict[int, float]:
+    """tools/swarm_trainer.py: train this trainer's steps; returns {step: lm loss}."""
+    return await SwarmTrainer(args).run()
