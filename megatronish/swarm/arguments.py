@@ -46,9 +46,9 @@ def add_swarm_args(parser: argparse.ArgumentParser, role: str) -> argparse.Argum
         g.add_argument("--max-staleness", type=int, default=1,
                        help="steps this trainer may start before the previous ones are applied by every stage")
         g.add_argument("--compression", choices=COMPRESSIONS, default="none",
-                       help="8-bit blockwise quantization (int8 codes, one scale per 4096 values) of the activations and "
-                            "gradients this trainer's micro-batches send between stages, and of the gradient parts "
-                            "the peers of a stage exchange to commit its steps")
+                       help="8-bit blockwise quantization (int8, one scale per 4096 values) of the activations "
+                            "and gradients this trainer's micro-batches send between stages, and of the gradient "
+                            "parts the peers of a stage exchange to commit its steps")
         g.add_argument("--ban-time", type=float, default=30.0,
                        help="seconds a peer that failed a call is left out of the wiring")
     return parser

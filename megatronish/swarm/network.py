@@ -24,7 +24,8 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
 log = logging.getLogger("megatronish.swarm")
-RECORD_LIFETIME_PERIODS = 5  # a record outlives this many missed refreshes
+RECORD_LIFETIME_PERIODS = 10  # a record outlives this many missed refreshes
+DHT_WAIT_TIMEOUT = 1.0  # seconds a DHT request waits for a node (a frozen one holds reads up this long)
 
 
 def p2p_options(args) -> dict:
@@ -42,7 +43,7 @@ async def start_node(args, client_mode: bool = False) -> tuple[P2P, DHTNode]:
     """This process's p2p daemon and DHT node, joined to --initial-peers (if any)."""
     p2p = await P2P.create(initial_peers=args.initial_peers or None, **p2p_options(args))
     node = await DHTNode.create(p2p=p2p, initial_peers=args.initial_peers or None, client_mode=client_mode,
-                                wait_timeout=min(3.0, args.call_timeout))
+                                wait_timeout=DHT_WAIT_TIMEOUT)
     return p2p, node
 
 

@@ -35,7 +35,8 @@ from megatronish.swarm.checkpoint import save_stage_part
 from megatronish.swarm.network import PeerRecord, PeerTable, announce, start_node, stop_node, visible_address
 from megatronish.swarm.rebalancing import choose_move, choose_stage
 from megatronish.swarm.stage import Refused, StageWorker
-from megatronish.swarm.wire import Lossy, Payload, call, roundtrip, serve
+from megatronish.swarm.compression import roundtrip
+from megatronish.swarm.wire import Lossy, Payload, call, serve
 from megatronish.training.arguments import transformer_config_from_args
 
 log = logging.getLogger("megatronish.swarm")
@@ -103,12 +104,22 @@ class StagePeer(ServicerBase):
         self.stage, self.state = stage, "joining"
         self.worker = None
         self.worker = await self._run(StageWorker, self.args, self.config, stage, self.num_stages)
-        for speed in self.speed.values():  # another stage's work: measure afresh
-            speed.num_updates = 0
         await self._take_initial_state()
+        await self._measure_speed()
         self.state = "serving"
         await self._announce()
         log.info(f"serving stage {stage} of {self.num_stages} at iteration {self.worker.iteration}")
+
+    async def _measure_speed(self) -> None:
+        """Time this stage's work on made-up micro-batches (after one untimed warm-up), so that trainers
+        can wire by throughput from the first call on, and a first slow call does not starve the peer."""
+        self.speed = {kind: PerformanceEMA(alpha=0.2, paused=True) for kind in WORK_KINDS}
+        kinds = ("forward_backward",) if self.worker.is_last else ("forward", "backward")
+        shape = (self.args.micro_batch_size, self.args.seq_length)
+        for kind in kinds:
+            await self._run(self.worker.benchmark, kind, *shape)
+            for _ in range(2):
+                await self._work(kind, shape[0], self.worker.benchmark, kind, *shape)
 
     async def leave(self) -> None:
         if not await self._drain():
@@ -181,8 +192,8 @@ class StagePeer(ServicerBase):
             await asyncio.sleep(self.args.update_period)
 
     async def _keep_up_loop(self) -> None:
-        """Download the state again when the stage has been ahead of this peer for two update periods and
-        this peer holds no sum of the step it needs (it was left out of that commit)."""
+        """Download the state again when the stage has been ahead of this peer for longer than an apply
+        takes to arrive (a call timeout and two update periods): it was left out of a commit."""
         behind_since = None
         while True:
             await asyncio.sleep(self.args.update_period)
@@ -190,11 +201,11 @@ class StagePeer(ServicerBase):
                 behind_since = None
                 continue
             newest, mine = self.table.stage_iteration(self.stage), self.worker.iteration
-            if newest is None or newest <= mine or mine in self.worker.pending:
+            if newest is None or newest <= mine:
                 behind_since = None
                 continue
             behind_since = behind_since or time.monotonic()
-            if time.monotonic() - behind_since < 2 * self.args.update_period:
+            if time.monotonic() - behind_since < self.args.call_timeout + 2 * self.args.update_period:
                 continue
             log.info(f"stage {self.stage}: at iteration {mine} while the stage is at {newest}: downloading the state")
             ahead = [r for r in self.table.records(self.stage) if r.iteration == newest and r.peer_id != self.peer_id]

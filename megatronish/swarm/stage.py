@@ -118,6 +118,20 @@ class StageWorker:
             grads = torch.autograd.grad(loss / num_microbatches, self._wrt(inputs), allow_unused=True)
         return loss.item(), self._keep(step, micro_batch, samples, grads)
 
+    def benchmark(self, kind: str, batch_size: int, seq_length: int) -> None:
+        """One `kind` computation ("forward", "backward", "forward_backward") on made-up inputs of this
+        shape, nothing kept: how a peer measures its speed before the first trainer calls it."""
+        tokens = torch.zeros(batch_size, seq_length, dtype=torch.long)
+        inputs = tokens if self.is_first else torch.randn(seq_length, batch_size, self.model.config.hidden_size,
+                                                          dtype=self.model.config.params_dtype)
+        if kind == "forward":
+            self.forward(inputs, seed=0)
+            return
+        with self._seeded(0), torch.enable_grad():
+            inputs = self._differentiable(inputs)
+            output = self._run(inputs, tokens if kind == "forward_backward" else None)
+            torch.autograd.grad(output.float().mean(), self._wrt(inputs), allow_unused=True)
+
     def _run(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.is_first:
             return self.model(inputs, labels=labels)

@@ -246,9 +246,15 @@ class SwarmTrainer:
         self.losses[step] = sum(mb.loss for mb in micro_batches) / len(micro_batches)
         counts = "; ".join(f"stage {stage}: " + ", ".join(f"{peer_id[-6:]} {n}" for peer_id, n in per_peer.items())
                            for stage, per_peer in holders.items())
-        log.info(f"step {step} | lm loss {self.losses[step]:.6E} | samples {self.args.global_batch_size} per stage "
-                 f"({counts}) | rerouted {report.reroutes} | replayed {report.replays} | "
+        first, size = micro_batches[0].index * self.args.micro_batch_size, self.args.global_batch_size
+        log.info(f"step {step} | lm loss {self.losses[step]:.6E} | samples {first}-{first + size - 1}, {size} per "
+                 f"stage ({counts}) | rerouted {report.reroutes} | replayed {report.replays} | "
                  f"{time.monotonic() - started:.2f} s | sent {TRAFFIC.sent} B, received {TRAFFIC.received} B")
+        if step % self.args.log_interval == 0:
+            log.info("peers (samples/s): " + "; ".join(
+                f"stage {stage}: " + ", ".join(f"{r.peer_id[-6:]} {r.throughput or 0:.1f}"
+                                                for r in self.table.records(stage))
+                for stage in range(self.num_stages)))
 
     async def _commit(self, step: int, micro_batches: list, report: StepReport) -> dict:
         """Commit `step` on every stage; returns {stage: {holder: samples}} of the applied sums."""
@@ -326,18 +332,23 @@ class SwarmTrainer:
         return norms
 
     async def _exchange(self, stage, step, attempt, ready: dict, other, other_attempt, partners) -> float | None:
+        """Every prepared peer of `stage` takes the other end's part from one partner peer. Peers that fail
+        with a partner that served another peer are left out of the apply (they catch up by downloading the
+        state); when every call fails, the partner is the suspect: the next one is tried."""
         for partner in partners:
             meta = {"stage": stage, "step": step, "attempt": attempt, "partner": partner, "partner_stage": other,
                     "partner_attempt": other_attempt, "compression": self.args.compression}
-            replies = await asyncio.gather(*(self._call(p, "exchange", Payload(meta)) for p in ready),
+            peers = list(ready)
+            replies = await asyncio.gather(*(self._call(p, "exchange", Payload(meta)) for p in peers),
                                            return_exceptions=True)
-            done = {p: r for p, r in zip(ready, replies) if not isinstance(r, Exception)}
-            for peer_id in [p for p in ready if p not in done]:
-                del ready[peer_id]  # it will not apply this step: it catches up by downloading the state
+            done = {p: r for p, r in zip(peers, replies) if not isinstance(r, Exception)}
             if done:
+                for peer_id in set(peers) - set(done):
+                    del ready[peer_id]
                 return next(iter(done.values())).meta["squared_norm"]
-            log.warning(f"stage {stage}: the tied-embedding exchange of step {step} with {partner} failed: "
-                        f"{_describe(replies[0])}")
+            log.warning(f"stage {stage}: the tied-embedding exchange of step {step} with {partner} failed "
+                        f"({_describe(replies[0])}): trying another peer of stage {other}")
+            self.balancer.failed(partner)
         return None
 
     async def _apply(self, stage, step, attempt, ready: dict, norm: float, save: bool) -> None:

@@ -7,10 +7,8 @@ for small payloads and 3x faster for 0.5 MB ones (51 vs 162 ms, loaded 2-core bo
 4 MB message limit, so there is one path for activations, gradient parts and stage states alike.
 
 Float tensors that may be quantized (activations, their gradients, gradient parts) travel under the
-call's compression: "none", or "blockwise8": blockwise absmax quantization to int8, one fp32 scale
-per BLOCK values (about 1/4 of the fp32 bytes). Token ids, labels, loss masks and stage states
-always travel exactly. (hivemind's own BLOCKWISE_8BIT needs bitsandbytes and fails to decode under
-NumPy 2: `int()` of a one-element array, in hivemind 1.1.12; the quantization here is plain torch.)
+call's compression ("none" or "blockwise8", compression.py); token ids, labels, loss masks and stage
+states always travel exactly.
 """
 
 import asyncio
@@ -23,10 +21,10 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
+from megatronish.swarm.compression import dequantize_blockwise, quantize_blockwise
 from megatronish.swarm.stage import Refused
 
 PART_BYTES = 2 * 1024 * 1024
-BLOCK = 4096
 LAYOUT_KEY = "_tensors"  # metadata entry: how each tensor was sent ("exact" or "blockwise8")
 
 
@@ -51,30 +49,6 @@ class Traffic:
 
 
 TRAFFIC = Traffic()
-
-
-def quantize_blockwise(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes shaped like `tensor`, fp32 scale per BLOCK values): code = round(x / scale),
-    scale = the block's largest |x| / 127."""
-    flat = tensor.detach().float().reshape(-1)
-    padded = torch.nn.functional.pad(flat, (0, -flat.numel() % BLOCK)).view(-1, BLOCK)
-    scales = padded.abs().amax(dim=1) / 127.0
-    codes = torch.round(padded / scales.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1))
-    return codes.to(torch.int8).view(-1)[:flat.numel()].view(tensor.shape), scales
-
-
-def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    flat = codes.reshape(-1).float()
-    padded = torch.nn.functional.pad(flat, (0, -flat.numel() % BLOCK)).view(-1, BLOCK) * scales.unsqueeze(1)
-    return padded.view(-1)[:flat.numel()].view(codes.shape).to(dtype)
-
-
-def roundtrip(tensor: torch.Tensor, compression: str) -> torch.Tensor:
-    """What the receiver of `Lossy(tensor)` gets under `compression` (a peer uses it for its own gradient
-    part, so that every peer of a stage sums the same values)."""
-    if compression == "none" or not tensor.is_floating_point():
-        return tensor
-    return dequantize_blockwise(*quantize_blockwise(tensor), tensor.dtype)
 
 
 def _flatten(payload: Payload, compression: str) -> tuple[list, list]:
