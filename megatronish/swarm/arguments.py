@@ -36,7 +36,7 @@ def add_swarm_args(parser: argparse.ArgumentParser, role: str) -> argparse.Argum
                        help="run this many times slower (sleeps after each computation; tests and benchmarks)")
         g.add_argument("--rebalance-period", type=float, default=30.0,
                        help="seconds between checks whether this peer should move to a slower stage (0: never)")
-        g.add_argument("--rebalance-gain", type=float, default=0.1,
+        g.add_argument("--rebalance-gain", type=float, default=0.2,
                        help="move only when the slowest stage's throughput would grow by more than this fraction")
     else:
         g.add_argument("--num-trainers", type=int, default=1, help="trainers in the run (each takes its share of "

@@ -8,8 +8,9 @@
                reroutes)
     commit     driven by the trainer that owns the step (trainer.py): `prepare` sums the holders' gradient
                parts (fetched from the other peers of the stage), `exchange` adds the other end's part of
-               the tied word embeddings, `apply` steps with the global norm and, when told, saves the
-               stage's part of a checkpoint (checkpoint.py)
+               the tied word embeddings, `apply` steps with the global norm and, on the peer the trainer
+               names the stage's writer, saves the stage's part of a checkpoint at --save-interval
+               (checkpoint.py)
     keep up    a peer whose stage has moved past it (it was frozen, or missed a commit while joining)
                downloads the state from a peer that is ahead
     rebalance  every --rebalance-period seconds, rebalancing.py's rule on the peer table; the peer it
@@ -58,6 +59,7 @@ class StagePeer(ServicerBase):
         self.stage: int | None = None
         self.state = "joining"
         self.queued_samples = 0
+        self.moved_at = -float("inf")
         self.speed = {kind: PerformanceEMA(alpha=0.2, paused=True) for kind in WORK_KINDS}
         self.p2p = self.node = self.table = self.peer_id = None
 
@@ -160,8 +162,8 @@ class StagePeer(ServicerBase):
             return False
         state = _state_from_payload(result)
         await self._run(self.worker.load_state, state)
-        log.info(f"stage {self.stage}: downloaded the state at iteration {state['iteration']} from "
-                 f"{source.peer_id} in {time.perf_counter() - start:.2f} s")
+        log.info(f"stage {self.stage}: downloaded the state at iteration {state['iteration']} (weights "
+                 f"{await self._run(self.worker.digest)}) from {source.peer_id} in {time.perf_counter() - start:.2f} s")
         return True
 
     async def _drain(self) -> bool:
@@ -215,13 +217,21 @@ class StagePeer(ServicerBase):
             behind_since = None
 
     async def _rebalance_loop(self) -> None:
+        """Every --rebalance-period: the rule of rebalancing.py, once the swarm has settled (no peer joined,
+        left or moved for two periods: measurements of a new arrangement need time, and peers act on
+        tables a period old)."""
         if not self.args.rebalance_period:
             return
+        arrangement, settled_since, period = None, time.monotonic(), self.args.rebalance_period
         while True:
-            await asyncio.sleep(self.args.rebalance_period)
-            if self.state != "serving":
+            await asyncio.sleep(period)
+            throughputs = self._throughputs()
+            now_arranged = {(peer_id, stage) for stage, peers in throughputs.items() for peer_id in peers}
+            if now_arranged != arrangement or self.state != "serving":
+                arrangement, settled_since = now_arranged, time.monotonic()
+            if time.monotonic() - settled_since < 2 * period or time.monotonic() - self.moved_at < 5 * period:
                 continue
-            move = choose_move(self._throughputs(), self.num_stages, self.args.rebalance_gain)
+            move = choose_move(throughputs, self.num_stages, self.args.rebalance_gain)
             if move is None or move.peer_id != self.peer_id:
                 continue
             log.info(f"rebalancing: stage capacities {_rates(move.capacities)} samples/s; moving this peer from "
@@ -229,6 +239,7 @@ class StagePeer(ServicerBase):
             old_stage = self.stage
             await self.leave()  # announces "left" under the old stage
             await self.join(move.to_stage)
+            self.moved_at = time.monotonic()  # a peer that just moved stays a while (its move cost a download)
             log.info(f"rebalancing: moved from stage {old_stage} to stage {self.stage}")
 
     def _throughputs(self) -> dict[int, dict[str, float | None]]:
@@ -417,8 +428,9 @@ class StagePeer(ServicerBase):
         digest = await self._run(self.worker.digest)
         log.info(f"stage {self.stage}: applied step {step}: iteration {step + 1}, weights {digest}"
                  + ("" if updated else " (update skipped: non-finite gradient norm)"))
-        if meta.get("save") and self.args.save:
-            blocks, common = await self._run(self.worker.checkpoint_part, self.args)
+        iteration, args = step + 1, self.args
+        if meta["writer"] and args.save and (iteration % args.save_interval == 0 or iteration == args.train_iters):
+            blocks, common = await self._run(self.worker.checkpoint_part, args)
             self.saver.submit(self._save_part, blocks, common)
         return Payload({"iteration": step + 1, "digest": digest, "updated": updated})
 

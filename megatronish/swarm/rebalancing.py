@@ -6,8 +6,11 @@ of that stage's forward and backward work). Every peer evaluates the same rule o
 table it reads from the DHT, and only the peer the rule names moves:
     - take the stage with the most capacity (over-served) and the one with the least (under-served);
     - the over-served stage's slowest peer (it helps its stage least) moves to the under-served one
-      if that raises the smallest capacity by more than `min_gain` (a fraction), assuming the peer
-      is as fast there as where it is (the stages of a GPT cost about the same per sample);
+      if that raises the smallest capacity by more than `min_gain` (a fraction);
+    - its throughput there is estimated as a peer's speed over the stage's cost per sample, with
+      the cost ratio of two stages taken from their peers' mean throughputs (the stages of a GPT do
+      not cost the same: the first embeds, the last computes the loss, and a peer recomputes the
+      forward in backward on every stage but the last);
     - a stage keeps at least one peer, and nothing moves while a peer's throughput is unmeasured.
 The SWARM paper's reference code left rebalancing out ("not yet added"); this is the rule its text
 describes: peers move from the most over-served to the most under-served stage.
@@ -52,7 +55,11 @@ def choose_move(throughputs: dict[int, dict[str, float | None]], num_stages: int
     peer_id, speed = min(peers.items(), key=lambda item: (item[1], item[0]))
     after = list(capacities)
     after[over] -= speed
-    after[under] += speed
+    after[under] += speed * _mean(throughputs.get(under, {})) / _mean(peers) if throughputs.get(under) else speed
     if min(after) <= min(capacities) * (1 + min_gain):
         return None
     return Move(peer_id, over, under, tuple(capacities), tuple(after))
+
+
+def _mean(peers: dict[str, float]) -> float:
+    return sum(peers.values()) / len(peers)

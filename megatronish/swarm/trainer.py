@@ -22,8 +22,8 @@ Committing step t (after all its micro-batches), per stage, with every peer of t
     prepare   every peer sums the holders' parts (it fetches them; a holder that cannot give its exact
               set of micro-batches is reported, replayed, and the prepare repeated)
     exchange  (tied embeddings) the first and last stage add each other's part of that gradient
-    apply     the global gradient norm (summed over stages) clips; AdamW; iteration t -> t + 1; at
-              --save-interval one peer per stage saves its part of the checkpoint
+    apply     the global gradient norm (summed over stages) clips; AdamW; iteration t -> t + 1; one
+              peer per stage is named the writer and saves its part of the checkpoint at its --save-interval
 The log line of each step counts its samples per stage and holder, its reroutes and replays.
 """
 
@@ -264,9 +264,8 @@ class SwarmTrainer:
             norms = await self._squared_norms(step, prepared)
             if norms is not None:
                 break
-        save = bool(self.args.save) and ((step + 1) % self.args.save_interval == 0 or step + 1 == self.args.train_iters)
         norm = math.sqrt(sum(norms))
-        await asyncio.gather(*(self._apply(stage, step, attempt, peers, norm, save)
+        await asyncio.gather(*(self._apply(stage, step, attempt, peers, norm)
                                for stage, (attempt, peers, _) in enumerate(prepared)))
         return {stage: _samples_per_holder(micro_batches, stage) for stage in range(self.num_stages)}
 
@@ -351,11 +350,12 @@ class SwarmTrainer:
             self.balancer.failed(partner)
         return None
 
-    async def _apply(self, stage, step, attempt, ready: dict, norm: float, save: bool) -> None:
-        """Apply on every prepared peer; at least one peer of the stage must reach iteration step + 1."""
+    async def _apply(self, stage, step, attempt, ready: dict, norm: float) -> None:
+        """Apply on every prepared peer; at least one peer of the stage must reach iteration step + 1. One of
+        them is the stage's writer: it saves its part of the checkpoint when its --save-interval says so."""
         while True:
             peers = list(ready)
-            metas = [{"stage": stage, "step": step, "attempt": attempt, "norm": norm, "save": save and i == 0}
+            metas = [{"stage": stage, "step": step, "attempt": attempt, "norm": norm, "writer": i == 0}
                      for i in range(len(peers))]
             replies = await asyncio.gather(*(self._call(p, "apply", Payload(m), timeout_calls=2)
                                              for p, m in zip(peers, metas)), return_exceptions=True)
