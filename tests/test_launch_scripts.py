@@ -68,16 +68,17 @@ def test_torchrun_flags_pass_through_and_tp_follows_the_gpus_of_a_node(tools, tm
     assert proc.returncode == 0 and "--nproc_per_node 8 --max-restarts 2" in " ".join(torchrun)
 
 
-def _skypilot_task() -> dict:
-    """run, envs and num_nodes of launch/skypilot_spot.yaml as SkyPilot's parser reads them."""
+def _skypilot_task(name: str = "skypilot_spot.yaml") -> dict:
+    """run, envs, num_nodes, accelerators, spot use and ports of launch/<name> as SkyPilot's parser reads them."""
     code = ("import json, sys, sky; task = sky.Task.from_yaml(sys.argv[1]); "
             "print(json.dumps({'run': task.run, 'envs': task.envs, 'num_nodes': task.num_nodes, "
-            "'accelerators': {k: v for r in task.resources for k, v in (r.accelerators or {}).items()}}))")
+            "'accelerators': {k: v for r in task.resources for k, v in (r.accelerators or {}).items()}, "
+            "'use_spot': [r.use_spot for r in task.resources], 'ports': [r.ports for r in task.resources]}))")
     probe = subprocess.run([SKYPILOT_PYTHON, "-c", "import sky"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"SkyPilot is not installed for {SKYPILOT_PYTHON} (pip install skypilot; CI installs it into "
                     "a venv named by MEGATRONISH_SKYPILOT_PYTHON)")
-    proc = subprocess.run([SKYPILOT_PYTHON, "-c", code, str(REPO / "launch" / "skypilot_spot.yaml")],
+    proc = subprocess.run([SKYPILOT_PYTHON, "-c", code, str(REPO / "launch" / name)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -98,3 +99,12 @@ def test_skypilot_task_is_one_rendezvous_across_its_nodes_with_tp_per_node(tools
             "--rdzv_id sky-job-7 --max-restarts 3 pretrain_gpt.py --tp 4") in line
     assert "--standalone" not in line and "--global-batch-size 128" in line
     assert "--save /checkpoints/gpt2-345m --load /checkpoints/gpt2-345m" in line
+
+
+def test_swarm_skypilot_task_is_one_spot_peer_that_rejoins_its_swarm():
+    task = _skypilot_task("swarm_skypilot.yaml")
+    assert task["num_nodes"] == 1 and task["use_spot"] == [True] and task["ports"] == [["31337"]]
+    assert "BOOTSTRAP" in task["envs"] and task["envs"]["PORT"] == "31337"
+    run = task["run"]
+    assert "tools/swarm_peer.py" in run and '--initial-peers "$BOOTSTRAP"' in run and "--stage auto" in run
+    assert '--host 0.0.0.0 --port "$PORT"' in run and '--load "$CHECKPOINTS"' in run

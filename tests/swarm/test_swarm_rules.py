@@ -79,14 +79,5 @@ def test_swarm_arguments_default_to_the_demo_and_loopback():
     assert args.global_batch_size == 16 and args.pipeline_model_parallel_size == 2
 
 
-def test_skypilot_launch_file_parses_as_a_managed_spot_job_of_one_peer():
-    sky = pytest.importorskip("sky", reason="SkyPilot's parser is not installed (pip install skypilot)")
-    task = sky.Task.from_yaml(str(REPO / "launch" / "swarm_skypilot.yaml"))
-    (resources,) = task.resources
-    assert resources.use_spot and resources.ports == ["31337"]
-    assert "tools/swarm_peer.py" in task.run and "--stage auto" in task.run and "--load" in task.run
-    assert "BOOTSTRAP" in task.envs
-
-
 def test_local_launch_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(REPO / "launch" / "swarm_local.sh")]).returncode == 0
