@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--chain-length", type=int, default=4)
     p.add_argument("--tree-size", type=int, default=24, help="most tree nodes the planner considers")
     p.add_argument("--tree-depth", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up, the best kept (default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = p.parse_args(argv)
     if not os.path.isfile(args.text):
@@ -89,7 +89,8 @@ def train(name: str, shape: dict, iters: int, data_prefix: str, work: Path, thre
     env = dict(os.environ, PYTHONPATH=str(REPO), MEGATRONISH_NUM_THREADS=str(threads))
     start = time.perf_counter()
     subprocess.run(argv, check=True, env=env)
-    print(f"trained {name} ({iters} iterations) in {time.perf_counter() - start:.0f} s", flush=True)
+    reached = (save / "latest_checkpointed_iteration.txt").read_text().strip()  # less if stopped (SIGTERM saves)
+    print(f"trained {name} to iteration {reached} of {iters} in {time.perf_counter() - start:.0f} s", flush=True)
     return str(save)
 
 
@@ -160,16 +161,17 @@ def bench(args, target_dir: str, draft_dir: str, target_hf: str, draft_hf: str, 
     target, draft = load_model(target_dir, None), load_model(draft_dir, None)
     target_theirs = GPT2LMHeadModel.from_pretrained(target_hf).eval()
     draft_theirs = GPT2LMHeadModel.from_pretrained(draft_hf).eval()
-    step = len(held_out) // args.prompts
-    prompts = [list(held_out[i * step:i * step + args.prompt_tokens].encode()) for i in range(args.prompts)]
+    step = len(held_out) // max(args.prompts, 8)  # the batch comparison needs 8 of them
+    held = [list(held_out[i * step:i * step + args.prompt_tokens].encode()) for i in range(max(args.prompts, 8))]
+    prompts = held[:args.prompts]
     n = args.new_tokens
-    print(f"{args.prompts} held-out prompts of {args.prompt_tokens} tokens, {n} new tokens each, "
+    print(f"held-out prompts of {args.prompt_tokens} tokens ({args.prompts} for speculation), {n} new tokens each, "
           f"{args.threads} threads; best of {args.repeats} runs after a warm-up", flush=True)
 
     print("plain KV-cached decoding vs transformers generate (greedy, the same exported target):")
     greedy = SamplingParams(temperature=0)
     for batch in (1, 8):
-        group = prompts[:batch]
+        group = held[:batch]
         t_ours, out = best_of(args.repeats, lambda: ours(target, group, n, greedy))
         t_hf, hf_tokens = best_of(args.repeats, lambda: theirs(target_theirs, group, n, 0.0))
         same = sum(c.tokens == h for c, h in zip(out.completions, hf_tokens))
