@@ -2,8 +2,7 @@
 
 Per pipeline stage r, for its m micro-batches (each of n = s b tokens):
   compute      the training log's model FLOPs (megatronish/training/training_log.py) of the stage's
-               layers, and of the output layer on the last stage, / t, at the achievable FLOP/s
-               (shared among the ranks when a CPU node runs more ranks than it has cores); selective
+               layers, and of the output layer on the last stage, / t, at the achievable FLOP/s; selective
                recompute adds the attention core's forward (4 s h per token and layer), which the
                model FLOPs leave out (full recompute's extra forward is in them);
   TP           per layer and micro-batch 2 all-reduces forward and 2 backward of n h values (under
@@ -20,9 +19,12 @@ the distributed optimizer a reduce-scatter, and an all-gather of the parameters 
 of which --overlap-grad-reduce hides up to one micro-batch's backward; the tied embeddings'
 all-reduce between the first and the last stage; and the Adam step over this rank's main elements.
 TP traffic uses the intra-node link when a TP group fits in a node, DP and pipeline traffic
-likewise for their groups (ranks are ordered TP, then DP, then PP, as Megatron).
+likewise for their groups (ranks are ordered TP, then DP, then PP, as Megatron). CPU ranks beyond
+a node's cores share them: the iteration lasts at least the node's CPU work over its cores (the
+schedule's waiting, bubble and communication, lets the other ranks run).
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 from megatronish.planner.cluster import Cluster, SpeedConstants
@@ -50,11 +52,12 @@ class TimeEstimate:
     pipeline_transfers: float
     data_parallel: float       # the exposed part
     optimizer: float
+    core_sharing: float = 0.0  # CPU ranks waiting for a core
 
     @property
     def total(self) -> float:
         return (self.compute + self.tensor_parallel + self.overhead + self.pipeline_bubble + self.pipeline_transfers
-                + self.data_parallel + self.optimizer)
+                + self.data_parallel + self.optimizer + self.core_sharing)
 
 
 def _ring(volume: float, ranks: int, messages: int, bandwidth: float, latency: float) -> float:
@@ -84,15 +87,12 @@ def iteration_time(args, dims: ParallelDims, stages: list[StageWork], cluster: C
     n = args.seq_length * args.micro_batch_size
     bandwidth = {True: constants.intra_node_bytes_per_s, False: constants.inter_node_bytes_per_s}
     tp_bandwidth = bandwidth[_intra_node(t, cluster)]
-    ranks_per_node = min(cluster.devices_per_node, dims.world_size)
-    share = min(1.0, cluster.cores_per_node / ranks_per_node) if cluster.cores_per_node else 1.0
-
     per_stage = []
     for stage in stages:
         flops = stage_flops(args, stage, t, padded_vocab_size)
         if args.recompute_granularity == "selective":  # the attention scores and context once more (not model FLOPs)
             flops += m * n * stage.layers * 4 * args.seq_length * args.hidden_size / t
-        compute = flops / (constants.flops_per_s * share)
+        compute = flops / constants.flops_per_s
         tp_time = 0.0
         if t > 1:
             activation = n * args.hidden_size * dtype_bytes
@@ -100,7 +100,7 @@ def iteration_time(args, dims: ParallelDims, stages: list[StageWork], cluster: C
             reductions += stage.embedding + stage.output_layer
             messages = reductions * (2 if args.sequence_parallel else 1) + 3 * stage.output_layer  # + the loss's
             tp_time = m * _ring(2 * reductions * activation, t, messages, tp_bandwidth, constants.latency_s)
-        overhead = m * stage.layers * constants.overhead_s_per_layer_microbatch / share
+        overhead = m * stage.layers * constants.overhead_s_per_layer_microbatch
         per_stage.append((compute, tp_time, overhead))
     slowest = max(range(len(stages)), key=lambda i: sum(per_stage[i]))
     compute, tp_time, overhead = per_stage[slowest]
@@ -120,9 +120,21 @@ def iteration_time(args, dims: ParallelDims, stages: list[StageWork], cluster: C
         embedding_bytes = padded_vocab_size // t * args.hidden_size * 4
         dp_time += _ring(2 * embedding_bytes, 2, 1, bandwidth[_intra_node(dims.world_size, cluster)],
                          constants.latency_s)
-    optimizer = max(stage.state.main_elements for stage in stages) * constants.optimizer_s_per_element / share
+    optimizer = max(stage.state.main_elements for stage in stages) * constants.optimizer_s_per_element
     optimizer += 2 * constants.latency_s  # the gradient norm's all-reduces
-    return TimeEstimate(compute, tp_time, overhead, bubble, transfers, dp_time, optimizer)
+    estimate = TimeEstimate(compute, tp_time, overhead, bubble, transfers, dp_time, optimizer)
+    return dataclasses.replace(estimate, core_sharing=_core_sharing(estimate, dims, cluster))
+
+
+def _core_sharing(estimate: TimeEstimate, dims: ParallelDims, cluster: Cluster) -> float:
+    """CPU ranks beyond a node's cores take turns on them: the iteration lasts at least the node's CPU work
+    (each rank's compute, overhead and optimizer step) over its cores. Waiting in the schedule (the bubble,
+    communication) is no CPU work: another rank runs meanwhile, so what exceeds the schedule's time is added."""
+    ranks_per_node = min(cluster.devices_per_node, dims.world_size)
+    if not cluster.cores_per_node or ranks_per_node <= cluster.cores_per_node:
+        return 0.0
+    work = estimate.compute + estimate.overhead + estimate.optimizer
+    return max(0.0, work * ranks_per_node / cluster.cores_per_node - estimate.total)
 
 
 def _data_parallel_time(args, stage: StageWork, d: int, bandwidth: float, constants: SpeedConstants,
