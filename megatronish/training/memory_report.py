@@ -3,7 +3,7 @@
     monitor = MemoryMonitor(model_chunks, ddp_chunks, optimizer)
     with monitor.watch():                 # the first log interval's steps: activations are counted
         train_step(...)
-    monitor.report(iteration)             # once, after the first log line: one line per TP x PP rank
+    monitor.report(iteration, layout)     # once, after the first log line: one line per TP x PP rank
 
 Parameters, gradient buffers and optimizer state are counted as the bytes of their storages (each
 once: the distributed optimizer's parameters are views of one flat buffer, an fp32 model's master
@@ -16,8 +16,10 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from megatronish.training.activation_memory import SavedTensorBytes
+from megatronish.training.utils import is_last_rank, print_rank_last
 
 MiB = 2**20
 
@@ -71,14 +73,20 @@ class MemoryMonitor:
         return self.counter if self.measured is None else contextlib.nullcontext()
 
     def report(self, iteration: int, layout) -> MeasuredMemory:
-        """Measure and print once (ranks of DP rank 0 print their line); later calls return that measurement."""
+        """Measure once and print, from the last rank, the line of every DP-rank-0 rank (as Megatron, which
+        reports those ranks); later calls return that measurement. Every rank calls it at the same iteration."""
         if self.measured is not None:
             return self.measured
         cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         self.measured = MeasuredMemory(*state_memory(self.model_chunks, self.ddp_chunks, self.optimizer),
                                        activations=self.counter.peak, cuda_max_allocated=cuda_peak)
-        if layout.dp_rank == 0:
-            print(memory_log_line(layout.rank, iteration, self.measured), flush=True)
+        line = memory_log_line(layout.rank, iteration, self.measured) if layout.dp_rank == 0 else None
+        # One rank prints them all, after its iteration line: lines from many processes would interleave.
+        lines = [line]
+        if dist.is_initialized():
+            lines = [None] * dist.get_world_size() if is_last_rank() else None
+            dist.gather_object(line, lines, dst=dist.get_world_size() - 1)
+        print_rank_last("\n".join(line for line in lines or () if line is not None))
         return self.measured
 
 
