@@ -146,6 +146,8 @@ class Cluster:
             raise ValueError(f"unknown cluster field(s) {unknown}: valid fields are accelerator, "
                              f"{', '.join(sorted(known))}")
         devices = values.get("devices_per_node", 8)
+        if accelerator == "cpu":  # ranks of this machine share its cores
+            values.setdefault("cores_per_node", len(os.sched_getaffinity(0)))
         return cls(accelerator=accelerator_from(accelerator, devices), **values)
 
 
