@@ -165,27 +165,31 @@ def run_profile(args, vocab_size: int, opts) -> None:
           f"{opts.iterations} timed iterations each (ranks are processes with one thread; this machine has "
           f"{len(os.sched_getaffinity(0))} cores)")
     profile, points, constants = calibrate(args, vocab_size, opts.max_ranks, opts.iterations, rounds=opts.rounds)
-    before, after = constants["before"], constants["after"]
+    before, micro, after = constants["before"], constants["measured"], constants["after"]
     path = profile.save(opts.goodput_profile)
     fit_args = fix_global_batch(args, opts.max_ranks)
-    loo = leave_one_out(fit_args, points, before, vocab_size)
-    print(f"\nms/iteration: measured (fastest iteration), predicted before and after calibration, and predicted "
-          "by a fit to the other layouts only; rank 0's memory: measured / predicted")
-    print(f"{'layout':<14}{'measured':>10}{'before':>9}{'ratio':>7}{'after':>9}{'ratio':>7}{'left out':>10}"
-          f"{'ratio':>7}{'state bytes':>13}{'activations':>13}")
+    loo = leave_one_out(fit_args, points, micro, vocab_size)
+    print("\nms/iteration: measured (fastest iteration); predicted with the datasheet constants (before), with the "
+          "micro-benchmarks' (measured constants), after the fit to all layouts, and after a fit to the other "
+          "layouts only (left out); rank 0's memory, measured / predicted")
+    print(f"{'layout':<14}{'measured':>10}{'before':>9}{'ratio':>7}{'measured constants':>20}{'ratio':>7}"
+          f"{'after':>9}{'ratio':>7}{'left out':>10}{'ratio':>7}{'state bytes':>13}{'activations':>13}")
     for point, held_out in zip(points, loo):
-        b = predicted_seconds(fit_args, point.layout, before, vocab_size)
-        a = predicted_seconds(fit_args, point.layout, after, vocab_size)
+        predicted = [predicted_seconds(fit_args, point.layout, c, vocab_size) for c in (before, micro, after)]
         stage = plan_layout(fit_args, point.layout, cpu_cluster(point.layout.world_size), vocab_size).stages[0]
         measured = point.memory["rank_0"]
         state = (measured["parameters"] + measured["gradients"] + measured["optimizer"]) / (
             stage.parameters + stage.gradients + stage.optimizer)
-        print(f"{_short(point.layout):<14}{point.seconds * 1e3:>10.1f}{b * 1e3:>9.1f}{b / point.seconds:>7.2f}"
-              f"{a * 1e3:>9.1f}{a / point.seconds:>7.2f}{held_out * 1e3:>10.1f}{held_out / point.seconds:>7.2f}"
+        columns = "".join(f"{t * 1e3:>{w}.1f}{t / point.seconds:>7.2f}"
+                          for t, w in zip(predicted + [held_out], (9, 20, 9, 10)))
+        print(f"{_short(point.layout):<14}{point.seconds * 1e3:>10.1f}{columns}"
               f"{state:>13.3f}{measured['activations'] / stage.activations.total:>13.3f}")
-    worst = max(abs(predicted_seconds(fit_args, p.layout, after, vocab_size) / p.seconds - 1) for p in points)
-    print(f"after calibration every layout is within {worst:.0%} of its measured time "
-          f"(goal: 20%); left out of the fit, within {max(abs(h / p.seconds - 1) for p, h in zip(points, loo)):.0%}")
+    def worst(constants):
+        return max(abs(predicted_seconds(fit_args, p.layout, constants, vocab_size) / p.seconds - 1) for p in points)
+
+    print(f"every layout within {worst(before):.0%} of its measured time before calibration, {worst(micro):.0%} with "
+          f"the measured constants, {worst(after):.0%} after the fit (goal: 20%), "
+          f"{max(abs(h / p.seconds - 1) for p, h in zip(points, loo)):.0%} when left out of the fit")
     for devices in sorted({p.layout.world_size for p in points}):
         group = [p for p in points if p.layout.world_size == devices]
         if len(group) < 2:

@@ -4,16 +4,19 @@
     profile.save()                             # $MEGATRONISH_CACHE/goodput_profile.json (default_profile_path)
     load_profile()                             # what the planner (and `--layout auto`) read, None when absent
 
-Each layout with TP, PP, DP in {1, 2} and at most `max_ranks` ranks trains a few iterations of the
-given model on CPU ranks (gloo, one thread each: megatronish.testing.run_distributed), in turns
-over a few rounds; its fastest iteration is its measured point (other processes on a shared machine
-only ever slow an iteration down). The constants of the time model (megatronish/planner/speed.py:
-FLOP/s, collective bandwidth and latency, Adam time per element, per-layer dispatch overhead) are
-then fitted to all points at once (least squares on the log of the times, Levenberg-Marquardt, a weak
-pull toward the starting constants to keep the fit well-posed). The profile (JSON) records:
+First micro-benchmarks measure the constants of the time model (megatronish/planner/speed.py):
+FLOP/s and the fixed cost per layer and micro-batch from one rank's CPU time for two micro-batch
+sizes, Adam's time per element, all-reduce latency and bandwidth between two ranks
+(`measure_constants`). Then each layout with TP, PP, DP in {1, 2} and at most `max_ranks` ranks
+trains a few iterations of the given model on CPU ranks (gloo, one thread each:
+megatronish.testing.run_distributed), the layouts taking turns over a few rounds; its fastest
+iteration is its measured point (other processes on a shared machine only ever slow an iteration
+down). The constants are then fitted to all points at once (least squares on the log of the times,
+Levenberg-Marquardt), pulled toward the measured ones. The profile (JSON) records:
   - "constants": {accelerator: {dtype: SpeedConstants}}, the fitted constants;
   - "points": tokens/s per accelerator kind, device count and layout: the measured ones
-    ("measured": true, with the measured and the predicted times before and after calibration) and
+    ("measured": true, with the measured time and the predicted ones: with the datasheet constants,
+    the micro-benchmarks' and the fitted ones) and
     the planner's predictions with the fitted constants for the other layouts of 1, 2 and 4 devices.
 """
 
@@ -47,7 +50,9 @@ PROFILE_FORMAT = "megatronish goodput profile"
 PROFILE_VERSION = 1
 FITTED = ("flops_per_s", "intra_node_bytes_per_s", "latency_s", "optimizer_s_per_element",
           "overhead_s_per_layer_microbatch")
-PRIOR_WEIGHT = 0.002  # per unit of log(constant / starting constant): only settles what the points leave free
+# Per unit of log(constant / measured constant): a constant the micro-benchmarks measured moves by a factor e
+# only when that removes as much as a 30% error at one layout.
+PRIOR_WEIGHT = 0.3
 
 
 def default_profile_path() -> str:
@@ -140,16 +145,11 @@ def _timed_rank(args, iterations: int, warmup: int):
     with contextlib.redirect_stdout(io.StringIO()):  # setup's report lines: the tool prints its own
         run = setup(args)
     generator = torch.Generator().manual_seed(run.layout.dp_rank)
-    vocab = run.config.vocab_size
     monitor = MemoryMonitor(run.model, run.ddp_model, run.optimizer)
     times, measured = [], None
     try:
         for step in range(max(1, warmup) + iterations):
-            batches = []
-            for _ in range(run.num_microbatches):
-                tokens = torch.randint(0, vocab, (args.micro_batch_size, args.seq_length + 1), generator=generator)
-                batches.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-                                "loss_mask": torch.ones(args.micro_batch_size, args.seq_length)})
+            batches = _random_batches(run, generator)
             dist.barrier()
             start = time.perf_counter()
             with monitor.watch():  # counts the warm-up steps' activations only: the hooks cost time
@@ -164,6 +164,92 @@ def _timed_rank(args, iterations: int, warmup: int):
     return times, dataclasses.asdict(measured)
 
 
+def _random_batches(run, generator) -> list[dict]:
+    """An iteration's micro-batches of random tokens (their values do not change the time)."""
+    args, batches = run.args, []
+    for _ in range(run.num_microbatches):
+        tokens = torch.randint(0, run.config.vocab_size, (args.micro_batch_size, args.seq_length + 1),
+                               generator=generator)
+        batches.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+                        "loss_mask": torch.ones(args.micro_batch_size, args.seq_length)})
+    return batches
+
+
+def measure_constants(args, vocab_size: int, start: SpeedConstants, repeats: int = 8) -> SpeedConstants:
+    """The time model's constants measured directly, each by the fastest of `repeats` tries:
+    - compute: one rank trains one micro-batch of two sizes; its CPU time (not wall time, which other
+      processes' load inflates) minus the Adam step's, against the training log's FLOPs of that micro-batch,
+      gives the FLOP/s and the fixed cost per layer and micro-batch (what does not grow with the batch);
+    - Adam: the optimizer step's CPU time per element;
+    - collectives: two ranks all-reduce 64 KiB and 4 MiB over gloo (wall time; each takes a few ms, short
+      enough for the fastest try to miss other processes' time slices): latency and bandwidth.
+    The inter-node bandwidth cannot be measured on one machine and stays as `start` has it."""
+    from megatronish.testing import run_distributed
+
+    sizes = (1, max(2, args.micro_batch_size))
+    (small, large), optimizer = run_distributed(_compute_rank, 1, args=(args, vocab_size, sizes, repeats),
+                                                timeout=1800)[0]
+    flop_diff, time_diff = large[0] - small[0], large[1] - small[1]
+    if flop_diff > 0 and time_diff > 0 and small[1] > small[0] * time_diff / flop_diff:
+        flops_per_s = flop_diff / time_diff
+        overhead = (small[1] - small[0] / flops_per_s) / args.num_layers
+    else:  # too noisy to separate: all of it is compute
+        flops_per_s, overhead = large[0] / large[1], 0.0
+    message_bytes = (64 << 10, 4 << 20)
+    (t_small, t_large) = run_distributed(_collective_rank, 2, args=(message_bytes, repeats * 4), timeout=600)[0]
+    bandwidth = (message_bytes[1] - message_bytes[0]) / max(t_large - t_small, 1e-9)
+    latency = max(t_small - message_bytes[0] / bandwidth, 1e-6)
+    return dataclasses.replace(start, flops_per_s=flops_per_s, overhead_s_per_layer_microbatch=overhead,
+                               optimizer_s_per_element=optimizer, intra_node_bytes_per_s=bandwidth,
+                               latency_s=latency)
+
+
+def _compute_rank(args, vocab_size: int, sizes: tuple, repeats: int):
+    """(model FLOPs, CPU seconds of forward + backward) of one micro-batch of each size; Adam's seconds/element."""
+    from megatronish import parallel_state
+    from megatronish.training.training import setup, train_step
+    from megatronish.training.training_log import num_floating_point_operations
+
+    results, optimizer = [], []
+    for size in sizes:
+        run_args = layout_args(args, Layout(1, 1, 1, None, size, args.recompute_granularity, False, False))
+        run_args.global_batch_size = size  # one micro-batch per step
+        with contextlib.redirect_stdout(io.StringIO()):
+            run = setup(run_args)
+        try:
+            batches = _random_batches(run, torch.Generator().manual_seed(0))
+            steps, updates = [], []
+            for _ in range(repeats + 1):  # the first is a warm-up
+                start = time.process_time()
+                train_step(batches, run.ddp_model, run.optimizer)
+                steps.append(time.process_time() - start)
+                start = time.process_time()
+                run.optimizer.step()
+                updates.append(time.process_time() - start)
+            elements = sum(e.main.numel() for e in run.optimizer.main_params)
+            flops = num_floating_point_operations(run.args, run.config.padded_vocab_size(1))
+            results.append((flops, min(steps[1:]) - min(updates[1:])))
+            optimizer.append(min(updates[1:]) / elements)
+        finally:
+            parallel_state.destroy_model_parallel()
+    return results, min(optimizer)
+
+
+def _collective_rank(message_bytes: tuple, repeats: int) -> list[float]:
+    """The fastest all-reduce of each size over the world's gloo group."""
+    fastest = []
+    for size in message_bytes:
+        tensor = torch.zeros(size // 4)
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(tensor)
+            times.append(time.perf_counter() - start)
+        fastest.append(min(times))
+    return fastest
+
+
 # -- fitting --
 
 def predicted_seconds(args, layout: Layout, constants: SpeedConstants, vocab_size: int) -> float:
@@ -172,8 +258,9 @@ def predicted_seconds(args, layout: Layout, constants: SpeedConstants, vocab_siz
 
 
 def fit_constants(args, points: list[MeasuredPoint], start: SpeedConstants, vocab_size: int,
-                  iterations: int = 50) -> SpeedConstants:
-    """The constants (FITTED of them) whose predictions best match the measured times, in log space."""
+                  iterations: int = 50, prior_weight: float = PRIOR_WEIGHT) -> SpeedConstants:
+    """The constants (FITTED of them) whose predictions best match the measured times, in log space, pulled
+    toward `start` by `prior_weight` per unit of log(constant / start)."""
     x0 = np.log([getattr(start, name) for name in FITTED])
     measured = np.log([p.seconds for p in points])
 
@@ -182,7 +269,7 @@ def fit_constants(args, points: list[MeasuredPoint], start: SpeedConstants, voca
 
     def residuals(x):
         predicted = np.log([predicted_seconds(args, p.layout, constants(x), vocab_size) for p in points])
-        return np.concatenate([predicted - measured, PRIOR_WEIGHT * (x - x0)])
+        return np.concatenate([predicted - measured, prior_weight * (x - x0)])
 
     x, damping = x0.copy(), 1e-2
     r = residuals(x)
@@ -214,10 +301,12 @@ def calibrate(args, vocab_size: int, max_ranks: int = 4, iterations: int = 3, wa
 
     The layouts take turns, `rounds` times; a layout's time is its fastest iteration: on a shared
     machine other processes' load only ever slows an iteration down, by however much they happen to take.
-    Returns (profile, measured points, {"before", "after": SpeedConstants})."""
+    Returns (profile, measured points, {"before": datasheet, "measured": micro-benchmarks, "after": fitted})."""
     args = fix_global_batch(args, max_ranks)
     dtype = dtype_name(args)
     before = start or cpu_cluster(1).speed(dtype)
+    measured_constants = measure_constants(args, vocab_size, before)
+    log("  measured: " + ", ".join(f"{k} {v:.3g}" for k, v in measured_constants.to_dict().items()))
     layouts = []
     for tp, pp, dp in profile_layouts(max_ranks):
         layout = _profile_layout(args, tp, pp, dp)
@@ -236,22 +325,23 @@ def calibrate(args, vocab_size: int, max_ranks: int = 4, iterations: int = 3, wa
             log(f"  round {round_ + 1}/{rounds} TP{layout.tp} PP{layout.pp} DP{layout.dp}: "
                 + " ".join(f"{t * 1e3:.0f}" for t in measured) + f" ms (load average {os.getloadavg()[0]:.1f})")
     points = [MeasuredPoint(layout, min(times[layout]), memory[layout]) for layout in layouts]
-    after = fit_constants(args, points, before, vocab_size)
+    after = fit_constants(args, points, measured_constants, vocab_size)
     profile = GoodputProfile(constants={"cpu": {dtype: after.to_dict()}},
                              model=_model_record(args, vocab_size),
                              created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     for point in points:
-        predicted_before = predicted_seconds(args, point.layout, before, vocab_size)
-        predicted_after = predicted_seconds(args, point.layout, after, vocab_size)
+        predicted = {name: predicted_seconds(args, point.layout, constants, vocab_size) * 1e3
+                     for name, constants in (("before", before), ("measured", measured_constants), ("after", after))}
         profile.points.append(_point(args, point.layout, point.seconds, measured=True,
-                                     predicted_before_ms=predicted_before * 1e3,
-                                     predicted_ms=predicted_after * 1e3, memory=point.memory))
+                                     predicted_before_ms=predicted["before"],
+                                     predicted_from_measured_constants_ms=predicted["measured"],
+                                     predicted_ms=predicted["after"], memory=point.memory))
     measured_layouts = {p.layout for p in points}
     for devices in (1, 2, 4):
         for plan in plan_layouts(args, cpu_cluster(devices), vocab_size, _search_space(args), after):
             if plan.fits and plan.layout not in measured_layouts:
                 profile.points.append(_point(args, plan.layout, plan.time.total, measured=False))
-    return profile, points, {"before": before, "after": after}
+    return profile, points, {"before": before, "measured": measured_constants, "after": after}
 
 
 def _profile_layout(args, tp: int, pp: int, dp: int) -> Layout:
