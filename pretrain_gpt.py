@@ -1,10 +1,12 @@
-"""Pretrain a GPT with tensor and data parallelism: Megatron-LM's pretrain_gpt.py flags.
+"""Pretrain a GPT with tensor, pipeline and data parallelism: Megatron-LM's pretrain_gpt.py flags.
 
     torchrun --nproc_per_node 2 pretrain_gpt.py --tp 2          # the demo: default corpus, small model
     torchrun --nproc_per_node 8 pretrain_gpt.py --tp 8 --data-path ... (Megatron flags, see --help)
+    python pretrain_gpt.py ... --dry-run                         # check the command line, print the configuration
 
-Bad arguments exit with status 2 and one line saying what to change, before any work starts;
---dry-run prints the layout's plan (memory per rank, time per iteration) and exits.
+Bad arguments exit with status 2 and one line per problem saying what to change, before any work starts;
+--dry-run prints the resolved configuration and the layout's plan (memory per rank, time per iteration)
+and exits.
 """
 
 import os
@@ -13,26 +15,39 @@ import sys
 import torch.distributed as dist
 
 from megatronish.planner import dry_run
-from megatronish.training.arguments import ArgumentError, parse_args, validate_args
-from megatronish.training.training import pretrain
+from megatronish.training.arguments import (
+    ArgumentError,
+    describe_configuration,
+    dry_run_world_size,
+    parse_args,
+    validate_args,
+)
+from megatronish.training.training import TrainingResult, pretrain
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> TrainingResult | None:
     try:
         args = parse_args(argv)
-        validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+        world_size = dry_run_world_size(args) if args.dry_run else int(os.environ.get("WORLD_SIZE", 1))
+        warnings = validate_args(args, world_size)
     except ArgumentError as error:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"pretrain_gpt.py: error: {error}", file=sys.stderr)
+            for line in str(error).splitlines():
+                print(f"pretrain_gpt.py: error: {line}", file=sys.stderr)
         sys.exit(2)
     if args.dry_run:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(dry_run(args, int(os.environ.get("WORLD_SIZE", 1))))
-        return
+            print(describe_configuration(args, warnings))
+            try:
+                print(dry_run(args, world_size))
+            except (ValueError, OSError) as error:  # the command line is fine; only the plan needs more
+                print(f"no plan: {error}")
+        return None
+    ours = not dist.is_initialized()  # a caller that set torch.distributed up (a test harness) keeps it
     try:
-        pretrain(args)
+        return pretrain(args)
     finally:
-        if dist.is_initialized():
+        if ours and dist.is_initialized():
             dist.destroy_process_group()
 
 

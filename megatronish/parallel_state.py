@@ -98,14 +98,31 @@ def initialize_distributed(backend: str | None = None, timeout_minutes: float = 
     return device
 
 
+# Megatron-core's rank orders that equal the one here (TP fastest, then DP, then PP; no CP or EP ranks).
+_RANK_ORDERS = ("tp-cp-ep-dp-pp", "tp-dp-pp", "tp-cp-dp-pp", "tp-ep-dp-pp")
+
+
 def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                               virtual_pipeline_model_parallel_size: int | None = None, *,
-                              device: torch.device | str | None = None) -> ParallelLayout:
+                              context_parallel_size: int = 1, expert_model_parallel_size: int = 1,
+                              expert_tensor_parallel_size: int | None = None, order: str = "tp-cp-ep-dp-pp",
+                              distributed_timeout_minutes: float | None = None,
+                              device: torch.device | str | None = None, **megatron_tuning) -> ParallelLayout:
     """Build the TP x PP x DP layout of the initialized world (Megatron's rank order) and make it current.
 
-    Megatron-core's signature: sizes in its order. Returns the layout, which can also be passed
-    explicitly to the model, the DDP wrapper, the optimizer and the schedules.
+    Megatron-core's signature: sizes in its order, its keywords (context/expert sizes must be 1: neither
+    is built here; `order` must put TP first and PP last; NCCL tuning keywords such as use_sharp or
+    nccl_communicator_config_path are accepted and change nothing). Returns the layout, which can also be
+    passed explicitly to the model, the DDP wrapper, the optimizer and the schedules.
     """
+    if context_parallel_size != 1 or expert_model_parallel_size != 1 or expert_tensor_parallel_size not in (None, 1,
+                                                                                                          tensor_model_parallel_size):
+        raise ValueError(f"context_parallel_size {context_parallel_size}, expert_model_parallel_size "
+                         f"{expert_model_parallel_size}: megatronish has no context or expert parallelism; use 1")
+    if order not in _RANK_ORDERS:
+        raise ValueError(f"rank order {order!r} is not built: ranks are ordered TP, DP, PP here (one of {_RANK_ORDERS})")
+    if distributed_timeout_minutes is not None:
+        _state.timeout = timedelta(minutes=distributed_timeout_minutes)
     if model_parallel_is_initialized():
         raise RuntimeError("model parallel is already initialized: call destroy_model_parallel() first")
     layout = ParallelLayout.build(tensor_model_parallel_size, pipeline_model_parallel_size,
@@ -259,6 +276,20 @@ def is_pipeline_last_stage(ignore_virtual: bool = False) -> bool:
             and _state.virtual_pipeline_rank != layout.dims.virtual_pp - 1):
         return False
     return layout.is_last_stage
+
+
+def get_context_parallel_world_size() -> int:
+    """1: no context parallelism here (Megatron-core model code asks)."""
+    return 1
+
+
+def get_context_parallel_rank() -> int:
+    return 0
+
+
+def get_expert_model_parallel_world_size() -> int:
+    """1: no expert parallelism here."""
+    return 1
 
 
 def get_tensor_model_parallel_shared_memory() -> SharedMemoryCollectives | None:

@@ -1,4 +1,4 @@
-"""Convert GPT-2 checkpoints between Hugging Face transformers, megatronish and training checkpoints.
+"""Convert GPT checkpoints between Hugging Face transformers, megatronish, training and Megatron-LM checkpoints.
 
     python tools/convert_checkpoint.py --input-format hf --input gpt2-dir \\
         --output-format megatronish --output ckpt-dir --tp 2
@@ -6,6 +6,10 @@
         --output-format hf --output gpt2-out
     python tools/convert_checkpoint.py --input-format training --input checkpoints/run1 \\
         --output-format hf --output gpt2-out
+    python tools/convert_checkpoint.py --input-format megatron --input megatron-ckpt \\
+        --output-format training --output checkpoints/from-megatron
+    python tools/convert_checkpoint.py --input-format training --input checkpoints/run1 \\
+        --output-format megatron --output megatron-ckpt --tp 8
 
 A Hugging Face directory is what GPT2LMHeadModel.save_pretrained writes (config.json and the
 weights); the output loads with GPT2LMHeadModel.from_pretrained. A megatronish directory holds
@@ -17,6 +21,12 @@ format does not depend on the layout it was saved at, so there is nothing to re-
 written as a training checkpoint (weights only, from any input, a training one included), the
 output loads at any --tp with --finetune or --no-load-optim (pretrain_gpt.py) and in the
 evaluation tools; --tp checks that the model splits at that size.
+A megatron directory is what Megatron-LM's save_checkpoint writes: read in --ckpt-format torch_dist
+(megatron-core 0.18 and 0.19 layouts) or the legacy per-rank torch format, written in torch_dist
+with Megatron's key names and layouts (common.pt, as megatron-core 0.18 writes it; 0.19 reads it),
+its vocabulary padded for --tp, so that Megatron-LM loads it (with --no-load-optim --no-load-rng: it
+holds weights and args only). Megatron's args do not record the real vocabulary size: it is
+--vocab-size, else the size of the vocab.json the args name, else the padded size.
 Tokenizer files of the input (vocab.json, merges.txt, ...) are copied to the output.
 """
 
@@ -31,10 +41,11 @@ from megatronish import parallel_state
 from megatronish.model import GPTModel
 from megatronish.model.full_state import load_full_checkpoint, load_full_state_dict, save_full_checkpoint
 from megatronish.model.hf_gpt2 import load_hf_gpt2, save_hf_gpt2
+from megatronish.training import megatron_checkpoint
 from megatronish.training.checkpointing import read_full_model_state, save_model_only
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-FORMATS = ("hf", "megatronish", "training")
+FORMATS = ("hf", "megatronish", "training", "megatron")
 
 
 def parse_args(argv=None):
@@ -43,19 +54,27 @@ def parse_args(argv=None):
     p.add_argument("--input", required=True, type=Path, help="checkpoint directory to read")
     p.add_argument("--output-format", required=True, choices=FORMATS)
     p.add_argument("--output", required=True, type=Path, help="directory to write (created if missing)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size the model must split into (default 1)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size the model must split into (default 1); "
+                   "for --output-format megatron also the size its vocabulary is padded for")
+    p.add_argument("--vocab-size", type=int, help="--input-format megatron: the real vocabulary size")
     args = p.parse_args(argv)
-    if args.input_format == args.output_format != "training":
+    if args.input_format == args.output_format not in ("training", "megatron"):
         p.error(f"--input-format and --output-format are both {args.input_format!r}: nothing to convert")
     if not args.input.is_dir():
         p.error(f"--input {args.input} is not a directory")
     return args
 
 
-def convert(input_format: str, input_dir: Path, output_format: str, output_dir: Path, tp: int = 1) -> None:
+def convert(input_format: str, input_dir: Path, output_format: str, output_dir: Path, tp: int = 1,
+            vocab_size: int | None = None) -> None:
     iteration = 0
     if input_format == "hf":
         config, state = load_hf_gpt2(input_dir)
+    elif input_format == "megatron":
+        checkpoint = megatron_checkpoint.read(str(input_dir))
+        vocab_size = vocab_size or megatron_checkpoint.checkpoint_vocab_size(checkpoint.args)
+        config = megatron_checkpoint.transformer_config(checkpoint.args, vocab_size)
+        state, iteration = megatron_checkpoint.model_state(checkpoint, vocab_size), checkpoint.iteration
     elif input_format == "training":
         config, state, saved = read_full_model_state(str(input_dir))
         iteration = saved["iteration"]
@@ -66,6 +85,9 @@ def convert(input_format: str, input_dir: Path, output_format: str, output_dir: 
         save_hf_gpt2(output_dir, config, state)
     elif output_format == "training":
         save_training_checkpoint(output_dir, config, state, iteration)
+    elif output_format == "megatron":
+        megatron_checkpoint.save_torch_dist(str(output_dir), config, state, iteration=iteration,
+                                            args=megatron_checkpoint.megatron_args(config, tp=tp, iteration=iteration))
     else:
         save_full_checkpoint(output_dir, config, state)
     for name in TOKENIZER_FILES:
@@ -88,7 +110,7 @@ def save_training_checkpoint(output_dir: Path, config, state: dict, iteration: i
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    convert(args.input_format, args.input, args.output_format, args.output, args.tp)
+    convert(args.input_format, args.input, args.output_format, args.output, args.tp, args.vocab_size)
     print(f"wrote {args.output_format} checkpoint to {args.output}")
     return 0
 

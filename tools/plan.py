@@ -123,6 +123,8 @@ def main(argv=None) -> None:
     opts, training_argv = parser.parse_known_args(argv)
     try:
         args = parse_args(training_argv)
+        if args.argument_errors:  # bad values, unknown flags: as pretrain_gpt.py would report them
+            raise ArgumentError("\n".join(args.argument_errors))
         vocab_size = vocab_size_of(args, opts.vocab_size)
         cluster = cluster_from(opts)
     except (ArgumentError, ValueError) as error:

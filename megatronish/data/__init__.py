@@ -2,7 +2,7 @@
 preprocessing, GPT samples, blending, the pretraining sampler and the embedded default corpus.
 
 Modules (import the one you need; this package imports nothing heavy by itself):
-    tokenizers        build_tokenizer(...) and the four tokenizers
+    tokenizers        build_tokenizer(...) and the tokenizers (Megatron's names)
     tokenizer_training  train a SentencePiece or byte-level BPE tokenizer (tools/train_tokenizer.py)
     indexed_dataset   IndexedDatasetBuilder, IndexedDataset (MMIDIDX, byte-compatible with Megatron-LM)
     preprocess        JSONL / Hugging Face datasets -> indexed dataset, across worker processes

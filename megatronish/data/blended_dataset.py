@@ -1,46 +1,68 @@
-"""Deterministic mixing of several datasets in given proportions (Megatron's --data-path 0.3 a 0.7 b).
+"""Mixing several datasets in given proportions (--data-path 0.3 a 0.7 b): Megatron-core's BlendedDataset.
 
-The k-th sample of dataset d is due at time (k + 1/2) / w_d; merging all datasets' due times in
-order (ties to the lower dataset index) gives the blend. After any n samples each dataset has
-supplied within one or two samples of n * w_d (a Webster/Sainte-Lague apportionment), with
-no randomness: the member datasets are shuffled themselves.
+Sample i of the blend comes from the dataset furthest behind its share: the one with the largest
+w_d * max(i, 1) - (samples it gave so far), ties to the lower index (Megatron's
+build_blending_indices, greedy and deterministic; the member datasets are shuffled themselves).
+The (dataset_index, dataset_sample_index) arrays are cached in Megatron's layout (index_cache.py).
 """
 
 import numpy as np
 import torch
 
+from megatronish.data import index_cache
 
-def build_blend_index(weights, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """(dataset_index, dataset_sample_index) of the first `num_samples` blended samples."""
-    weights = np.asarray(weights, dtype=np.float64)
-    if weights.ndim != 1 or len(weights) == 0 or (weights <= 0).any() or not np.isfinite(weights).all():
-        raise ValueError(f"blend weights {weights.tolist()} must be positive finite numbers")
-    weights = weights / weights.sum()
-    # Enough due times per dataset that the first num_samples never run out of any of them.
-    per_dataset = np.ceil(weights * (num_samples + len(weights))).astype(np.int64) + 1
-    due = np.concatenate([(np.arange(n) + 0.5) / w for n, w in zip(per_dataset, weights)])
-    owner = np.repeat(np.arange(len(weights), dtype=np.int16), per_dataset)
-    local = np.concatenate([np.arange(n, dtype=np.int64) for n in per_dataset])
-    order = np.argsort(due, kind="stable")[:num_samples]
-    return owner[order], local[order]
+_BLEND_ARRAYS = ("dataset_index", "dataset_sample_index")
+
+
+def normalize(weights) -> list[float]:
+    """Weights divided by their sum, in float64 (as Megatron does it, so that the fractions agree bit for bit)."""
+    w = np.asarray(weights, dtype=np.float64)
+    return (w / w.sum()).tolist()
+
+
+def build_blend_index(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(dataset_index int16, dataset_sample_index int64) of the first `size` blended samples.
+
+    A plain loop (about a microsecond per sample for a few datasets); the result is cached.
+    """
+    weights = [float(w) for w in weights]
+    if not weights or any(not w > 0 or not np.isfinite(w) for w in weights):
+        raise ValueError(f"blend weights {weights} must be positive finite numbers")
+    counts = [0] * len(weights)
+    dataset_index = np.zeros(size, dtype=np.int16)
+    dataset_sample_index = np.zeros(size, dtype=np.int64)
+    for i in range(size):
+        x = max(float(i), 1.0)
+        best, best_error = 0, weights[0] * x - counts[0]
+        for d in range(1, len(weights)):
+            error = weights[d] * x - counts[d]
+            if error > best_error:
+                best, best_error = d, error
+        dataset_index[i] = best
+        dataset_sample_index[i] = counts[best]
+        counts[best] += 1
+    return dataset_index, dataset_sample_index
 
 
 class BlendedDataset(torch.utils.data.Dataset):
-    """Serves `datasets[dataset_index[i]][dataset_sample_index[i]]`, the arrays of build_blend_index.
+    """`size` samples drawn from `datasets` in the proportions `weights` (normalized here)."""
 
-    A member that the blend never draws from (its weight is too small for the sample count) may be None.
-    """
-
-    def __init__(self, datasets, dataset_index: np.ndarray, dataset_sample_index: np.ndarray):
-        self.datasets = list(datasets)
-        self.dataset_index, self.dataset_sample_index = dataset_index, dataset_sample_index
-        counts = np.bincount(dataset_index, minlength=len(self.datasets))
-        if len(counts) != len(self.datasets):
-            raise ValueError(f"the blend index names {len(counts)} datasets but {len(self.datasets)} were given")
+    def __init__(self, datasets: list, weights, size: int, split_name: str, write_dir: str, cache_dirs: list):
+        self.datasets, self.weights, self.size, self.split_name = list(datasets), normalize(weights), size, split_name
+        arrays, _ = index_cache.find(cache_dirs, self.description(), _BLEND_ARRAYS)
+        if arrays is None or len(arrays["dataset_index"]) != size:
+            arrays = dict(zip(_BLEND_ARRAYS, build_blend_index(self.weights, size)))
+            index_cache.save(write_dir, self.description(), arrays)
+        self.dataset_index, self.dataset_sample_index = arrays["dataset_index"], arrays["dataset_sample_index"]
+        counts = np.bincount(self.dataset_index, minlength=len(self.datasets))
         for i, (dataset, needed) in enumerate(zip(self.datasets, counts)):
-            available = 0 if dataset is None else len(dataset)
-            if available < needed:
-                raise ValueError(f"blended dataset member {i} has {available} samples; the blend needs {needed}")
+            if len(dataset) < needed:
+                raise ValueError(f"the {split_name} blend needs {needed} samples of member {i} "
+                                 f"({dataset.dataset_path}), which has {len(dataset)}")
+
+    def description(self) -> dict:
+        return {"class": "BlendedDataset", "datasets": [d.description() for d in self.datasets],
+                "split": self.split_name, "weights": self.weights, "size": self.size}
 
     def __len__(self) -> int:
         return len(self.dataset_index)

@@ -18,8 +18,6 @@ otherwise one); an empty document has no sequence but still its document-index e
 document index may repeat a value. A document's tokens are contiguous in .bin.
 """
 
-import functools
-import hashlib
 import os
 import shutil
 import struct
@@ -187,11 +185,12 @@ class IndexedDataset:
     `ds.get(i, offset, length)`, `ds.sequence_lengths`, `ds.sequence_pointers`.
     Documents: `ds.document_indices` (D + 1 entries, as stored), `ds.num_documents`,
     `ds.document_lengths` and `ds.document_offsets` (tokens, as int64 arrays).
-    `ds.tokens` is the whole .bin as one array.
+    `ds.tokens` is the whole .bin as one array: memory-mapped, or read into memory with
+    `mmap=False` (Megatron's --no-mmap-bin-files, for file systems where mapping is slow).
     """
 
-    def __init__(self, prefix: str):
-        self.prefix = prefix
+    def __init__(self, prefix: str, mmap: bool = True):
+        self.prefix, self.mmap = prefix, mmap
         self._open()
 
     def _open(self) -> None:
@@ -237,7 +236,9 @@ class IndexedDataset:
                 f"{bin_} holds {bin_size} bytes but {idx} describes {total_bytes} bytes "
                 f"({self._sequence_starts[-1]} {self.dtype} tokens): the pair is truncated or mismatched"
             )
-        if bin_size:
+        if bin_size and not self.mmap:
+            self.tokens = np.fromfile(bin_, dtype=self.dtype)
+        elif bin_size:
             self.tokens = np.memmap(bin_, dtype=self.dtype, mode="r").view(np.ndarray)
         else:  # np.memmap cannot map an empty file
             self.tokens = np.zeros(0, self.dtype)
@@ -258,10 +259,10 @@ class IndexedDataset:
         self._sequence_starts = starts  # token offset of each sequence, plus the total at the end
 
     def __getstate__(self):
-        return {"prefix": self.prefix}  # memory maps are reopened, never pickled by value
+        return {"prefix": self.prefix, "mmap": self.mmap}  # the files are reopened, never pickled by value
 
     def __setstate__(self, state):
-        self.prefix = state["prefix"]
+        self.prefix, self.mmap = state["prefix"], state["mmap"]
         self._open()
 
     def __len__(self) -> int:
@@ -301,15 +302,6 @@ class IndexedDataset:
     def document_lengths(self) -> np.ndarray:
         """Number of tokens in each document (the sum of its sequences)."""
         return self._sequence_starts[self.document_indices[1:]] - self._sequence_starts[self.document_indices[:-1]]
-
-    @functools.cached_property
-    def index_sha256(self) -> str:
-        """sha256 of the .idx file: it fixes every document's length, so it keys caches of sample indices."""
-        digest = hashlib.sha256()
-        with open(idx_path(self.prefix), "rb") as f:
-            for block in iter(lambda: f.read(16 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
 
     @property
     def num_tokens(self) -> int:

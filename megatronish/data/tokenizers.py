@@ -17,13 +17,18 @@ Types (the flags that feed them are those of tools/preprocess_data.py and pretra
                             No BOS/EOS is inserted by tokenize(); --append-eod adds the EOD.
     ByteTokenizer           no files: ids 0-255 are the UTF-8 bytes, 256 is "<|endoftext|>" (eod),
                             257 is "<pad>"; vocab_size 258.
+    NullTokenizer           no files (Megatron's, for pre-tokenized or --mock-data runs): --vocab-size N ids,
+                            eod = --null-tokenizer-eod-id or N - 1, no pad; text is space-separated ids.
+    Llama2Tokenizer         --tokenizer-model x.model: SentencePiece whose tokenize() puts BOS first, as
+                            Megatron's Llama2Tokenizer does; eod = eos.
 Special-token ids are rendered by detokenize() as their text ("<|endoftext|>").
 """
 
 import json
 import os
 
-TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer")
+TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+                   "HuggingFaceTokenizer", "NullTokenizer", "ByteTokenizer")
 
 
 class Tokenizer:
@@ -176,15 +181,46 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.Decode([int(i) for i in ids])
 
 
-def build_tokenizer(tokenizer_type: str, vocab_file=None, merge_file=None, tokenizer_model=None) -> Tokenizer:
+class Llama2Tokenizer(SentencePieceTokenizer):
+    """Llama 2's SentencePiece model: every tokenize() starts with BOS (Megatron's Llama2Tokenizer)."""
+
+    def tokenize(self, text: str) -> list[int]:
+        return [self._sp.bos_id()] + self._sp.EncodeAsIds(text)
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [[self._sp.bos_id()] + ids for ids in self._sp.Encode(texts)]
+
+
+class NullTokenizer(Tokenizer):
+    """Megatron's NullTokenizer: ids without text; "1 2 3" <-> [1, 2, 3]."""
+
+    def __init__(self, vocab_size: int, eod_id: int | None = None):
+        if not vocab_size or vocab_size < 1:
+            raise ValueError(f"--tokenizer-type NullTokenizer needs --vocab-size N (N >= 1), got {vocab_size}")
+        self.vocab_size = int(vocab_size)
+        self.eod = self.vocab_size - 1 if eod_id is None else int(eod_id)
+        self.pad = -1  # none: Megatron's default pad id, never a token
+
+    def tokenize(self, text: str) -> list[int]:
+        return [int(x) for x in text.split()]
+
+    def detokenize(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def build_tokenizer(tokenizer_type: str, vocab_file=None, merge_file=None, tokenizer_model=None,
+                    vocab_size: int | None = None, null_tokenizer_eod_id: int | None = None) -> Tokenizer:
     """Build a tokenizer by its Megatron name (see the module docstring for the files each needs)."""
     if tokenizer_type == "GPT2BPETokenizer":
         _require_flag(vocab_file, "--vocab-file", tokenizer_type, "vocab.json")
         _require_flag(merge_file, "--merge-file", tokenizer_type, "merges.txt")
         return GPT2BPETokenizer(vocab_file, merge_file)
-    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
         _require_flag(tokenizer_model, "--tokenizer-model", tokenizer_type, "a SentencePiece .model file")
-        return SentencePieceTokenizer(tokenizer_model)
+        cls = Llama2Tokenizer if tokenizer_type == "Llama2Tokenizer" else SentencePieceTokenizer
+        return cls(tokenizer_model)
+    if tokenizer_type == "NullTokenizer":
+        return NullTokenizer(vocab_size, null_tokenizer_eod_id)
     if tokenizer_type == "HuggingFaceTokenizer":
         _require_flag(tokenizer_model, "--tokenizer-model", tokenizer_type, "tokenizer.json or its folder")
         return HuggingFaceTokenizer(tokenizer_model)

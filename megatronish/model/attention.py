@@ -1,8 +1,10 @@
 """Tensor-parallel causal self-attention, and the rotary position table it may use.
 
-The fused QKV projection is column-parallel with its output laid out per head,
-[head 0: q k v | head 1: q k v | ...], so the contiguous TP split of the output dimension
-gives each rank whole heads (np = heads / tp of them) and attention needs no communication.
+The fused QKV projection is column-parallel with its output laid out per key/value group, as
+Megatron-core lays it out: [group 0: q of its heads, k, v | group 1: ... ], each block one head
+dim wide. With one group per head (plain multi-head attention) that is [q k v] per head; with
+grouped-query attention (fewer groups) the heads of a group share its k and v. The contiguous TP
+split of the output dimension gives each rank whole groups, so attention needs no communication.
 The output projection is row-parallel and sums the heads' contributions across ranks.
 """
 
@@ -26,11 +28,12 @@ from megatronish.tensor_parallel import (
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables [s, head_dim / 2] in fp32 for the rotate-half convention (as Hugging Face Llama)."""
+    """cos/sin tables [s, dim / 2] in fp32 for the rotate-half convention (as Hugging Face Llama and
+    Megatron); `dim` is the number of rotated dims of a head (all of them, or int(head dim x --rotary-percent))."""
 
-    def __init__(self, head_dim: int, max_positions: int, base: float):
+    def __init__(self, dim: int, max_positions: int, base: float):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
         device = parallel_state.get_device()
         # Buffers, not parameters: derived from the config, so not saved or trained.
@@ -54,12 +57,15 @@ class ParallelAttention(nn.Module):
         self.config = config
         tp = tp_group.size()
         self.heads_per_rank = divide(config.num_attention_heads, tp, "num_attention_heads")
+        self.groups_per_rank = divide(config.query_groups, tp, "num_query_groups")
+        self.heads_per_group = config.num_attention_heads // config.query_groups
         self.head_dim = config.head_dim
-        self.linear_qkv = ColumnParallelLinear(config.hidden_size, 3 * config.hidden_size, gather_output=False,
+        qkv_width = (config.num_attention_heads + 2 * config.query_groups) * self.head_dim
+        self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_width, gather_output=False,
                                                tp_group=tp_group, **config.linear_kwargs())
-        self.linear_proj = RowParallelLinear(config.hidden_size, config.hidden_size, input_is_parallel=True,
-                                             skip_bias_add=config.defer_residual_bias(tp), tp_group=tp_group,
-                                             **config.linear_kwargs())
+        self.linear_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                             input_is_parallel=True, skip_bias_add=config.defer_residual_bias(tp),
+                                             tp_group=tp_group, **config.linear_kwargs())
 
     def forward(self, hidden_states: torch.Tensor, rotary=None, batch_first: bool = False, inference_context=None):
         """hidden_states [s, b, h] (or [s/tp, b, h] sequence parallel) -> (output, bias) of the same shape.
@@ -76,18 +82,37 @@ class ParallelAttention(nn.Module):
         else:  # transpose the input, 3x narrower than the output (TransformerLayer does it before the norm)
             mixed, _ = self.linear_qkv(hidden_states if batch_first else hidden_states.transpose(0, 1).contiguous())
         b, s = mixed.shape[:2]
-        query, key, value = mixed.view(b, s, self.heads_per_rank, 3, self.head_dim).unbind(dim=3)  # [b, s, np, hn]
-        if rotary is not None:  # the rotary op takes [s, b, n, d] of any strides
-            query, key = (t.transpose(0, 1) for t in ops.apply_rotary_pos_emb(
-                query.transpose(0, 1), key.transpose(0, 1), *rotary))
-        if inference_context is not None:
+        per_group = self.heads_per_group
+        grouped = mixed.view(b, s, self.groups_per_rank, per_group + 2, self.head_dim)
+        if per_group == 1:  # a view of the projection's output, as the heads' own q k v
+            query = grouped[:, :, :, 0]  # [b, s, np, hn]
+        else:
+            query = grouped[:, :, :, :per_group].reshape(b, s, self.heads_per_rank, self.head_dim)
+        key, value = grouped[:, :, :, per_group], grouped[:, :, :, per_group + 1]  # [b, s, ng, hn]
+        if rotary is not None:
+            query, key = self._rotate(query, key, rotary)
+        if inference_context is not None:  # the cache keeps one key/value head per group
             key, value = inference_context.store(self, key, value)
+        if per_group > 1:  # each query head attends with its group's key/value head
+            key, value = (t.repeat_interleave(per_group, dim=2) for t in (key, value))
+        if inference_context is not None:
             context = self.core_attention(query, key, value, inference_context.attention_mask)
         elif self.config.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
-            context = checkpoint(self.core_attention, query, key, value)
+            context = checkpoint(self.core_attention, False, query, key, value)
         else:
             context = self.core_attention(query, key, value)
         return self.linear_proj(context)
+
+    def _rotate(self, query, key, rotary):
+        """RoPE on the first rotary_dim dims of each head (all of them unless --rotary-percent < 1); the rotary
+        op takes [s, b, n, d] of any strides."""
+        rotated = rotary[0].size(-1) * 2
+        q_rot, k_rot = ops.apply_rotary_pos_emb(query[..., :rotated].transpose(0, 1),
+                                                key[..., :rotated].transpose(0, 1), *rotary)
+        q_rot, k_rot = q_rot.transpose(0, 1), k_rot.transpose(0, 1)
+        if rotated == self.head_dim:
+            return q_rot, k_rot
+        return (torch.cat([q_rot, query[..., rotated:]], dim=-1), torch.cat([k_rot, key[..., rotated:]], dim=-1))
 
     def core_attention(self, query, key, value, attention_mask=None):
         """Attention of this rank's heads: q [b, s, np, hn], k and v [b, sk, np, hn] -> context [s, b, np * hn].

@@ -12,7 +12,7 @@ import torch
 
 ACTIVATIONS = ("gelu", "swiglu")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
-POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope")
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 ATTENTION_BACKENDS = ("sdpa", "explicit")
 PARAMS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -36,8 +36,12 @@ class TransformerConfig:
     layernorm_epsilon: float = 1e-5
     activation: str = "gelu"  # "gelu" (tanh form, GPT-2) or "swiglu" (Llama)
     normalization: str = "LayerNorm"  # or "RMSNorm"
-    position_embedding_type: str = "learned_absolute"  # or "rope"
+    position_embedding_type: str = "learned_absolute"  # or "rope", or "none" (no positions: NoPE)
     rotary_base: float = 10000.0
+    rotary_percent: float = 1.0  # RoPE rotates the first int(head_dim * rotary_percent) dims of each head
+    num_query_groups: int | None = None  # grouped-query attention: heads share K/V per group (None: one per head)
+    kv_channels: int | None = None  # the head dim (None: hidden_size / num_attention_heads)
+    apply_layernorm_1p: bool = False  # norm weights stored zero-centered, applied as 1 + weight
     add_bias_linear: bool = True  # biases on the QKV, projection and MLP linears
     tie_word_embeddings: bool = True  # the output layer reuses the word embedding matrix
     init_method_std: float = 0.02
@@ -73,20 +77,37 @@ class TransformerConfig:
         _choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
         _choice("recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        if self.hidden_size % self.num_attention_heads != 0:
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}: "
-                f"choose a head count that divides {self.hidden_size}"
+                f"choose a head count that divides {self.hidden_size}, or give kv_channels (the head dim)"
             )
-        if self.position_embedding_type == "rope" and self.head_dim % 2 != 0:
+        if self.kv_channels is not None and self.kv_channels < 1:
+            raise ValueError(f"kv_channels must be a positive integer, got {self.kv_channels!r}")
+        groups = self.query_groups
+        if not isinstance(groups, int) or groups < 1 or self.num_attention_heads % groups != 0:
+            raise ValueError(f"num_query_groups {groups!r} must be a positive divisor of num_attention_heads "
+                             f"{self.num_attention_heads}: each group shares one key/value head")
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ValueError(f"rotary_percent must be in (0, 1], got {self.rotary_percent!r}")
+        if self.position_embedding_type == "rope" and self.rotary_dim % 2 != 0:
             raise ValueError(
-                f"rotary embeddings need an even head dim, got hidden_size / num_attention_heads = {self.head_dim}: "
-                "change hidden_size or num_attention_heads"
+                f"rotary embeddings need an even number of rotated dims, got int(head dim {self.head_dim} x "
+                f"rotary_percent {self.rotary_percent}) = {self.rotary_dim}: change the head dim or rotary_percent"
             )
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads: num_query_groups, or one per attention head."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_percent)
 
     def validate(self, tp_size: int) -> None:
         """Checks that depend on the tensor-parallel size."""
@@ -96,6 +117,11 @@ class TransformerConfig:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not divisible by the tensor-parallel size "
                 f"{tp_size}: each rank must hold whole heads; choose a TP size that divides {self.num_attention_heads}"
+            )
+        if self.query_groups % tp_size != 0:
+            raise ValueError(
+                f"num_query_groups {self.query_groups} is not divisible by the tensor-parallel size {tp_size}: "
+                f"each rank must hold whole key/value groups; choose a TP size that divides {self.query_groups}"
             )
         if self.ffn_hidden_size % tp_size != 0:
             raise ValueError(

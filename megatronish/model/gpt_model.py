@@ -128,7 +128,7 @@ class GPTModel(nn.Module):
         self.embedding = Embedding(config, self.padded_vocab_size, self.tp_group) if self.pre_process else None
         self.rotary = None
         if config.position_embedding_type == "rope":
-            self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rotary_base)
+            self.rotary = RotaryEmbedding(config.rotary_dim, config.max_position_embeddings, config.rotary_base)
         layers = stage_layers(config, self.layout.pp, self.layout.pp_rank, self.layout.dims.virtual_pp, vp_stage)
         self.decoder = TransformerBlock(config, self.tp_group, layers, post_process=self.post_process)
         self.output_layer = None
@@ -266,7 +266,7 @@ def initialize_weights(model: GPTModel, seed: int) -> None:
         if name.endswith(".bias"):
             param.zero_()
         elif "layernorm" in name:
-            param.fill_(1.0)
+            param.fill_(0.0 if config.apply_layernorm_1p else 1.0)  # 1p: stored as weight - 1
         else:
             method = scaled if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else normal
             with torch.random.fork_rng(devices=[]):

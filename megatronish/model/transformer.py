@@ -31,7 +31,7 @@ def hidden_dropout_stream(config: TransformerConfig) -> str | None:
 
 def make_norm(config: TransformerConfig) -> Norm:
     return Norm(config.hidden_size, config.normalization, config.layernorm_epsilon, config.params_dtype,
-                config.sequence_parallel)
+                config.sequence_parallel, config.apply_layernorm_1p)
 
 
 class TransformerLayer(nn.Module):
@@ -77,7 +77,7 @@ class TransformerBlock(nn.Module):
         for layer in self.layers.values():
             if full_recompute:
                 # Keep only each layer's input; backward reruns the layer with the same dropout masks.
-                hidden_states = checkpoint(layer, hidden_states, rotary)
+                hidden_states = checkpoint(layer, False, hidden_states, rotary)
             else:
                 hidden_states = layer(hidden_states, rotary, inference_context)
         return hidden_states if self.final_layernorm is None else self.final_layernorm(hidden_states)

@@ -76,6 +76,7 @@ class Bucket:
     holds_shared_embedding: bool = False    # then it starts in finish_grad_sync, after the sum over stages
     handle: object = None                   # the running reduction, once started
     started: bool = False
+    reduced: tuple | None = None            # (bf16 copy, where it goes) when reducing in bf16
 
     def shard(self, dp_rank: int, dp_size: int) -> tuple[int, int]:
         """The [start, end) of this bucket that DP rank `dp_rank` reduces and updates."""
@@ -89,12 +90,16 @@ class DistributedDataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, *, bucket_size: int = DEFAULT_BUCKET_SIZE,
                  use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
+                 grad_reduce_in_bf16: bool = False,
                  layout: ParallelLayout | None = None):
         super().__init__()
         self.module = module
         self.layout = layout or parallel_state.get_layout()
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_grad_reduce = overlap_grad_reduce
+        # Megatron's --grad-reduce-in-bf16: the DP reduction sends bf16 (half the bytes); gradients are
+        # accumulated in fp32 before and after it.
+        self.reduce_dtype = torch.bfloat16 if grad_reduce_in_bf16 else torch.float32
         self._sync_enabled = True
         self.dp_group, self.dp_size, self.dp_rank = self.layout.dp_group, self.layout.dp, self.layout.dp_rank
         device = parallel_state.get_device()
@@ -193,7 +198,18 @@ class DistributedDataParallel(nn.Module):
         data.div_(self.dp_size)
         if self.use_distributed_optimizer:
             start, end = bucket.shard(self.dp_rank, self.dp_size)
-            bucket.handle = _reduce_scatter(self.grad_buffer[start:end], data, group=self.dp_group, async_op=True)
+            target = self.grad_buffer[start:end]
+        else:
+            target = data
+        if self.reduce_dtype != data.dtype:
+            sent = data.to(self.reduce_dtype)
+            bucket.reduced = (sent if target is data else sent.new_empty(target.shape), target)
+            data = sent
+            received = bucket.reduced[0]
+        else:
+            received = target
+        if self.use_distributed_optimizer:
+            bucket.handle = _reduce_scatter(received, data, group=self.dp_group, async_op=True)
         else:
             bucket.handle = dist.all_reduce(data, group=self.dp_group, async_op=True)
 
@@ -208,7 +224,10 @@ class DistributedDataParallel(nn.Module):
         for bucket in self.buckets:
             if bucket.handle is not None:
                 bucket.handle.wait()
-            bucket.ready, bucket.handle, bucket.started = set(), None, False
+            if bucket.reduced is not None:
+                received, target = bucket.reduced
+                target.copy_(received)
+            bucket.ready, bucket.handle, bucket.started, bucket.reduced = set(), None, False, None
         self._allreduce_sequence_parallel_grads()
 
     def _allreduce_shared_embedding_grads(self) -> None:

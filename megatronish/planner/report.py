@@ -46,7 +46,7 @@ def table(plans: list[LayoutPlan], top: int | None = 20, show_rejected: bool = F
         smallest = min(too_big, key=lambda p: p.peak_memory)
         lines.append(f"smallest: {describe(smallest)} needs {format_bytes(smallest.peak_memory)} per rank")
     if show_rejected:
-        lines += [f"  rejected {describe(p)}: {p.rejected}" for p in rejected]
+        lines += [f"  rejected {describe(p)}: {p.rejected.replace(chr(10), '; ')}" for p in rejected]
     elif rejected or too_big:
         lines.append("  (--all lists them too, the rejected with pretrain_gpt.py's reason)")
     return "\n".join(lines)
@@ -115,6 +115,8 @@ def vocab_size_of(args, override: int | None = None) -> int:
     else the known size of the tokenizer type (byte tokens; GPT-2 BPE)."""
     if override:
         return override
+    if args.tokenizer_type == "NullTokenizer" and getattr(args, "vocab_size", None):
+        return args.vocab_size
     from megatronish.data.tokenizers import build_tokenizer
 
     files = [f for f in (args.vocab_file, args.merge_file, args.tokenizer_model) if f]

@@ -12,6 +12,10 @@ Summing it across ranks before dividing by the global V gives the same loss at e
 
 Columns past the true vocabulary (padding added so the vocabulary divides by TP) are
 excluded from the softmax, so TP=1 and TP=k compute identical losses.
+
+`megatron_label_smoothing=True` gives Megatron-core's own formula instead, for comparing losses with
+Megatron: s = eps V_r / (V_r - 1) and loss = (1 - s) (lse - x_target) - s mean_{j on this rank} log p_j,
+with V_r this rank's (real) vocabulary columns, so the loss depends on the TP size and the rank.
 """
 
 import torch
@@ -23,7 +27,8 @@ from megatronish.tensor_parallel.utils import VocabUtility
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, vocab_parallel_logits, target, label_smoothing, vocab_size, partition_vocab_size, tp_group):
+    def forward(ctx, vocab_parallel_logits, target, label_smoothing, vocab_size, partition_vocab_size, tp_group,
+                megatron_label_smoothing=False):
         tp, rank = tp_group.size(), tp_group.rank()
         partition_vocab = vocab_parallel_logits.size(-1) if partition_vocab_size is None else partition_vocab_size
         vocab_start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(partition_vocab, rank, tp)
@@ -34,6 +39,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target_1d = target.reshape(-1)
         local_max, sum_exp, target_logit, sum_logits = ops.cross_entropy_stats(
             logits_2d, target_1d, vocab_start, vocab_size)
+        local_sum_logits = sum_logits
 
         if tp > 1:
             global_max = all_reduce_in_tensor_model_parallel_group(local_max, "max", tp_group)
@@ -47,7 +53,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         lse = global_max + torch.log(sum_exp)
 
         loss = lse - target_logit
-        if label_smoothing > 0:
+        ctx.correction = 0.0
+        if label_smoothing > 0 and megatron_label_smoothing:
+            local_columns = max(0, min(logits_2d.size(1), vocab_size - vocab_start))
+            label_smoothing = label_smoothing * local_columns / (local_columns - 1)
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - local_sum_logits / local_columns)
+            # the backward kernel spreads eps over the whole vocabulary: move it onto this rank's columns
+            ctx.correction = label_smoothing * (1.0 / vocab_size - 1.0 / local_columns)
+        elif label_smoothing > 0:
             loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - sum_logits / vocab_size)
 
         ctx.save_for_backward(logits_2d, target_1d, lse)
@@ -59,15 +72,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         logits_2d, target_1d, lse = ctx.saved_tensors
         # The gradient is written over the saved logits: no second logits-sized buffer.
+        grad_rows = grad_loss.reshape(-1).to(lse.dtype)
         grad = ops.cross_entropy_backward_(
-            logits_2d, target_1d, ctx.vocab_start, ctx.vocab_size, lse,
-            grad_loss.reshape(-1).to(lse.dtype), ctx.label_smoothing)
-        return grad.view(ctx.logits_shape), None, None, None, None, None
+            logits_2d, target_1d, ctx.vocab_start, ctx.vocab_size, lse, grad_rows, ctx.label_smoothing)
+        if ctx.correction:
+            columns = max(0, min(grad.size(1), ctx.vocab_size - ctx.vocab_start))
+            grad[:, :columns] += ctx.correction * grad_rows[:, None].to(grad.dtype)
+        return grad.view(ctx.logits_shape), None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: torch.Tensor,
                                  label_smoothing: float = 0.0, vocab_size: int | None = None,
-                                 partition_vocab_size: int | None = None, tp_group=None) -> torch.Tensor:
+                                 partition_vocab_size: int | None = None, tp_group=None,
+                                 megatron_label_smoothing: bool = False) -> torch.Tensor:
     """Per-token fp32 losses for logits [..., vocab / tp] and global target ids [...].
 
     `vocab_size` is the true (unpadded) vocabulary; columns past it are ignored. It defaults
@@ -86,4 +103,5 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: to
                          "pass each rank's full (padded) share of the vocabulary, or leave it out")
     return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, float(label_smoothing), vocab_size,
                                             partition_vocab_size,
-                                            tp_group or parallel_state.get_tensor_model_parallel_group())
+                                            tp_group or parallel_state.get_tensor_model_parallel_group(),
+                                            megatron_label_smoothing)

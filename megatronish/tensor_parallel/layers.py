@@ -12,7 +12,10 @@ all-reduced across the TP group before the optimizer step.
 
 Every layer (and helper) takes `tp_group=`, the process group its weight is split over, as
 Megatron-core's newer API does; it defaults to the current layout's TP group
-(megatronish.parallel_state), so models of two layouts can live in one process.
+(megatronish.parallel_state), so models of two layouts can live in one process. As in Megatron-core,
+the layers also take `config=` (a ModelParallelConfig or TransformerConfig: sequence_parallel,
+params_dtype, perform_initialization come from it) and `init_method`, and their positional arguments
+are Megatron-core's (input_size, output_size; num_embeddings, embedding_dim).
 
 Initialization is TP-invariant: the full value is drawn on the CPU (from the default
 generator, or from a per-name generator by the model) and each rank keeps its slice, so a
@@ -46,8 +49,63 @@ def param_is_tensor_parallel(param: torch.Tensor) -> bool:
     return getattr(param, "tensor_model_parallel", False)
 
 
+def set_defaults_if_not_set_tensor_model_parallel_attributes(param: torch.Tensor) -> None:
+    """Mark a parameter replicated (not split) unless it says otherwise (Megatron-core's name)."""
+    for name, default in (("tensor_model_parallel", False), ("partition_dim", -1), ("partition_stride", 1)):
+        if not hasattr(param, name):
+            setattr(param, name, default)
+
+
+def copy_tensor_model_parallel_attributes(destination: torch.Tensor, source: torch.Tensor) -> None:
+    for name in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+        if hasattr(source, name):
+            setattr(destination, name, getattr(source, name))
+
+
+def param_is_not_tensor_parallel_duplicate(param: torch.Tensor, tp_group=None) -> bool:
+    """True where this rank's copy counts (split parameters everywhere, replicated ones on TP rank 0)."""
+    return param_is_tensor_parallel(param) or _tp_group(tp_group).rank() == 0
+
+
+def linear_with_grad_accumulation_and_async_allreduce(input, weight, bias, gradient_accumulation_fusion=False,
+                                                      allreduce_dgrad=False, sequence_parallel=False,
+                                                      grad_output_buffer=None, wgrad_deferral_limit=None,
+                                                      tp_group=None, **_):
+    """Megatron-core's column-parallel matmul as a function: with `sequence_parallel` the input (a sequence
+    shard) is all-gathered first; with `allreduce_dgrad` its gradient is all-reduced over TP in backward.
+    (Gradient-accumulation fusion and deferral are CUDA tuning: the result is the same.)"""
+    group = _tp_group(tp_group)
+    if sequence_parallel:
+        input = gather_from_sequence_parallel_region(input, group=group)
+    elif allreduce_dgrad:
+        input = copy_to_tensor_model_parallel_region(input, group)
+    return F.linear(input, weight, bias)
+
+
 def _tp_group(group):
     return group or parallel_state.get_tensor_model_parallel_group()
+
+
+# Megatron-core keyword arguments that tune CUDA kernels or buffers; accepted at their defaults only.
+_MEGATRON_ONLY = {"keep_master_weight_for_test": False, "is_expert": False, "tp_comm_buffer_name": None,
+                  "embedding_activation_buffer": None, "grad_output_buffer": None, "disable_grad_reduce": False}
+
+
+def _from_config(layer: str, config, megatron_only: dict, **given) -> dict:
+    """The settings a layer takes from Megatron-core's `config=` (where the caller did not pass them itself)."""
+    unknown = sorted(set(megatron_only) - set(_MEGATRON_ONLY))
+    if unknown:
+        raise TypeError(f"{layer} got unexpected keyword argument(s) {unknown}")
+    changed = sorted(k for k, v in megatron_only.items() if v != _MEGATRON_ONLY[k])
+    if changed:
+        raise ValueError(f"{layer}: {changed} are not supported here (leave them at their defaults "
+                         f"{ {k: _MEGATRON_ONLY[k] for k in changed} })")
+    settings = {}
+    for name, value in given.items():
+        if value is None and config is not None:
+            value = getattr(config, name)
+        settings[name] = value
+    return settings
 
 
 def full_shape(param: torch.Tensor, tp_group=None) -> torch.Size:
@@ -132,11 +190,17 @@ class ColumnParallelLinear(nn.Module):
     tied output layer).
     """
 
-    def __init__(self, input_size: int, output_size: int, *, bias: bool = True, gather_output: bool = False,
-                 skip_bias_add: bool = False, sequence_parallel: bool = False, init_method=None,
-                 params_dtype: torch.dtype = torch.float32, stride: int = 1, perform_initialization: bool = True,
-                 skip_weight_param_allocation: bool = False, tp_group=None):
+    def __init__(self, input_size: int, output_size: int, *, config=None, init_method=None, bias: bool = True,
+                 gather_output: bool = False, stride: int = 1, skip_bias_add: bool = False,
+                 skip_weight_param_allocation: bool = False, sequence_parallel: bool | None = None,
+                 params_dtype: torch.dtype | None = None, perform_initialization: bool | None = None, tp_group=None,
+                 **megatron_only):
         super().__init__()
+        settings = _from_config("ColumnParallelLinear", config, megatron_only, sequence_parallel=sequence_parallel,
+                                params_dtype=params_dtype, perform_initialization=perform_initialization)
+        sequence_parallel = bool(settings["sequence_parallel"])
+        params_dtype = settings["params_dtype"] or torch.float32
+        perform_initialization = settings["perform_initialization"] is not False
         self.tp_group = _tp_group(tp_group)
         tp = self.tp_group.size()
         if sequence_parallel and gather_output:
@@ -196,10 +260,18 @@ class RowParallelLinear(nn.Module):
     Returns `(output, bias_or_None)` as ColumnParallelLinear does.
     """
 
-    def __init__(self, input_size: int, output_size: int, *, bias: bool = True, input_is_parallel: bool = False,
-                 skip_bias_add: bool = False, sequence_parallel: bool = False, init_method=None,
-                 params_dtype: torch.dtype = torch.float32, perform_initialization: bool = True, tp_group=None):
+    def __init__(self, input_size: int, output_size: int, *, config=None, init_method=None, bias: bool = True,
+                 input_is_parallel: bool = False, skip_bias_add: bool = False, stride: int = 1,
+                 sequence_parallel: bool | None = None, params_dtype: torch.dtype | None = None,
+                 perform_initialization: bool | None = None, tp_group=None, **megatron_only):
         super().__init__()
+        settings = _from_config("RowParallelLinear", config, megatron_only, sequence_parallel=sequence_parallel,
+                                params_dtype=params_dtype, perform_initialization=perform_initialization)
+        sequence_parallel = bool(settings["sequence_parallel"])
+        params_dtype = settings["params_dtype"] or torch.float32
+        perform_initialization = settings["perform_initialization"] is not False
+        if stride != 1:
+            raise ValueError(f"RowParallelLinear: stride {stride} is not supported (Megatron-core asserts 1 too)")
         self.tp_group = _tp_group(tp_group)
         tp = self.tp_group.size()
         if sequence_parallel and not input_is_parallel:
@@ -252,10 +324,15 @@ class VocabParallelEmbedding(nn.Module):
     size; rows from `unpadded_num_embeddings` on are padding, initialized to zero.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *, init_method=None,
-                 params_dtype: torch.dtype = torch.float32, reduce_scatter_embeddings: bool = False,
-                 unpadded_num_embeddings: int | None = None, perform_initialization: bool = True, tp_group=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, init_method=None, config=None,
+                 reduce_scatter_embeddings: bool = False, params_dtype: torch.dtype | None = None,
+                 unpadded_num_embeddings: int | None = None, perform_initialization: bool | None = None,
+                 tp_group=None):
         super().__init__()
+        settings = _from_config("VocabParallelEmbedding", config, {}, params_dtype=params_dtype,
+                                perform_initialization=perform_initialization)
+        params_dtype = settings["params_dtype"] or torch.float32
+        perform_initialization = settings["perform_initialization"] is not False
         self.tp_group = _tp_group(tp_group)
         tp, rank = self.tp_group.size(), self.tp_group.rank()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim

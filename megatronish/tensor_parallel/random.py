@@ -151,6 +151,16 @@ def _(like, stream):
     return torch.empty(1, dtype=torch.int64, device=like.device)
 
 
+def model_parallel_cuda_manual_seed(seed: int, layout=None) -> None:
+    """Megatron-core's name for model_parallel_manual_seed (it seeds CPU runs too)."""
+    model_parallel_manual_seed(seed, layout)
+
+
+def get_expert_parallel_rng_tracker_name() -> str:
+    """The tracker stream Megatron-core's expert layers draw from (no expert parallelism here: never added)."""
+    return "expert-parallel-rng"
+
+
 def _capture_rng():
     device_type = _device_type()
     return device_type, _get_rng_state(device_type), torch.get_rng_state(), _RNG_TRACKER.get_states()
@@ -203,13 +213,18 @@ def _keep_random_draws(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def checkpoint(fn, *args):
-    """Activation recompute: `fn(*args)` whose dropout masks are replayed exactly in backward."""
+def checkpoint(function, distribute_saved_activations: bool, *args):
+    """Activation recompute, Megatron-core's signature: `function(*args)` whose dropout masks are replayed
+    exactly in backward. `distribute_saved_activations` (Megatron: keep a 1/TP slice of the saved input per
+    rank) only saves memory; here each rank keeps its whole input, with the same results."""
+    if not isinstance(distribute_saved_activations, bool):
+        raise TypeError(f"checkpoint(function, distribute_saved_activations, *args): the second argument must be "
+                        f"a bool, got {type(distribute_saved_activations).__name__} (pass False, then the inputs)")
     if torch.compiler.is_compiling():
         # Dynamo cannot trace CheckpointFunction (it saves and restores generator states). torch's own
-        # checkpoint traces; its policy keeps the masks and seeds that fn drew instead of drawing them
+        # checkpoint traces; its policy keeps the masks and seeds that function drew instead of drawing them
         # again in backward, from a stream that has moved on since.
         return torch.utils.checkpoint.checkpoint(
-            fn, *args, use_reentrant=False,
+            function, *args, use_reentrant=False,
             context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_random_draws))
-    return CheckpointFunction.apply(fn, *args)
+    return CheckpointFunction.apply(function, *args)

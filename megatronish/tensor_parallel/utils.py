@@ -41,6 +41,23 @@ class VocabUtility:
         return VocabUtility.vocab_range_from_per_partition_vocab_size(per_partition, rank, world_size)
 
 
+def split_tensor_into_1d_equal_chunks(tensor: torch.Tensor, new_buffer: bool = False, tp_group=None) -> torch.Tensor:
+    """This TP rank's 1/tp of the flattened tensor (Megatron-core's name)."""
+    group = tp_group or parallel_state.get_tensor_model_parallel_group()
+    flat = tensor.reshape(-1)
+    size = divide(flat.numel(), group.size(), "tensor size")
+    chunk = flat[group.rank() * size:(group.rank() + 1) * size]
+    return chunk.clone() if new_buffer else chunk
+
+
+def gather_split_1d_tensor(tensor: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """The inverse of split_tensor_into_1d_equal_chunks: all TP ranks' chunks, flat, in rank order."""
+    group = tp_group or parallel_state.get_tensor_model_parallel_group()
+    gathered = torch.empty(tensor.numel() * group.size(), dtype=tensor.dtype, device=tensor.device)
+    dist.all_gather_into_tensor(gathered, tensor.contiguous(), group=group)
+    return gathered
+
+
 def all_reduce_coalesced(tensors: list[torch.Tensor], group) -> None:
     """Sum each tensor over `group` in place with one collective: flatten, all-reduce, copy back."""
     if not tensors:

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatronish.model import GPTModel, TransformerConfig
 from megatronish.parallel_layout import ParallelLayout
+from megatronish.training import megatron_checkpoint
 from megatronish.training.checkpoint_compat import check_architecture
 from megatronish.training.checkpoint_format import (
     Block,
@@ -259,6 +260,11 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, *, load_optim: b
     with `allow_architecture_change` too, a checkpoint of another architecture loads the parameters
     both models share (checkpoint_compat.py). RNG states come back only when the layout is the one they were saved at.
     """
+    if megatron_checkpoint.find(load_dir) is not None:  # Megatron-LM's torch_dist or legacy torch format
+        progress, what = megatron_checkpoint.load_for_training(load_dir, _chunks(model), optimizer, scheduler,
+                                                               finetune=finetune)
+        print_rank_0(f"loaded checkpoint {load_dir} at iteration {progress.iteration}: {what}")
+        return progress
     iteration = _agreed_checkpoint(load_dir)
     if iteration is None:
         if finetune:

@@ -15,6 +15,7 @@ the same micro-batches.
 
 import argparse
 import functools
+import gc
 import math
 import os
 import time
@@ -25,7 +26,7 @@ import torch.distributed as dist
 
 from megatronish import ops, parallel_state
 from megatronish.data.default_corpus import default_corpus_prefix
-from megatronish.data.gpt_dataset import build_gpt_datasets, parse_data_path
+from megatronish.data.gpt_dataset import GPTDatasetConfig, build_gpt_datasets, parse_data_path
 from megatronish.data.samplers import build_pretraining_data_loader
 from megatronish.data.token_range import check_token_ids
 from megatronish.data.tokenizers import build_tokenizer
@@ -40,7 +41,15 @@ from megatronish.optimizer import (
 from megatronish.parallel_layout import ParallelLayout
 from megatronish.pipeline_parallel import get_forward_backward_func
 from megatronish.tensor_parallel import model_parallel_manual_seed
-from megatronish.training.arguments import transformer_config_from_args, validate_args, warmup_iters
+from megatronish.training.arguments import (
+    ATTENTION_BACKENDS,
+    batch_schedule,
+    distributed_backend,
+    lr_schedule_samples,
+    transformer_config_from_args,
+    validate_args,
+)
+from megatronish.training.batch_schedule import BatchSchedule
 from megatronish.training.checkpointing import (
     load_checkpoint,
     raise_if_async_save_failed,
@@ -51,10 +60,12 @@ from megatronish.training.collective_errors import named_collective
 from megatronish.training.memory_report import MeasuredMemory, MemoryMonitor
 from megatronish.training.nonfinite import NonFiniteGuard, parameters_are_finite
 from megatronish.training.preemption import ExitConditions
+from megatronish.training.profiling import StepProfiler
 from megatronish.training.progress import TrainingProgress
 from megatronish.training.save_lock import claim_save_folder
 from megatronish.training.training_log import (
     MetricWriters,
+    memory_scalars,
     num_floating_point_operations,
     training_log_line,
     validation_log_lines,
@@ -89,7 +100,8 @@ class TrainingRun:
     scheduler: OptimizerParamScheduler
     progress: TrainingProgress
     datasets: tuple                         # train, valid, test (None where empty)
-    num_microbatches: int
+    num_microbatches: int                   # per iteration at the full global batch size
+    batch_schedule: BatchSchedule           # the global batch size over consumed samples (ramps, steps)
     writers: MetricWriters
     device: torch.device
     loaded: bool                            # resumed from a checkpoint at progress.iteration
@@ -107,8 +119,12 @@ def pretrain(args: argparse.Namespace) -> TrainingResult:
 
 def setup(args: argparse.Namespace) -> TrainingRun:
     """Check the arguments, then build the layout, model, optimizer, schedule and data, and --load."""
-    validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before anything is built
-    parallel_state.initialize_distributed(args.distributed_backend, args.distributed_timeout_minutes)
+    warnings = validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before anything is built
+    for line in warnings:
+        print_rank_0(f"WARNING: {line}")
+    if args.deterministic_mode:
+        torch.use_deterministic_algorithms(True)
+    parallel_state.initialize_distributed(distributed_backend(args), args.distributed_timeout_minutes)
     layout = parallel_state.initialize_model_parallel(args.tensor_model_parallel_size,
                                                       args.pipeline_model_parallel_size,
                                                       args.virtual_pipeline_model_parallel_size)
@@ -116,7 +132,8 @@ def setup(args: argparse.Namespace) -> TrainingRun:
     model_parallel_manual_seed(args.seed, layout)
     num_microbatches = args.global_batch_size // (args.micro_batch_size * layout.dp)
 
-    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model,
+                                args.vocab_size, args.null_tokenizer_eod_id)
     if args.data_path:  # ids past the vocabulary would train silently on the padding rows
         check_token_ids(parse_data_path(args.data_path)[0], tokenizer.vocab_size, args.tokenizer_type)
     config = transformer_config_from_args(args, tokenizer.vocab_size)
@@ -126,7 +143,8 @@ def setup(args: argparse.Namespace) -> TrainingRun:
         for chunk in model:
             chunk.compile()  # in place: DDP, the optimizer and checkpoints see the same modules and names
     ddp_model = [DistributedDataParallel(chunk, use_distributed_optimizer=args.use_distributed_optimizer,
-                                         overlap_grad_reduce=args.overlap_grad_reduce, layout=layout)
+                                         overlap_grad_reduce=args.overlap_grad_reduce,
+                                         grad_reduce_in_bf16=args.grad_reduce_in_bf16, layout=layout)
                  for chunk in model]
     optimizer, scheduler = build_optimizer(args, ddp_model)
     _print_setup(args, config, model, layout, num_microbatches)
@@ -141,7 +159,8 @@ def setup(args: argparse.Namespace) -> TrainingRun:
         progress = loaded or progress
     return TrainingRun(args=args, layout=layout, tokenizer=tokenizer, config=config, model=model,
                        ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler, progress=progress,
-                       datasets=build_datasets(args, tokenizer.eod, progress), num_microbatches=num_microbatches,
+                       datasets=build_datasets(args, tokenizer, progress), num_microbatches=num_microbatches,
+                       batch_schedule=batch_schedule(args),
                        writers=MetricWriters(args), device=parallel_state.get_device(),
                        loaded=bool(args.load and progress.iteration))
 
@@ -153,13 +172,15 @@ def build_optimizer(args: argparse.Namespace, ddp_model, clip_grad: float | None
         ddp_model,
         OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
                         adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-                        clip_grad=args.clip_grad if clip_grad is None else clip_grad),
+                        clip_grad=args.clip_grad if clip_grad is None else clip_grad,
+                        decoupled_lr=args.decoupled_lr, decoupled_min_lr=args.decoupled_min_lr),
         fp16=args.fp16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
         min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis)
+    warmup_samples, decay_samples = lr_schedule_samples(args)
     scheduler = OptimizerParamScheduler(
-        optimizer, max_lr=args.lr, min_lr=args.min_lr, init_lr=args.lr_warmup_init,
-        lr_warmup_steps=warmup_iters(args) * args.global_batch_size,
-        lr_decay_steps=args.lr_decay_iters * args.global_batch_size, lr_decay_style=args.lr_decay_style)
+        optimizer, max_lr=args.lr, min_lr=args.min_lr, init_lr=args.lr_warmup_init, lr_warmup_steps=warmup_samples,
+        lr_decay_steps=decay_samples, lr_decay_style=args.lr_decay_style,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler)
     return optimizer, scheduler
 
 
@@ -181,23 +202,32 @@ def train(run: TrainingRun, result: TrainingResult) -> str | None:
         chunk.train()
     memory = MemoryMonitor(run.model, run.ddp_model, run.optimizer)
     prepare_process_for_training_loop()
+    if args.manual_gc:
+        gc.disable()
+        gc.collect()
+    profiler = StepProfiler(args, dist.get_rank())
     while progress.iteration < args.train_iters and not args.skip_train:
-        batches = [_to_device(next(train_iter), run.device) for _ in range(run.num_microbatches)]
+        global_batch = run.batch_schedule.global_batch(progress.consumed_train_samples)
+        microbatches = global_batch // (args.micro_batch_size * run.layout.dp)
+        batches = [_to_device(next(train_iter), run.device) for _ in range(microbatches)]
         with named_collective(f"at iteration {progress.iteration + 1}"), memory.watch():
-            loss, update_successful, grad_norm = train_step(batches, run.ddp_model, run.optimizer)
+            loss, update_successful, grad_norm = train_step(batches, run.ddp_model, run.optimizer,
+                                                            args.calculate_per_token_loss, interval.timers)
+        _empty_unused_memory(args, 1)
         if update_successful:
-            run.scheduler.step(args.global_batch_size)
+            run.scheduler.step(global_batch)
         progress.iteration += 1
-        progress.consumed_train_samples += args.global_batch_size
+        progress.consumed_train_samples += global_batch
         raise_if_async_save_failed()
         is_nan = not math.isfinite(loss)
         progress.skipped_iterations += not update_successful
         progress.nan_iterations += is_nan
-        lr = run.optimizer.param_groups[0]["lr"]
+        lr = run.scheduler.get_lr()
         result.losses.append(loss)
         result.grad_norms.append(grad_norm)
         result.learning_rates.append(lr)
-        interval.add(loss, not update_successful, is_nan)
+        interval.add(loss, not update_successful, is_nan, global_batch)
+        profiler.step(progress.iteration)
 
         if progress.iteration % args.log_interval == 0:
             _log_training(args, progress, interval, lr, run.optimizer, grad_norm, flops_per_iteration, run.writers)
@@ -209,11 +239,13 @@ def train(run: TrainingRun, result: TrainingResult) -> str | None:
             wait_for_async_save()  # a healthy checkpoint may still be on its way to disk
             raise nan_guard.error()
         pause_start = time.perf_counter()  # evaluation and saving do not count as iteration time
+        _collect_garbage(args, progress.iteration)
         if args.eval_iters and valid_iter and progress.iteration % args.eval_interval == 0:
-            valid_loss = evaluate(valid_iter, run.ddp_model, args, run.num_microbatches, run.device, progress)
+            _collect_garbage(args)
+            valid_loss = evaluate(valid_iter, run.ddp_model, args, _eval_microbatches(run), run.device, progress)
             result.validation_losses[progress.iteration] = valid_loss
             print_rank_last(validation_log_lines(f"iteration {progress.iteration}", valid_loss))
-            run.writers.scalars({"lm-loss-validation/lm loss": valid_loss}, progress.iteration)
+            run.writers.scalars(_validation_scalars(args, valid_loss), progress.iteration)
         with named_collective(f"the agreement on stopping after iteration {progress.iteration}"):
             exit_reason = exit_conditions.check(progress.iteration)
         if args.save and (exit_reason or (args.save_interval and progress.iteration % args.save_interval == 0)):
@@ -226,6 +258,9 @@ def train(run: TrainingRun, result: TrainingResult) -> str | None:
     exit_conditions.close()
     if result.losses:  # a run shorter than one log interval reports its memory at the end
         result.memory = memory.report(progress.iteration, run.layout)
+    profiler.stop()
+    if args.manual_gc:
+        gc.enable()
     return exit_reason
 
 
@@ -244,7 +279,7 @@ def finish(run: TrainingRun, result: TrainingResult, exit_reason: str | None) ->
         for name, data in (("validation", valid_data), ("test", test_data)):
             if data is None:
                 continue
-            loss = evaluate(_iterate(_loader(run, data, 0)), run.ddp_model, args, run.num_microbatches, run.device)
+            loss = evaluate(_iterate(_loader(run, data, 0)), run.ddp_model, args, _eval_microbatches(run), run.device)
             print_rank_last(validation_log_lines(f"the end of training for {name} data", loss))
             setattr(result, "final_valid_loss" if name == "validation" else "final_test_loss", loss)
     if args.sample_tokens:
@@ -254,6 +289,23 @@ def finish(run: TrainingRun, result: TrainingResult, exit_reason: str | None) ->
             print_rank_0("no generated sample at pipeline size > 1: run tools/generate.py on the checkpoint")
     run.writers.close()
     return result
+
+
+def _eval_microbatches(run: TrainingRun) -> int:
+    return run.args.eval_global_batch_size // (run.args.micro_batch_size * run.layout.dp)
+
+
+def _collect_garbage(args, iteration: int | None = None) -> None:
+    """--manual-gc: every rank collects at the same iterations (automatic collection is off), so that no rank
+    waits in a collective for another one's pause."""
+    if args.manual_gc and (iteration is None or (args.manual_gc_interval and iteration % args.manual_gc_interval == 0)):
+        gc.collect()
+
+
+def _empty_unused_memory(args, level: int) -> None:
+    """--empty-unused-memory-level: hand cached GPU memory back (1: after each step, 2: also after forward-backward)."""
+    if args.empty_unused_memory_level >= level and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _save(run: TrainingRun) -> None:
@@ -273,29 +325,40 @@ def _loader(run: TrainingRun, dataset, consumed_samples: int):
                                          num_workers=run.args.num_workers)
 
 
-def build_datasets(args, eod_id: int, progress: TrainingProgress | None = None):
-    """Train/valid/test datasets sized for the whole run (the default corpus when no --data-path).
-    A resumed run's validation set also covers what it consumed before (under another --eval-interval)."""
-    data_path = args.data_path or [default_corpus_prefix()]
+def build_datasets(args, tokenizer, progress: TrainingProgress | None = None):
+    """Train/valid/test datasets sized for the whole run, as Megatron sizes them (the default corpus when no
+    --data-path). A resumed run's validation set also covers what it consumed before (under another
+    --eval-interval)."""
     progress = progress or TrainingProgress()
-    per_evaluation = args.eval_iters * args.global_batch_size
+    per_evaluation = args.eval_iters * args.eval_global_batch_size
     evaluations_left = (args.train_iters - progress.iteration) // args.eval_interval + 1
-    num_samples = (args.train_iters * args.global_batch_size,
+    num_samples = (args.train_samples or args.train_iters * args.global_batch_size,  # Megatron's sizes
                    max((args.train_iters // args.eval_interval + 1) * per_evaluation,
                        progress.consumed_valid_samples + evaluations_left * per_evaluation),
                    per_evaluation)
-    return build_gpt_datasets(data_path, args.split, args.seq_length, args.seed, num_samples, eod_id,
-                              eod_mask_loss=args.eod_mask_loss, cache_dir=args.data_cache_path)
+    config = GPTDatasetConfig(random_seed=args.seed, sequence_length=args.seq_length, split=args.split,
+                              eod_id=tokenizer.eod, eod_mask_loss=args.eod_mask_loss, path_to_cache=args.data_cache_path,
+                              mmap_bin_files=not args.no_mmap_bin_files,
+                              mock_vocab_size=tokenizer.vocab_size if args.mock_data else None)
+    if args.train_data_path or args.valid_data_path or args.test_data_path:
+        per_split = (args.train_data_path, args.valid_data_path, args.test_data_path)
+        return build_gpt_datasets(None, config, num_samples, data_path_per_split=per_split)
+    return build_gpt_datasets(args.data_path or [default_corpus_prefix()], config, num_samples)
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, tokens_per_microbatch: float | None = None):
     """Megatron's forward-step contract: run the model on the next micro-batch, return (output, loss_func).
 
     Every stage calls the model with the tokens (stages after the first take their hidden states
     from the previous stage, set by the schedule); only the last stage's output is per-token losses.
+    `tokens_per_microbatch` (--calculate-per-token-loss) is the global batch's loss-mask tokens / (micro-batches
+    x DP): each micro-batch then contributes its loss sum over that, so that the schedule's mean over
+    micro-batches and the DP average give the global batch's sum over its tokens.
     """
     batch = next(data_iterator)
     output = model(batch["tokens"], labels=batch["labels"])  # positions are 0..s-1 (no --reset-position-ids)
+    if tokens_per_microbatch is not None:
+        return output, functools.partial(token_weighted_loss, batch["loss_mask"], tokens_per_microbatch)
     return output, functools.partial(masked_mean_loss, batch["loss_mask"])
 
 
@@ -305,36 +368,61 @@ def masked_mean_loss(loss_mask: torch.Tensor, losses: torch.Tensor):
     return loss, {"lm loss": loss.detach()}
 
 
+def token_weighted_loss(loss_mask: torch.Tensor, tokens_per_microbatch: float, losses: torch.Tensor):
+    """--calculate-per-token-loss: the micro-batch's loss sum over the step's mean tokens per micro-batch."""
+    loss = (losses * loss_mask).sum() / tokens_per_microbatch
+    return loss, {"lm loss": loss.detach()}
+
+
+def _tokens_per_microbatch(batches: list[dict], layout: ParallelLayout) -> float:
+    """The loss-mask tokens of the whole global batch (all micro-batches, all DP ranks) / (micro-batches x DP)."""
+    tokens = torch.stack([b["loss_mask"].sum() for b in batches]).sum().double()
+    parallel_state.all_reduce_in_group(tokens, layout.dp_group)
+    return max(tokens.item(), 1.0) / (len(batches) * layout.dp)
+
+
 def _as_chunks(model) -> list:
     return model if isinstance(model, list) else [model]
 
 
-def _run_schedule(batches: list[dict], chunks: list, forward_only: bool, grad_scale_func=None) -> list:
+def _run_schedule(batches: list[dict], chunks: list, forward_only: bool, grad_scale_func=None,
+                  per_token_loss: bool = False) -> list:
     layout = chunks[0].layout
     tokens = batches[0]["tokens"]
     iterators = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
+    step = forward_step
+    if per_token_loss:
+        step = functools.partial(forward_step, tokens_per_microbatch=_tokens_per_microbatch(batches, layout))
     return get_forward_backward_func(layout)(
-        forward_step_func=forward_step, data_iterator=iterators, model=chunks, num_microbatches=len(batches),
+        forward_step_func=step, data_iterator=iterators, model=chunks, num_microbatches=len(batches),
         seq_length=tokens.size(1), micro_batch_size=tokens.size(0), forward_only=forward_only,
         grad_scale_func=grad_scale_func, layout=layout)
 
 
-def train_step(batches: list[dict], model, optimizer):
+def train_step(batches: list[dict], model, optimizer, per_token_loss: bool = False, timers: dict | None = None):
     """Forward and backward over the micro-batches (the layout's schedule), reduce gradients, step.
 
     `model` is a DDP-wrapped model or the list of this stage's DDP-wrapped chunks. Returns (loss,
-    stepped, grad norm), the loss averaged over the micro-batches and DP, the same on every rank.
+    stepped, grad norm), the loss averaged over the micro-batches and DP (over the global batch's tokens with
+    `per_token_loss`), the same on every rank. `timers` (if given) gets the seconds of "forward-backward"
+    (with the gradient reduction) and "optimizer" added.
     """
     chunks = _as_chunks(model)
     optimizer.zero_grad()
+    start = time.perf_counter()
     with named_collective("the tensor-parallel collectives and pipeline transfers of forward/backward"):
         reported = _run_schedule(batches, chunks, forward_only=False,
-                                 grad_scale_func=lambda loss: optimizer.get_loss_scale().to(loss.device))
+                                 grad_scale_func=lambda loss: optimizer.get_loss_scale().to(loss.device),
+                                 per_token_loss=per_token_loss)
     with named_collective("the all-reduce of gradients over data-parallel ranks"):
         for chunk in chunks:
             chunk.finish_grad_sync()
+    middle = time.perf_counter()
     with named_collective("the optimizer step (gradient-norm all-reduce, parameter all-gather)"):
         update_successful, grad_norm = optimizer.step()
+    if timers is not None:
+        timers["forward-backward"] = timers.get("forward-backward", 0.0) + middle - start
+        timers["optimizer"] = timers.get("optimizer", 0.0) + time.perf_counter() - middle
     with named_collective("the all-reduce of the loss over data-parallel ranks"):
         return _average_loss(reported, chunks[0].layout), update_successful, grad_norm
 
@@ -348,9 +436,9 @@ def evaluate(data_iter, model, args, num_microbatches: int, device, progress: Tr
     reported = []
     for _ in range(args.eval_iters):
         batches = [_to_device(next(data_iter), device) for _ in range(num_microbatches)]
-        reported += _run_schedule(batches, chunks, forward_only=True)
+        reported += _run_schedule(batches, chunks, forward_only=True, per_token_loss=args.calculate_per_token_loss)
         if progress is not None:
-            progress.consumed_valid_samples += args.global_batch_size
+            progress.consumed_valid_samples += args.eval_global_batch_size
     for chunk in chunks:
         chunk.train()
     return _average_loss(reported, chunks[0].layout)
@@ -387,9 +475,12 @@ class _LogInterval:
         self.start = time.perf_counter()
         self.iterations = self.skipped = self.nan = 0
         self.loss_sum, self.loss_count = 0.0, 0
+        self.timers: dict[str, float] = {}  # train_step's phases, summed
+        self.global_batch = None  # of the last iteration
 
-    def add(self, loss: float, skipped: bool, is_nan: bool) -> None:
+    def add(self, loss: float, skipped: bool, is_nan: bool, global_batch: int) -> None:
         self.iterations += 1
+        self.global_batch = global_batch
         self.skipped += skipped
         self.nan += is_nan
         if not skipped and not is_nan:
@@ -403,20 +494,44 @@ def _log_training(args, progress, interval, lr, optimizer, grad_norm, flops_per_
     seconds = (time.perf_counter() - interval.start) / interval.iterations
     world = dist.get_world_size()
     lm_loss = interval.loss_sum / interval.loss_count if interval.loss_count else None
-    tokens_per_second = args.global_batch_size * args.seq_length / seconds
+    batch_fraction = interval.global_batch / args.global_batch_size  # below 1 while a batch ramp-up runs
+    tokens_per_second = interval.global_batch * args.seq_length / seconds
     loss_scale = optimizer.get_loss_scale().item()
+    params_norm = optimizer.params_norm() if args.log_params_norm else None
+    zeros = optimizer.count_zeros_in_grads() if args.log_num_zeros_in_grad else None
     print_rank_last(training_log_line(
         iteration=progress.iteration, train_iters=args.train_iters, consumed_samples=progress.consumed_train_samples,
-        ms_per_iteration=seconds * 1000.0, tflops_per_gpu=flops_per_iteration / seconds / world / 1e12,
-        learning_rate=lr, global_batch_size=args.global_batch_size, lm_loss=lm_loss, loss_scale=loss_scale,
-        grad_norm=grad_norm, skipped=interval.skipped, nan=interval.nan, tokens_per_second=tokens_per_second))
-    scalars = {"learning-rate": lr, "loss-scale": loss_scale, "iteration-time": seconds,
-               "tokens-per-second": tokens_per_second}
-    if lm_loss is not None:
-        scalars["lm loss"] = lm_loss
-    if grad_norm is not None:
-        scalars["grad-norm"] = grad_norm
+        ms_per_iteration=seconds * 1000.0,
+        tflops_per_gpu=flops_per_iteration * batch_fraction / seconds / world / 1e12,
+        learning_rate=lr, global_batch_size=interval.global_batch, lm_loss=lm_loss, loss_scale=loss_scale,
+        grad_norm=grad_norm, skipped=interval.skipped, nan=interval.nan, tokens_per_second=tokens_per_second,
+        num_zeros=zeros, params_norm=params_norm))
+    timers = {name: total / interval.iterations for name, total in interval.timers.items()}
+    if args.timing_log_level:
+        print_rank_last(" time per iteration (ms): " + " | ".join(f"{n}: {t * 1000:.1f}" for n, t in timers.items()))
+    scalars = {"iteration-time": seconds, "tokens-per-second": tokens_per_second}
+    for name, value, wanted in (("learning-rate", lr, args.log_learning_rate_to_tensorboard),
+                                ("loss-scale", loss_scale, args.log_loss_scale_to_tensorboard),
+                                ("batch-size", interval.global_batch, args.log_batch_size_to_tensorboard),
+                                ("world-size", world, args.log_world_size_to_tensorboard)):
+        if wanted:
+            scalars[name] = value
+    for name, value in (("lm loss", lm_loss), ("grad-norm", grad_norm), ("params-norm", params_norm),
+                        ("num-zeros", zeros)):
+        if value is not None:
+            scalars[name] = value
+    if args.log_timers_to_tensorboard:
+        scalars.update({f"{name}-time": value for name, value in timers.items()})
+    if args.log_memory_to_tensorboard:
+        scalars.update(memory_scalars())
     writers.scalars(scalars, progress.iteration)
+
+
+def _validation_scalars(args, loss: float) -> dict:
+    scalars = {"lm-loss-validation/lm loss": loss}
+    if args.log_validation_ppl_to_tensorboard:
+        scalars["lm-loss-validation/lm loss ppl"] = math.exp(min(20.0, loss))
+    return scalars
 
 
 def count_parameters(model: list[GPTModel], layout: ParallelLayout) -> int:
@@ -445,6 +560,9 @@ def _print_setup(args, config, model: list[GPTModel], layout: ParallelLayout, nu
     if layout.tp > local_ranks:
         print_rank_0(f"warning: --tp {layout.tp} is larger than the {local_ranks} ranks of a node: tensor-parallel "
                      "collectives (several per layer) cross the network, which is slow; keep --tp <= the GPUs of a node")
+    print_rank_0(f"> layers: megatronish's own (--transformer-impl {args.transformer_impl} names the same "
+                 f"computation), attention: {ATTENTION_BACKENDS[args.attention_backend]} (--attention-backend "
+                 f"{args.attention_backend}), cross entropy: fused vocabulary-parallel")
     if args.save:
         print_rank_0(f"> checkpoints go to {os.path.abspath(args.save)} (every {args.save_interval} iterations "
                      "and at the end)")

@@ -3,8 +3,9 @@
 Model FLOPs per iteration (what "throughput per GPU" divides by time and GPU count):
 matrix multiplies only, 2 FLOPs per multiply-add, with B = global batch, s = sequence,
 L = layers, h = hidden, f = MLP hidden, V = padded vocabulary. Per token, forward:
-    attention projections  2 * 4 h^2        (QKV 3h^2, output h^2)
-    attention scores       2 * 2 s h        (Q K^T and P V, counted as full (non-causal), as Megatron does)
+    attention projections  2 * 4 h^2        (QKV 3h^2, output h^2; with query width q = heads x head dim and
+                                             key/value width k = groups x head dim: 2 (h (q + 2k) + q h))
+    attention scores       2 * 2 s h        (Q K^T and P V, counted as full (non-causal), as Megatron does; s q)
     MLP                    2 * 2 h f        (GeLU: h->f->h)   or 2 * 3 h f (SwiGLU: gate and up h->f, f->h)
     logits                 2 h V            (once, not per layer)
 Backward costs twice the forward; full activation recompute adds one more forward of the layers:
@@ -13,6 +14,9 @@ For GPT-2 shapes (f = 4h, GeLU, no recompute) this is Megatron's 72 B s L h^2 (1
 """
 
 import math
+import resource
+
+import torch
 
 from megatronish.training.utils import is_last_rank, print_rank_last
 
@@ -25,13 +29,18 @@ def num_floating_point_operations(args, padded_vocab_size: int) -> float:
 def flops_per_token(args, padded_vocab_size: int) -> tuple[float, float]:
     """(all transformer layers, the output layer): FLOPs per token of one training iteration, as above."""
     h, s, L, f = args.hidden_size, args.seq_length, args.num_layers, args.ffn_hidden_size
+    head_dim = args.kv_channels or h // args.num_attention_heads
+    q = args.num_attention_heads * head_dim  # query (and attention output) width; h without --kv-channels
+    kv = (args.num_query_groups if args.group_query_attention else args.num_attention_heads) * head_dim
+    attention = 2 * (h * (q + 2 * kv) + q * h) + 2 * 2 * s * q
     mlp = 2 * (3 if args.swiglu else 2) * h * f
     passes = 4 if args.recompute_granularity == "full" else 3
-    return float(passes * L * (8 * h * h + 4 * s * h + mlp)), float(3 * 2 * h * padded_vocab_size)
+    return float(passes * L * (attention + mlp)), float(3 * 2 * h * padded_vocab_size)
 
 
 def training_log_line(*, iteration, train_iters, consumed_samples, ms_per_iteration, tflops_per_gpu, learning_rate,
-                      global_batch_size, lm_loss, loss_scale, grad_norm, skipped, nan, tokens_per_second) -> str:
+                      global_batch_size, lm_loss, loss_scale, grad_norm, skipped, nan, tokens_per_second,
+                      num_zeros=None, params_norm=None) -> str:
     line = (f" iteration {iteration:8d}/{train_iters:8d} |"
             f" consumed samples: {consumed_samples:12d} |"
             f" elapsed time per iteration (ms): {ms_per_iteration:.1f} |"
@@ -43,6 +52,10 @@ def training_log_line(*, iteration, train_iters, consumed_samples, ms_per_iterat
     line += f" loss scale: {loss_scale:.1f} |"
     if grad_norm is not None:
         line += f" grad norm: {grad_norm:.3f} |"
+    if num_zeros is not None:
+        line += f" num zeros: {num_zeros} |"
+    if params_norm is not None:
+        line += f" params norm: {params_norm:.3f} |"
     line += (f" number of skipped iterations: {skipped:3d} |"
              f" number of nan iterations: {nan:3d} |"
              f" tokens per second: {tokens_per_second:.1f} |")
@@ -55,6 +68,16 @@ def validation_log_lines(label: str, loss: float) -> str:
     text = f" validation loss at {label} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
     dashes = "-" * len(text)
     return f"{dashes}\n{text}\n{dashes}"
+
+
+def memory_scalars() -> dict:
+    """--log-memory-to-tensorboard: the CUDA allocator's bytes (Megatron's names), or on CPU the process's peak
+    resident memory."""
+    if torch.cuda.is_available():
+        return {"mem-allocated-bytes": torch.cuda.memory_allocated(),
+                "mem-max-allocated-bytes": torch.cuda.max_memory_allocated(),
+                "mem-reserved-bytes": torch.cuda.memory_reserved()}
+    return {"mem-max-rss-bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 class MetricWriters:
@@ -78,8 +101,8 @@ class MetricWriters:
             try:
                 import wandb
                 self.wandb = wandb
-                wandb.init(project=args.wandb_project, name=args.wandb_exp_name,
-                           dir=args.tensorboard_dir or args.save, config=vars(args))
+                wandb.init(project=args.wandb_project, name=args.wandb_exp_name, entity=args.wandb_entity,
+                           dir=args.wandb_save_dir or args.tensorboard_dir or args.save, config=vars(args))
             except ImportError:
                 print_rank_last("WARNING: --wandb-project given but the wandb package is not installed "
                                 "(pip install wandb): not logging to Weights & Biases")

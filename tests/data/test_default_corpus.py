@@ -4,7 +4,7 @@ import os
 import numpy as np
 
 from megatronish.data.default_corpus import TOKENIZER_TYPE, default_corpus_prefix, stdlib_source_files
-from megatronish.data.gpt_dataset import build_gpt_datasets
+from megatronish.data.gpt_dataset import GPTDatasetConfig, build_gpt_datasets
 from megatronish.data.indexed_dataset import IndexedDataset
 from megatronish.data.tokenizers import build_tokenizer
 
@@ -25,7 +25,7 @@ def test_built_from_the_interpreters_own_sources(tmp_path):
     stamp = os.stat(prefix + ".idx").st_mtime_ns
     assert default_corpus_prefix(cache_dir=tmp_path, max_bytes=MAX_BYTES) == prefix  # cached, not rebuilt
     assert os.stat(prefix + ".idx").st_mtime_ns == stamp
-    train, _, _ = build_gpt_datasets([prefix], "1", 32, 0, (4, 0, 0), tok.eod, cache_dir=tmp_path / "idx")
+    train, _, _ = build_gpt_datasets([prefix], GPTDatasetConfig(0, 32, "1", eod_id=tok.eod, path_to_cache=str(tmp_path / "idx")), (4, 0, 0))
     assert train[3]["tokens"].max() < tok.vocab_size
 
 

@@ -6,7 +6,7 @@ import torch
 
 from megatronish import parallel_state
 from megatronish.data import gpt_dataset
-from megatronish.data.gpt_dataset import build_gpt_datasets
+from megatronish.data.gpt_dataset import GPTDatasetConfig, build_gpt_datasets
 from megatronish.data.samplers import PretrainingSampler, build_pretraining_data_loader
 from megatronish.testing import run_distributed
 
@@ -48,7 +48,7 @@ def test_data_parallel_ranks_are_disjoint_and_cover_each_global_batch(dp):
 def test_resume_serves_what_an_uninterrupted_run_serves(tmp_path):
     docs = random_documents(np.random.default_rng(0), 40, 60, 50000)
     indexed = write_dataset(tmp_path / "docs", docs)
-    dataset = build_gpt_datasets([indexed.prefix], "1", 8, 1, (120, 0, 0), eod_id=0, cache_dir=tmp_path / "c")[0]
+    dataset = build_gpt_datasets([indexed.prefix], GPTDatasetConfig(1, 8, "1", path_to_cache=str(tmp_path / "c")), (120, 0, 0))[0]
     mbs, dp, accumulation = 2, 2, 3
     global_batch = mbs * dp * accumulation
     for rank in range(dp):
@@ -88,7 +88,7 @@ def _distributed_batches(prefix, cache_dir, tp):
 
     gpt_dataset.build_gpt_indices = counting
     try:
-        train, valid, _ = build_gpt_datasets([prefix], "80,20,0", 8, 3, (64, 16, 0), eod_id=0, cache_dir=cache_dir)
+        train, valid, _ = build_gpt_datasets([prefix], GPTDatasetConfig(3, 8, "80,20,0", path_to_cache=cache_dir), (64, 16, 0))
     finally:
         gpt_dataset.build_gpt_indices = original
     loader = build_pretraining_data_loader(
@@ -114,7 +114,7 @@ def test_distributed_build_once_per_node_and_loader(tmp_path):
 
 def _distributed_build_error(prefix, cache_dir):
     try:
-        build_gpt_datasets([prefix], "1", 8, 3, (4, 0, 0), eod_id=0, cache_dir=cache_dir)
+        build_gpt_datasets([prefix], GPTDatasetConfig(3, 8, "1", path_to_cache=cache_dir), (4, 0, 0))
     except ValueError as e:
         return str(e)
     return None
@@ -123,4 +123,4 @@ def _distributed_build_error(prefix, cache_dir):
 def test_a_failing_build_fails_every_rank_instead_of_hanging(tmp_path):
     indexed = write_dataset(tmp_path / "empty_docs", [[], []])
     errors = run_distributed(_distributed_build_error, world_size=2, args=(indexed.prefix, str(tmp_path)), timeout=60)
-    assert all(e is not None and "hold no tokens" in e for e in errors)
+    assert all(e is not None and "holds no tokens" in e for e in errors)

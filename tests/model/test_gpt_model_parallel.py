@@ -44,6 +44,11 @@ CASES = {
     "gpt2_sequence_parallel": dict(TINY, sequence_parallel=True),
     "llama": LLAMA,
     "llama_sequence_parallel": dict(LLAMA, sequence_parallel=True, attention_backend="explicit"),
+    # Megatron's GQA (TP splits the 4 key/value groups), --kv-channels 8 (query width 64 != hidden 32),
+    # --rotary-percent 0.5, --apply-layernorm-1p, and no positions at all
+    "llama_gqa": dict(LLAMA, num_attention_heads=8, num_query_groups=4, kv_channels=8, rotary_percent=0.5,
+                      apply_layernorm_1p=True),
+    "gpt2_no_positions": dict(TINY, position_embedding_type="none"),
 }
 DROPOUT = dict(hidden_dropout=0.2, attention_dropout=0.2)
 RECOMPUTE_CASES = {

@@ -32,7 +32,10 @@ def _config(**changes):
     (dict(attention_dropout=-0.1), "attention_dropout must be in [0, 1), got -0.1"),
     (dict(layernorm_epsilon=0.0), "layernorm_epsilon must be > 0"),
     (dict(hidden_size=36, num_attention_heads=12, position_embedding_type="rope"),
-     "rotary embeddings need an even head dim, got hidden_size / num_attention_heads = 3"),
+     "rotary embeddings need an even number of rotated dims, got int(head dim 3 x rotary_percent 1.0) = 3"),
+    (dict(num_query_groups=3), "num_query_groups 3 must be a positive divisor of num_attention_heads 4"),
+    (dict(rotary_percent=0.0), "rotary_percent must be in (0, 1], got 0.0"),
+    (dict(kv_channels=0), "kv_channels must be a positive integer, got 0"),
 ])
 def test_bad_option_is_rejected_when_the_config_is_made(changes, message):
     with pytest.raises(ValueError) as error:

@@ -54,7 +54,7 @@ def _recompute_equals_plain(tp_size):
         tp.model_parallel_manual_seed(42)
         x = torch.randn(5, 3, 8, dtype=torch.float64, requires_grad=True)
         if recompute:
-            out, total = tp.checkpoint(_block, x, col, row, 0.3)
+            out, total = tp.checkpoint(_block, False, x, col, row, 0.3)
         else:
             out, total = _block(x, col, row, 0.3)
         (out.square().sum() + total).backward()

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from megatronish.data.indexed_dataset import IndexedDatasetBuilder
-from megatronish.training.arguments import ArgumentError, parse_args, transformer_config_from_args, validate_args
+from megatronish.training.arguments import (
+    ArgumentError,
+    distributed_backend,
+    parse_args,
+    transformer_config_from_args,
+    validate_args,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
@@ -31,7 +37,8 @@ def error_of(argv, world_size=1) -> str:
     with pytest.raises(ArgumentError) as info:
         validate_args(parse_args(argv), world_size)
     message = str(info.value)
-    assert "\n" not in message
+    lines = message.splitlines()
+    assert len(set(lines)) == len(lines)  # every problem once
     return message
 
 
@@ -82,10 +89,11 @@ def test_no_data_flags_give_the_demo_and_explicit_flags_win():
     (["--global-batch-size", "20"], 2, "--global-batch-size 20 is not divisible by --micro-batch-size 8 x "
                                        "data-parallel size 2: use a multiple of 16"),
     (["--num-attention-heads", "6", "--hidden-size", "96", "--tp", "4"], 4,
-     "--num-attention-heads 6 is not divisible by --tp 4"),
+     "num_attention_heads 6 is not divisible by the tensor-parallel size 4"),
     (["--vocab-file", "vocab.json", "--merge-file", "merges.txt"], 1, "--data-path is missing"),
     (["--fp16", "--bf16"], 1, "--fp16 and --bf16 are both set"),
-    (["--seq-length", "256", "--max-position-embeddings", "128"], 1, "--seq-length 256 exceeds"),
+    (["--seq-length", "256", "--max-position-embeddings", "128"], 1,
+     "sequence length 256 is longer than max_position_embeddings 128"),
     (["--pp", "3"], 3, "num_layers 4 is not divisible by the pipeline-model-parallel size 3: choose a multiple of 3, "
                        "or give --decoder-first-pipeline-num-layers"),
     (["--pp", "2", "--virtual-pipeline-model-parallel-size", "2", "--global-batch-size", "24"], 2,
@@ -141,7 +149,7 @@ def test_data_and_tokenizer_file_errors(prefix):
 
 def test_an_empty_training_split_and_an_unwritable_save_folder_fail_before_work(prefix, tmp_path):
     message = error_of(["--data-path", prefix, "--tokenizer-type", "ByteTokenizer", "--split", "0,1,0", *MODEL])
-    assert f"--split 0,1,0 leaves no training documents ({prefix}: 1 documents): give the training split" in message
+    assert f"--split 0,1,0 leaves no training sequences ({prefix}: 1 sequences): give the training split" in message
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     assert f"--save {blocker}/ckpt is not writable (Not a directory: {blocker}): give a folder" in error_of(
@@ -153,17 +161,49 @@ def test_an_empty_training_split_and_an_unwritable_save_folder_fail_before_work(
 
 def test_unknown_flag_suggests_the_closest():
     with pytest.raises(ArgumentError, match=r"unrecognized argument --num-layer; did you mean --num-layers\?"):
-        parse_args(["--num-layer", "4"])
+        validate_args(parse_args(["--num-layer", "4"]), 1)
     with pytest.raises(ArgumentError, match="unrecognized argument --tensor-parallel"):
-        parse_args(["--tensor-parallel=2"])
+        validate_args(parse_args(["--tensor-parallel=2"]), 1)
 
 
-def test_script_exits_nonzero_with_one_line_before_any_work(tmp_path):
+def test_every_error_of_a_command_line_is_reported_together():
+    message = error_of(["--num-layer", "4", "--lr", "abc", "--fp16", "--bf16", "--num-experts", "8",
+                        "--attention-backend", "nope", "--tp", "3"], world_size=2)
+    for expected in ("unrecognized argument --num-layer", "argument --lr: invalid float value: 'abc'",
+                     "argument --attention-backend: invalid choice: 'nope'", "--num-experts 8: mixture-of-experts",
+                     ):
+        assert expected in message
+    message = error_of(["--fp16", "--bf16", "--tp", "3", "--context-parallel-size", "2"], world_size=2)
+    for expected in ("--fp16 and --bf16 are both set", "does not divide the world size 2",
+                     "num_attention_heads 8 is not divisible by the tensor-parallel size 3",
+                     "--context-parallel-size 2: context parallelism is not built"):
+        assert expected in message
+
+
+def test_megatron_spellings_and_fallbacks():
+    args = parse_args(["--distributed-backend", "nccl", "--attention-backend", "unfused", "--context-parallel-size",
+                       "1", "--no-gradient-accumulation-fusion", "--split", "'99,1,0'",
+                       "--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "2"])
+    warnings = validate_args(args, 1)
+    if not torch.cuda.is_available():
+        assert distributed_backend(args) == "gloo"
+        assert "--distributed-backend nccl: no GPU is visible, using gloo on the CPU instead" in warnings
+    assert transformer_config_from_args(args, vocab_size=10).attention_backend == "explicit"
+    assert any(w.startswith("--no-gradient-accumulation-fusion: ignored") for w in warnings)
+    assert any(w.startswith("--recompute-method block") for w in warnings)
+    args = parse_args(["--pp", "2", "--num-virtual-stages-per-pipeline-rank", "2"])
+    validate_args(args, 2)
+    assert args.virtual_pipeline_model_parallel_size == 2
+
+
+def test_script_exits_nonzero_with_a_line_per_problem_before_any_work(tmp_path):
     env = dict(os.environ, WORLD_SIZE="2", RANK="0", MEGATRONISH_CACHE=str(tmp_path / "cache"))
-    for argv, expected in ((["--tp", "3"], "does not divide the world size 2"),):
+    for argv, expected in ((["--tp", "3"], ["does not divide the world size 2", "num_attention_heads 8 is not "
+                                           "divisible by the tensor-parallel size 3"]),):
         proc = subprocess.run([sys.executable, str(REPO / "pretrain_gpt.py"), *argv], capture_output=True, text=True,
                               env=env, timeout=120, cwd=tmp_path)
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("pretrain_gpt.py: error: ") and expected in lines[0]
+        assert len(lines) == len(expected)
+        assert all(line.startswith("pretrain_gpt.py: error: ") and want in line for line, want in zip(lines, expected))
         assert not (tmp_path / "cache").exists() and not (tmp_path / "checkpoints").exists()  # nothing was built

@@ -13,6 +13,7 @@ import torch
 
 from megatronish import parallel_state
 from megatronish.data.indexed_dataset import IndexedDatasetBuilder
+from megatronish.data.tokenizers import ByteTokenizer
 from megatronish.model import GPTModel
 from megatronish.testing import RankFailed, run_distributed
 from megatronish.training.arguments import parse_args, transformer_config_from_args, validate_args
@@ -68,7 +69,7 @@ def _dense_first_grad_norm(argv: list[str]) -> float:
     try:
         torch.manual_seed(args.seed)
         model = GPTModel(transformer_config_from_args(args, vocab_size=258), seed=args.seed)
-        train, _, _ = build_datasets(args, eod_id=256)
+        train, _, _ = build_datasets(args, ByteTokenizer())
         micro_batches = args.global_batch_size // args.micro_batch_size
         loss = 0.0
         for m in range(micro_batches):
