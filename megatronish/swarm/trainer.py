@@ -119,7 +119,7 @@ class SwarmTrainer:
         """Train this trainer's steps up to --train-iters; returns {step: lm loss}."""
         args = self.args
         tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
-        self.dataset = build_datasets(args, tokenizer.eod)[0]
+        self.dataset = build_datasets(args, tokenizer)[0]
         self.p2p, self.node = await start_node(args, client_mode=True)
         self.table = PeerTable(self.node, args.run_id, self.num_stages)
         self.balancer = Balancer(self.table, args.ban_time)
