@@ -6,7 +6,9 @@
 
 Bad arguments exit with status 2 and one line per problem saying what to change, before any work starts;
 --dry-run prints the resolved configuration and the layout's plan (memory per rank, time per iteration)
-and exits.
+and exits. Under an elastic torchrun (--nnodes MIN:MAX, megatronish/training/elastic.py) a world that no
+layout fits exits with status 3 after --wait-for-nodes-minutes, and a worker stopped only because other
+nodes are leaving exits with status 4, so that its agent restarts it in the new membership.
 """
 
 import os
@@ -22,6 +24,7 @@ from megatronish.training.arguments import (
     parse_args,
     validate_args,
 )
+from megatronish.training.elastic import EXIT_PEERS_LEFT, resolve_layout_or_wait, restart_expected
 from megatronish.training.training import TrainingResult, pretrain
 
 
@@ -29,6 +32,7 @@ def main(argv=None) -> TrainingResult | None:
     try:
         args = parse_args(argv)
         world_size = dry_run_world_size(args) if args.dry_run else int(os.environ.get("WORLD_SIZE", 1))
+        resolve_layout_or_wait(args, world_size)  # elastic launches: this world's layout, or wait for nodes
         warnings = validate_args(args, world_size)
     except ArgumentError as error:
         if int(os.environ.get("RANK", 0)) == 0:
@@ -45,10 +49,15 @@ def main(argv=None) -> TrainingResult | None:
         return None
     ours = not dist.is_initialized()  # a caller that set torch.distributed up (a test harness) keeps it
     try:
-        return pretrain(args)
+        result = pretrain(args)
     finally:
         if ours and dist.is_initialized():
             dist.destroy_process_group()
+    if result.stopped_by_peers and restart_expected():
+        print(f"rank {os.environ.get('RANK')}: stopped because other nodes are leaving ({result.exit_reason}); exiting "
+              f"with status {EXIT_PEERS_LEFT} so that torchrun restarts this worker in the new membership", flush=True)
+        sys.exit(EXIT_PEERS_LEFT)
+    return result
 
 
 if __name__ == "__main__":

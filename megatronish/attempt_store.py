@@ -29,10 +29,10 @@ CONNECT_TIMEOUT = timedelta(seconds=2)      # to a published address, before rea
 def torchelastic_attempt_store(timeout: timedelta) -> dist.Store | None:
     """Under a torchrun agent that shares its store with the workers, this attempt's own store;
     None elsewhere (init_process_group then builds one from MASTER_ADDR/MASTER_PORT)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    agents = agents_store(timeout)
+    if agents is None:
         return None
     host, world_size = os.environ["MASTER_ADDR"], int(os.environ["WORLD_SIZE"])
-    agents = dist.TCPStore(host, int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout)
     if int(os.environ["RANK"]) == 0:  # global rank 0 runs on the agents' store host (node rank 0)
         store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
         token = secrets.token_hex(8)
@@ -40,6 +40,15 @@ def torchelastic_attempt_store(timeout: timedelta) -> dist.Store | None:
         agents.set(ADDRESS_KEY, f"{host}:{store.port}:{token}")
         return store
     return _join_published_store(agents, world_size, timeout)
+
+
+def agents_store(timeout: timedelta) -> dist.Store | None:
+    """A client of the torchrun agents' store, which outlives the workers' restarts (elastic.py keeps the
+    progress of each attempt there); None when not under an agent that shares its store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                         is_master=False, timeout=timeout)
 
 
 def _join_published_store(agents: dist.Store, world_size: int, timeout: timedelta) -> dist.Store:

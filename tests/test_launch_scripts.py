@@ -99,6 +99,7 @@ def test_skypilot_task_is_one_rendezvous_across_its_nodes_with_tp_per_node(tools
             "--rdzv_id sky-job-7 --max-restarts 3 pretrain_gpt.py --tp 4") in line
     assert "--standalone" not in line and "--global-batch-size 128" in line
     assert "--save /checkpoints/gpt2-345m --load /checkpoints/gpt2-345m" in line
+    assert "--local-checkpoint-interval 50 --local-checkpoint-dir /tmp/megatronish-sky-job-7" in line
 
 
 def test_swarm_skypilot_task_is_one_spot_peer_that_rejoins_its_swarm():
@@ -108,3 +109,22 @@ def test_swarm_skypilot_task_is_one_spot_peer_that_rejoins_its_swarm():
     run = task["run"]
     assert "tools/swarm_peer.py" in run and '--initial-peers "$BOOTSTRAP"' in run and "--stage auto" in run
     assert '--host 0.0.0.0 --port "$PORT"' in run and '--load "$CHECKPOINTS"' in run
+
+
+def test_elastic_script_starts_an_elastic_rendezvous_or_one_fault_tolerant_replica(tools, tmp_path):
+    proc, torchrun = run_script(tools, tmp_path, "elastic.sh", "--tp", "2", MEGATRONISH_CPU=1, RDZV_HOST="10.0.0.1",
+                                MAX_NODES=3, TORCHRUN_ARGS="--monitor-interval 1")
+    assert proc.returncode == 0, proc.stderr
+    line = " ".join(torchrun)
+    assert ("--nnodes 1:3 --nproc_per_node 2 --max-restarts 100 --rdzv_backend c10d --rdzv_endpoint 10.0.0.1:29400 "
+            "--rdzv_id megatronish-elastic --rdzv_conf last_call_timeout=10 --monitor-interval 1") in line
+    assert line.endswith("pretrain_gpt.py --wait-for-nodes-minutes 30 --tp 2")
+    proc, torchrun = run_script(tools, tmp_path, "elastic.sh", "--tp", "2", MEGATRONISH_CPU=1, RDZV_HOST="10.0.0.1",
+                                FT=1, REPLICA_ID=1)
+    assert proc.returncode == 0, proc.stderr
+    line = " ".join(torchrun)
+    assert line.startswith("--standalone --nproc_per_node 2 ")
+    assert line.endswith("pretrain_gpt.py --fault-tolerant-dp --ft-lighthouse http://10.0.0.1:29510 --ft-replica-id 1 "
+                         "--tp 2")
+    proc, torchrun = run_script(tools, tmp_path, "elastic.sh", MEGATRONISH_CPU=1, RDZV_HOST="10.0.0.1", FT=1)
+    assert proc.returncode != 0 and "REPLICA_ID" in proc.stderr

@@ -56,6 +56,17 @@ class PretrainingSampler:
             yield list(range(start + offset, start + offset + self.micro_batch_size))
 
 
+def micro_batches_of_rank(consumed_samples: int, global_batch_size: int, micro_batch_size: int, rank: int,
+                          size: int) -> list[list[int]]:
+    """The dataset indices of the micro-batches that rank `rank` of `size` takes from the global batch starting
+    at `consumed_samples`: micro-batch k (samples k x micro_batch_size on) goes to rank k mod `size`, the rule
+    of PretrainingSampler at data-parallel size `size`. Ranks take one micro-batch more or less when `size`
+    does not divide the micro-batches (fault-tolerant DP, where `size` is the number of live replicas)."""
+    count = global_batch_size // micro_batch_size
+    return [list(range(consumed_samples + k * micro_batch_size, consumed_samples + (k + 1) * micro_batch_size))
+            for k in range(rank, count, size)]
+
+
 def build_pretraining_data_loader(
     dataset,
     consumed_samples: int,

@@ -363,6 +363,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-tokens", type=int, help=d("sample_tokens", "tokens to generate after training"))
     g.add_argument("--sample-prompt", default="def ", help="prompt of the generated sample (default: 'def ')")
     add_compatibility_arguments(p)
+
+    g = p.add_argument_group("elastic training (torchrun --nnodes MIN:MAX; see megatronish/training/elastic.py)")
+    g.add_argument("--layout", choices=("given", "auto"), default="given",
+                   help="given: --tp and --pp at every world size, DP follows the world; auto: the layout planner "
+                        "chooses TP and PP for each world size (default: given)")
+    g.add_argument("--wait-for-nodes-minutes", type=float, default=0.0,
+                   help="when no layout fits the world, wait this long for torchrun to bring more nodes, then exit "
+                        "with status 3 saying what is needed (default: 0, fail at once)")
+    g.add_argument("--local-checkpoint-interval", type=int,
+                   help="also checkpoint every this many iterations into --local-checkpoint-dir (node-local, in the "
+                        "background, copied to a buddy node); a restart resumes from the newest checkpoint")
+    g.add_argument("--local-checkpoint-dir", help="a folder on each node's own disk for the local checkpoints")
+    g.add_argument("--fault-tolerant-dp", action="store_true",
+                   help="each DP replica (one TP x PP group, its own torchrun) is a torchft replica group: replicas "
+                        "die and join without stopping the others (megatronish/training/fault_tolerance.py; "
+                        "pip install 'megatronish[ft]')")
+    g.add_argument("--ft-lighthouse", default=os.environ.get("TORCHFT_LIGHTHOUSE"),
+                   help="the torchft lighthouse, http://HOST:PORT (default: $TORCHFT_LIGHTHOUSE)")
+    g.add_argument("--ft-replica-id", type=int, help="this replica's number (each replica its own)")
+    g.add_argument("--ft-min-replicas", type=int, default=1, help="replicas needed to commit a step (default: 1)")
+    g.add_argument("--ft-timeout-seconds", type=float, default=60.0,
+                   help="torchft's timeout for a quorum, a collective or healing (default: 60)")
+    g.add_argument("--ft-host", help="the address the other replicas reach this one at (default: the hostname)")
     return p
 
 
@@ -459,6 +482,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> list[str]:
 
     _derive_batch_schedule(args, fail)
     _check_layout(args, world_size, fail)
+    _validate_local_checkpoint_args(args, fail)
+    _validate_fault_tolerance_args(args, fail)
     _derive_sample_based_training(args, fail)
     if args.loss_scale is not None and not args.fp16:
         fail(f"--loss-scale {args.loss_scale} applies to --fp16 only: add --fp16 or drop --loss-scale")
@@ -584,7 +609,7 @@ def _check_layout(args: argparse.Namespace, world_size: int, fail) -> None:
 FLOAT_FLAGS = ("lr", "min_lr", "lr_warmup_init", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad",
                "init_method_std", "hidden_dropout", "attention_dropout", "norm_epsilon", "rotary_base",
                "loss_scale", "initial_loss_scale", "min_loss_scale", "distributed_timeout_minutes",
-               "exit_duration_in_mins", "lr_warmup_fraction")
+               "exit_duration_in_mins", "lr_warmup_fraction", "wait_for_nodes_minutes")
 
 
 def _validate_ranges(args, fail) -> None:
@@ -607,6 +632,42 @@ def _validate_ranges(args, fail) -> None:
             fail(f"{_flag(dest)} {getattr(args, dest)} must be >= 0")
     if args.exit_interval is not None and args.exit_interval < 1:
         fail(f"--exit-interval {args.exit_interval} must be positive")
+    if args.wait_for_nodes_minutes < 0:
+        fail(f"--wait-for-nodes-minutes {args.wait_for_nodes_minutes} must be >= 0")
+
+
+def _validate_fault_tolerance_args(args, fail) -> None:
+    if not args.fault_tolerant_dp:
+        return
+    if not args.ft_lighthouse:
+        fail("--fault-tolerant-dp needs the lighthouse's address: --ft-lighthouse http://HOST:PORT (or "
+             "$TORCHFT_LIGHTHOUSE)")
+    if args.ft_replica_id is None or args.ft_replica_id < 0:
+        fail("--fault-tolerant-dp needs --ft-replica-id N (N >= 0, each replica its own)")
+    if args.ft_min_replicas < 1 or not 0 < args.ft_timeout_seconds < math.inf:
+        fail(f"--ft-min-replicas {args.ft_min_replicas} must be >= 1 and --ft-timeout-seconds "
+             f"{args.ft_timeout_seconds} positive")
+    if args.calculate_per_token_loss:
+        fail("--fault-tolerant-dp does not support --calculate-per-token-loss (the token count would have to cross "
+             "replicas too): drop one of them")
+    if args.data_parallel_size != 1:
+        model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+        fail(f"--fault-tolerant-dp: each replica is one TP x PP group, but this one has DP {args.data_parallel_size}: "
+             f"start TP x PP = {model_parallel} ranks per replica (torchrun --nproc_per_node), one torchrun each")
+
+
+def _validate_local_checkpoint_args(args, fail) -> None:
+    interval, directory = args.local_checkpoint_interval, args.local_checkpoint_dir
+    if (interval is None) != (directory is None):
+        fail("--local-checkpoint-interval and --local-checkpoint-dir go together: give both (or neither)")
+    if interval is None:
+        return
+    if interval < 1:
+        fail(f"--local-checkpoint-interval {interval} must be positive")
+    for flag, other in (("--save", args.save), ("--load", args.load)):
+        if other and os.path.abspath(other) == os.path.abspath(directory):
+            fail(f"--local-checkpoint-dir {directory} is also {flag}: give the local checkpoints a folder of their own "
+                 "(on each node's local disk)")
 
 
 

@@ -197,10 +197,7 @@ def read_metadata(directory: str):
     except Exception as error:  # a truncated or foreign pickle: any unpickling error
         raise ValueError(f"{path} is unreadable ({type(error).__name__}: {error}): the checkpoint is truncated "
                          "or corrupt; delete it or load an older one") from error
-    needed = {}
-    for info in (metadata.storage_data or {}).values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for relative_path, length in sorted(needed.items()):
+    for relative_path, length in sorted(data_file_lengths(metadata).items()):
         file = os.path.join(directory, relative_path)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"checkpoint data file {file} is missing: the checkpoint is incomplete; "
@@ -210,6 +207,14 @@ def read_metadata(directory: str):
             raise ValueError(f"checkpoint data file {file} is truncated: {size} bytes, the index needs {length}; "
                              "delete the checkpoint or load an older one")
     return metadata
+
+
+def data_file_lengths(metadata) -> dict[str, int]:
+    """{data file named by DCP's index (relative path): the bytes the index needs of it}."""
+    needed = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    return needed
 
 
 def check_against_metadata(state: dict, metadata) -> None:

@@ -33,16 +33,21 @@ evaluation and tools call `load_model_for_inference` / `read_checkpoint_config`.
 
 import json
 import os
+import random
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatronish.model import GPTModel, TransformerConfig
 from megatronish.parallel_layout import ParallelLayout
+from megatronish.tensor_parallel import model_parallel_manual_seed
 from megatronish.training import megatron_checkpoint
 from megatronish.training.checkpoint_compat import check_architecture
 from megatronish.training.checkpoint_format import (
@@ -111,10 +116,7 @@ def save_checkpoint(save_dir: str, progress: TrainingProgress, model, optimizer,
 
 def _save(save_dir, progress, model, optimizer, scheduler, args, keep_last, async_save) -> str:
     start = time.perf_counter()
-    optimizer_state = optimizer.sharded_state_by_name()  # a collective with the distributed optimizer
-    state = checkpoint_blocks(model, optimizer_state)
-    state[_rng_key(dist.get_rank())] = get_rng_state()
-    common = checkpoint_description(progress, model, optimizer_state, scheduler, args)  # a collective under PP
+    state, common = checkpoint_state(progress, model, optimizer, scheduler, args)
     final = checkpoint_dir(save_dir, progress.iteration)
     temporary = final + ".tmp"
     if dist.get_rank() == 0:
@@ -131,11 +133,8 @@ def _save(save_dir, progress, model, optimizer, scheduler, args, keep_last, asyn
     if _async_group_world is not dist.group.WORLD:  # the writer thread's collectives must not interleave
         _async_group, _async_group_world = dist.new_group(backend="gloo"), dist.group.WORLD  # with training's
         _writer = _writer or ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-    # Staging: the weights are live tensors (copy them); the optimizer state is already a private copy
-    # (only moved off the GPU). Training goes on as soon as this returns.
-    staged = {name: Block(v.local.detach().to("cpu", copy=name.startswith("model.")), v.global_shape, v.offsets)
-              if isinstance(v, Block) else v for name, v in state.items()}
-    _pending = _writer.submit(_write, staged, common, temporary, final, save_dir, keep_last, _async_group)
+    _pending = _writer.submit(_write, stage_on_cpu(state), common, temporary, final, save_dir, keep_last,
+                              _async_group)
     print_rank_0(f"staged checkpoint at iteration {progress.iteration} in {time.perf_counter() - start:.2f} s; "
                  f"writing {final} in the background")
     return final
@@ -147,6 +146,22 @@ def wait_for_async_save() -> None:
     if _pending is not None:
         pending, _pending = _pending, None
         pending.result()
+
+
+def checkpoint_state(progress: TrainingProgress, model, optimizer, scheduler, args) -> tuple[dict, dict]:
+    """(this rank's tensors and RNG states as DCP blocks, checkpoint.json's content): what a save writes.
+    Collective (the distributed optimizer gathers its shards; under PP the stages share their shapes)."""
+    optimizer_state = optimizer.sharded_state_by_name()
+    state = checkpoint_blocks(model, optimizer_state)
+    state[_rng_key(dist.get_rank())] = get_rng_state()
+    return state, checkpoint_description(progress, model, optimizer_state, scheduler, args)
+
+
+def stage_on_cpu(state: dict) -> dict:
+    """A copy of `checkpoint_state`'s blocks that training cannot change, for a background writer: the weights
+    are live tensors (copied); the optimizer state is already a private copy (only moved off the GPU)."""
+    return {name: Block(v.local.detach().to("cpu", copy=name.startswith("model.")), v.global_shape, v.offsets)
+            if isinstance(v, Block) else v for name, v in state.items()}
 
 
 def checkpoint_blocks(model, optimizer_state: dict) -> dict:
@@ -247,36 +262,70 @@ def checkpoint_description(progress, model, optimizer_state, scheduler, args, al
 
 # ---------------------------------------------------------------------------------------- loading
 
+@dataclass
+class LoadedCheckpoint:
+    """What a load restored, for the caller's log (an elastic restart reports it)."""
+    progress: TrainingProgress
+    folder: str
+    saved_layout: str           # the layout it was saved at, e.g. "TP=2 x PP=1 x DP=2"
+    rng_restored: bool
+    seconds: float
+    node_local: bool = False    # a local checkpoint (local_checkpoint.py), not one under --load
+
+
 def load_checkpoint(load_dir: str, model, optimizer, scheduler, *, load_optim: bool = True,
-                    load_rng: bool = True, finetune: bool = False,
-                    allow_architecture_change: bool = False) -> TrainingProgress | None:
+                    load_rng: bool = True, finetune: bool = False, allow_architecture_change: bool = False,
+                    seed: int | None = None) -> TrainingProgress | None:
     """Restore the newest checkpoint under `load_dir` into model/optimizer/scheduler, in place, at
-    whatever TP x DP layout this run has.
+    whatever TP x PP x DP layout this run has.
 
     Returns the saved TrainingProgress, or None when `load_dir` holds no checkpoint yet (a fresh
     start: the same command line then works for the first run and every restart).
     `load_optim=False` restores the weights only (optimizer and scheduler start fresh, the
     progress still comes back). `finetune=True` loads the weights only and starts at iteration 0;
     with `allow_architecture_change` too, a checkpoint of another architecture loads the parameters
-    both models share (checkpoint_compat.py). RNG states come back only when the layout is the one they were saved at.
+    both models share (checkpoint_compat.py). RNG states come back only when the layout is the one
+    they were saved at; otherwise, given `seed` (--seed), they are re-derived (load_checkpoint_folder).
     """
-    if megatron_checkpoint.find(load_dir) is not None:  # Megatron-LM's torch_dist or legacy torch format
+    loaded = load_newest_checkpoint(load_dir, model, optimizer, scheduler, load_optim=load_optim, load_rng=load_rng,
+                                    finetune=finetune, allow_architecture_change=allow_architecture_change, seed=seed)
+    return loaded.progress if loaded else None
+
+
+def load_newest_checkpoint(load_dir: str, model, optimizer, scheduler, **options) -> LoadedCheckpoint | None:
+    """load_checkpoint, returning what was loaded (None: no checkpoint, a fresh start)."""
+    megatron = megatron_checkpoint.find(load_dir)
+    if megatron is not None:  # Megatron-LM's torch_dist or legacy torch format
+        start = time.perf_counter()
         progress, what = megatron_checkpoint.load_for_training(load_dir, _chunks(model), optimizer, scheduler,
-                                                               finetune=finetune)
+                                                               finetune=options.get("finetune", False))
         print_rank_0(f"loaded checkpoint {load_dir} at iteration {progress.iteration}: {what}")
-        return progress
-    iteration = _agreed_checkpoint(load_dir)
+        return LoadedCheckpoint(progress, megatron[0], "a Megatron-LM layout", False, time.perf_counter() - start)
+    iteration = agreed_checkpoint_iteration(load_dir)
     if iteration is None:
-        if finetune:
+        if options.get("finetune"):
             raise FileNotFoundError(f"--finetune --load {load_dir}: there is no checkpoint in {load_dir} to fine-tune "
                                     "from; give the folder of a saved checkpoint (or drop --finetune)")
         print_rank_0(f"no checkpoint in {load_dir} (neither {TRACKER_FILENAME} nor iter_* folders): "
                      "starting from scratch")
         return None
-    folder = checkpoint_dir(load_dir, iteration)
+    return load_checkpoint_folder(checkpoint_dir(load_dir, iteration), model, optimizer, scheduler, **options)
+
+
+def load_checkpoint_folder(folder: str, model, optimizer, scheduler, *, load_optim: bool = True,
+                           load_rng: bool = True, finetune: bool = False, allow_architecture_change: bool = False,
+                           seed: int | None = None, no_dist: bool = False) -> LoadedCheckpoint:
+    """Restore one checkpoint folder (see load_checkpoint). `no_dist=True`: each rank reads on its own (a
+    node-local folder that holds the files this rank needs, local_checkpoint.py; folders differ between nodes).
+
+    RNG states saved at another layout do not apply (each rank has its own streams); with `seed` they are
+    re-derived from it and the checkpoint's iteration, so that a change of layout at a given iteration
+    draws the same dropout masks each time it is replayed; the log says so.
+    """
     start = time.perf_counter()
     common = read_common(folder)
-    metadata = read_metadata(folder)
+    metadata = FileSystemReader(folder).read_metadata() if no_dist else read_metadata(folder)
+    iteration = common["iteration"]
     load_optim = load_optim and not finetune
     load_rng = load_rng and not finetune
     changed = check_architecture(folder, common["model_config"], _chunks(model)[0].config.to_dict(),
@@ -301,7 +350,7 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, *, load_optim: b
     check_against_metadata(state, metadata)
     _zero_vocabulary_padding(model)
     try:
-        load_blocks(state, folder)
+        load_blocks(state, folder, no_dist=no_dist)
     except Exception as error:
         raise RuntimeError(f"reading checkpoint {folder} failed: {error}") from error
 
@@ -313,15 +362,29 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, *, load_optim: b
         optimizer.reload_model_params()
     if restore_rng:
         set_rng_state(state[rng_key])
+    elif rng_unusable and seed is not None:
+        _rederive_rng(seed, iteration, _layout(model))
+        print_rank_0(f"not restoring the RNG states: {rng_unusable}; every stream (torch, CUDA, the tensor-parallel "
+                     f"tracker, Python, NumPy) is re-derived from --seed {seed} and iteration {iteration}")
     elif rng_unusable:
         print_rank_0(f"not restoring the RNG states: {rng_unusable}; the streams continue from --seed")
     progress = TrainingProgress() if finetune else TrainingProgress.from_dict(common["progress"])
     what = "weights only (--finetune: starting at iteration 0)" if finetune else (
         ("model, optimizer, scheduler" if load_optim else "weights only (--no-load-optim)")
         + (", RNG" if restore_rng else ""))
-    print_rank_0(f"loaded checkpoint {folder} at iteration {iteration}: {what} "
-                 f"({time.perf_counter() - start:.2f} s)")
-    return progress
+    seconds = time.perf_counter() - start
+    print_rank_0(f"loaded checkpoint {folder} at iteration {iteration}: {what} ({seconds:.2f} s)")
+    return LoadedCheckpoint(progress, folder, _describe(_layout_record_filled(common["layout"])), restore_rng, seconds)
+
+
+def _rederive_rng(seed: int, iteration: int, layout: ParallelLayout) -> None:
+    """Seed every stream as a fresh run would, from a seed that mixes --seed with the iteration."""
+    mixed = int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0])
+    model_parallel_manual_seed(mixed, layout)
+    random.seed(mixed)
+    np.random.seed(mixed)
+
+
 
 
 def _shared_blocks(state: dict, metadata, changed: list[str]) -> dict:
@@ -342,7 +405,13 @@ def newest_complete_checkpoint(load_dir: str) -> tuple[int | None, list[str]]:
     return choose_checkpoint(load_dir, read_latest_iteration(load_dir), lambda i: checkpoint_dir(load_dir, i))
 
 
-def _agreed_checkpoint(load_dir: str) -> int | None:
+def durable_checkpoint_iteration(load_dir: str) -> int | None:
+    """The iteration of the checkpoint load_newest_checkpoint would load from `load_dir` (None: none). Collective."""
+    megatron = megatron_checkpoint.find(load_dir)
+    return megatron[1] if megatron is not None else agreed_checkpoint_iteration(load_dir)
+
+
+def agreed_checkpoint_iteration(load_dir: str) -> int | None:
     """Rank 0 chooses (a bucket mount may show files to one node sooner than to another), every rank loads it."""
     choice = [None]
     if dist.get_rank() == 0:
@@ -568,15 +637,19 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_text_durably(path: str, text: str) -> None:
+def _write_bytes_durably(path: str, data) -> None:
     """Write to a temporary name, fsync, rename over `path`, fsync the folder: readers see old or new."""
     temporary = path + ".tmp"
-    with open(temporary, "w") as f:
-        f.write(text)
+    with open(temporary, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
     _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _write_text_durably(path: str, text: str) -> None:
+    _write_bytes_durably(path, text.encode())
 
 
 def _write_json_durably(path: str, value: dict) -> None:

@@ -33,6 +33,7 @@ class ExitConditions:
         self.exit_duration_in_mins = exit_duration_in_mins
         self.start = time.monotonic()
         self.received: int | None = None
+        self.stopped_by_peers = False  # the newest stop was for other ranks' signal or lost agent, none of this one's
         self.agent_pid = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None  # torchrun's agent
         self._previous = {}
         for signum in STOP_SIGNALS:
@@ -51,7 +52,9 @@ class ExitConditions:
         agent_gone = self.agent_pid is not None and os.getppid() != self.agent_pid
         flags = torch.tensor([float(self.received or 0), float(time_is_up), float(agent_gone)],
                              device=parallel_state.get_device())
+        peers_only = self.received is None and not agent_gone
         parallel_state.all_reduce_in_group(flags, op=dist.ReduceOp.MAX)
+        self.stopped_by_peers = peers_only and bool(flags[0] > 0 or flags[2] > 0)
         if flags[0] > 0:
             return f"received {signal.Signals(int(flags[0])).name}"
         if flags[2] > 0:

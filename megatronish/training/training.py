@@ -50,13 +50,11 @@ from megatronish.training.arguments import (
     validate_args,
 )
 from megatronish.training.batch_schedule import BatchSchedule
-from megatronish.training.checkpointing import (
-    load_checkpoint,
-    raise_if_async_save_failed,
-    save_checkpoint,
-    wait_for_async_save,
-)
+from megatronish.training.checkpointing import raise_if_async_save_failed, save_checkpoint, wait_for_async_save
 from megatronish.training.collective_errors import named_collective
+from megatronish.training.elastic import RestartReport, resolve_layout_or_wait
+from megatronish.training.fault_tolerance import FaultTolerantReplicas
+from megatronish.training.local_checkpoint import LocalCheckpoints, resume
 from megatronish.training.memory_report import MeasuredMemory, MemoryMonitor
 from megatronish.training.nonfinite import NonFiniteGuard, parameters_are_finite
 from megatronish.training.preemption import ExitConditions
@@ -83,6 +81,8 @@ class TrainingResult:
     final_valid_loss: float | None = None
     final_test_loss: float | None = None
     progress: TrainingProgress | None = None
+    exit_reason: str | None = None           # why the loop stopped early (None: it ran to --train-iters)
+    stopped_by_peers: bool = False           # ... and only because other ranks got a stop signal or lost their agent
     sample: str | None = None
     memory: MeasuredMemory | None = None  # this rank's, measured over the first log interval
 
@@ -104,7 +104,10 @@ class TrainingRun:
     batch_schedule: BatchSchedule           # the global batch size over consumed samples (ramps, steps)
     writers: MetricWriters
     device: torch.device
-    loaded: bool                            # resumed from a checkpoint at progress.iteration
+    loaded: bool                            # resumed from a durable checkpoint (--load) at progress.iteration
+    local: LocalCheckpoints | None          # --local-checkpoint-interval
+    replicas: FaultTolerantReplicas | None  # --fault-tolerant-dp
+    report: RestartReport                   # logs what an elastic restart cost, after its first step
     saved_at: int | None = None             # the iteration of the newest checkpoint on disk from this run
     finite: bool = True                     # the newest iteration's loss and gradients were finite (may be saved)
 
@@ -118,13 +121,17 @@ def pretrain(args: argparse.Namespace) -> TrainingResult:
 
 
 def setup(args: argparse.Namespace) -> TrainingRun:
-    """Check the arguments, then build the layout, model, optimizer, schedule and data, and --load."""
-    warnings = validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before anything is built
+    """Check the arguments, then build the layout, model, optimizer, schedule and data, and resume from the
+    newest checkpoint (--load, or a local one)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    resolve_layout_or_wait(args, world_size)  # elastic: the layout for this world (--layout auto: the planner's)
+    warnings = validate_args(args, world_size)  # before anything is built
     for line in warnings:
         print_rank_0(f"WARNING: {line}")
     if args.deterministic_mode:
         torch.use_deterministic_algorithms(True)
     parallel_state.initialize_distributed(distributed_backend(args), args.distributed_timeout_minutes)
+    report = RestartReport()
     layout = parallel_state.initialize_model_parallel(args.tensor_model_parallel_size,
                                                       args.pipeline_model_parallel_size,
                                                       args.virtual_pipeline_model_parallel_size)
@@ -151,18 +158,19 @@ def setup(args: argparse.Namespace) -> TrainingRun:
 
     if args.save:
         claim_save_folder(args.save)  # one writer per folder
-    progress = TrainingProgress()
-    if args.load:
-        loaded = load_checkpoint(args.load, model, optimizer, scheduler, load_optim=not args.no_load_optim,
-                                 load_rng=not args.no_load_rng, finetune=args.finetune,
-                                 allow_architecture_change=args.allow_architecture_change)
-        progress = loaded or progress
+    local = (LocalCheckpoints(args.local_checkpoint_dir, args.local_checkpoint_interval)
+             if args.local_checkpoint_interval else None)
+    loaded = resume(local, args, model, optimizer, scheduler)
+    report.resumed(loaded)
+    progress = loaded.progress if loaded else TrainingProgress()
+    replicas = FaultTolerantReplicas(args, optimizer, scheduler, progress) if args.fault_tolerant_dp else None
     return TrainingRun(args=args, layout=layout, tokenizer=tokenizer, config=config, model=model,
                        ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler, progress=progress,
                        datasets=build_datasets(args, tokenizer, progress), num_microbatches=num_microbatches,
                        batch_schedule=batch_schedule(args),
                        writers=MetricWriters(args), device=parallel_state.get_device(),
-                       loaded=bool(args.load and progress.iteration))
+                       loaded=bool(loaded and progress.iteration and not loaded.node_local), local=local,
+                       replicas=replicas, report=report)
 
 
 def build_optimizer(args: argparse.Namespace, ddp_model, clip_grad: float | None = None):
@@ -189,7 +197,7 @@ def train(run: TrainingRun, result: TrainingResult) -> str | None:
     args, progress = run.args, run.progress
     train_data, valid_data, _ = run.datasets
     train_iter = None  # a run restarted after its last iteration has no training data left to read
-    if progress.iteration < args.train_iters and not args.skip_train:
+    if progress.iteration < args.train_iters and not args.skip_train and not run.replicas:
         train_iter = _iterate(_loader(run, train_data, progress.consumed_train_samples))
     valid_iter = _iterate(_loader(run, valid_data, progress.consumed_valid_samples))
     flops_per_iteration = num_floating_point_operations(args, run.config.padded_vocab_size(run.layout.tp))
@@ -207,12 +215,22 @@ def train(run: TrainingRun, result: TrainingResult) -> str | None:
         gc.collect()
     profiler = StepProfiler(args, dist.get_rank())
     while progress.iteration < args.train_iters and not args.skip_train:
-        global_batch = run.batch_schedule.global_batch(progress.consumed_train_samples)
-        microbatches = global_batch // (args.micro_batch_size * run.layout.dp)
-        batches = [_to_device(next(train_iter), run.device) for _ in range(microbatches)]
+        run.report.step_starts()
         with named_collective(f"at iteration {progress.iteration + 1}"), memory.watch():
-            loss, update_successful, grad_norm = train_step(batches, run.ddp_model, run.optimizer,
-                                                            args.calculate_per_token_loss, interval.timers)
+            if run.replicas:  # fault-tolerant DP: run the iteration until the live replicas commit it
+                outcome = None
+                while outcome is None:
+                    batches = run.replicas.start_step(train_data, run.batch_schedule)
+                    outcome = train_step([_to_device(batch, run.device) for batch in batches], run.ddp_model,
+                                         run.optimizer, args.calculate_per_token_loss, interval.timers, run.replicas)
+                loss, update_successful, grad_norm = outcome
+                global_batch = run.replicas.global_batch
+            else:
+                global_batch = run.batch_schedule.global_batch(progress.consumed_train_samples)
+                microbatches = global_batch // (args.micro_batch_size * run.layout.dp)
+                batches = [_to_device(next(train_iter), run.device) for _ in range(microbatches)]
+                loss, update_successful, grad_norm = train_step(batches, run.ddp_model, run.optimizer,
+                                                                args.calculate_per_token_loss, interval.timers)
         _empty_unused_memory(args, 1)
         if update_successful:
             run.scheduler.step(global_batch)
@@ -227,6 +245,7 @@ def train(run: TrainingRun, result: TrainingResult) -> str | None:
         result.grad_norms.append(grad_norm)
         result.learning_rates.append(lr)
         interval.add(loss, not update_successful, is_nan, global_batch)
+        run.report.step_done(progress.iteration, run.layout.describe())
         profiler.step(progress.iteration)
 
         if progress.iteration % args.log_interval == 0:
@@ -248,14 +267,17 @@ def train(run: TrainingRun, result: TrainingResult) -> str | None:
             run.writers.scalars(_validation_scalars(args, valid_loss), progress.iteration)
         with named_collective(f"the agreement on stopping after iteration {progress.iteration}"):
             exit_reason = exit_conditions.check(progress.iteration)
+        if run.local and (exit_reason or run.local.due(progress.iteration)):
+            _save_local(run, wait=bool(exit_reason))
         if args.save and (exit_reason or (args.save_interval and progress.iteration % args.save_interval == 0)):
             _save(run)
         interval.start += time.perf_counter() - pause_start
         if exit_reason:
-            print_rank_0(f"exiting after iteration {progress.iteration}: {exit_reason}"
-                         + ("" if args.save else " (no --save: nothing saved)"))
+            saved = "" if args.save else " (a local checkpoint only)" if run.local else " (no --save: nothing saved)"
+            print_rank_0(f"exiting after iteration {progress.iteration}: {exit_reason}{saved}")
             break
     exit_conditions.close()
+    result.exit_reason, result.stopped_by_peers = exit_reason, bool(exit_reason) and exit_conditions.stopped_by_peers
     if result.losses:  # a run shorter than one log interval reports its memory at the end
         result.memory = memory.report(progress.iteration, run.layout)
     profiler.stop()
@@ -270,6 +292,12 @@ def finish(run: TrainingRun, result: TrainingResult, exit_reason: str | None) ->
     if args.save and run.saved_at != run.progress.iteration:
         _save(run)
     wait_for_async_save()
+    if run.local:
+        run.local.wait()
+        if not exit_reason and run.saved_at == run.progress.iteration:
+            run.local.clean_up()  # the run is over and its durable checkpoint holds everything
+    if run.replicas:
+        run.replicas.shutdown()
     result.progress = run.progress
     if exit_reason:  # preempted or told to stop: leave now, the rest of the grace period is not ours
         run.writers.close()
@@ -308,11 +336,25 @@ def _empty_unused_memory(args, level: int) -> None:
         torch.cuda.empty_cache()
 
 
+def _healthy(run: TrainingRun) -> bool:
+    """Whether this iteration may be saved: never replace a healthy checkpoint by a broken one. Collective."""
+    if run.finite and parameters_are_finite(run.model):
+        return True
+    print_rank_0(f"not saving iteration {run.progress.iteration}: its loss, gradient norm or weights are not finite")
+    return False
+
+
+def _save_local(run: TrainingRun, wait: bool) -> None:
+    """A local checkpoint of this iteration (in the background; `wait`: until it is on disk, before an exit)."""
+    if _healthy(run):
+        run.local.save(run.progress, run.model, run.optimizer, run.scheduler, run.args)
+    if wait:
+        run.local.wait()
+
+
 def _save(run: TrainingRun) -> None:
     args = run.args
-    if not (run.finite and parameters_are_finite(run.model)):  # never replace a healthy checkpoint by a broken one
-        print_rank_0(f"not saving iteration {run.progress.iteration}: its loss, gradient norm or weights are "
-                     "not finite")
+    if not _healthy(run):
         return
     save_checkpoint(args.save, run.progress, run.model, run.optimizer, run.scheduler, args,
                     keep_last=args.keep_last, async_save=args.async_save)
@@ -399,32 +441,42 @@ def _run_schedule(batches: list[dict], chunks: list, forward_only: bool, grad_sc
         grad_scale_func=grad_scale_func, layout=layout)
 
 
-def train_step(batches: list[dict], model, optimizer, per_token_loss: bool = False, timers: dict | None = None):
+def train_step(batches: list[dict], model, optimizer, per_token_loss: bool = False, timers: dict | None = None,
+               replicas=None):
     """Forward and backward over the micro-batches (the layout's schedule), reduce gradients, step.
 
     `model` is a DDP-wrapped model or the list of this stage's DDP-wrapped chunks. Returns (loss,
     stepped, grad norm), the loss averaged over the micro-batches and DP (over the global batch's tokens with
     `per_token_loss`), the same on every rank. `timers` (if given) gets the seconds of "forward-backward"
-    (with the gradient reduction) and "optimizer" added.
+    (with the gradient reduction) and "optimizer" added. `replicas` (fault-tolerant DP, fault_tolerance.py)
+    then sums gradients and loss over the live replicas; when it says the step failed, nothing is applied
+    and the result is None.
     """
     chunks = _as_chunks(model)
     optimizer.zero_grad()
     start = time.perf_counter()
-    with named_collective("the tensor-parallel collectives and pipeline transfers of forward/backward"):
-        reported = _run_schedule(batches, chunks, forward_only=False,
-                                 grad_scale_func=lambda loss: optimizer.get_loss_scale().to(loss.device),
-                                 per_token_loss=per_token_loss)
+    reported = []
+    if batches:  # a fault-tolerant replica has none in a step with more live replicas than micro-batches
+        with named_collective("the tensor-parallel collectives and pipeline transfers of forward/backward"):
+            reported = _run_schedule(batches, chunks, forward_only=False,
+                                     grad_scale_func=lambda loss: optimizer.get_loss_scale().to(loss.device),
+                                     per_token_loss=per_token_loss)
     with named_collective("the all-reduce of gradients over data-parallel ranks"):
         for chunk in chunks:
             chunk.finish_grad_sync()
+    with named_collective("the all-reduce of the loss over data-parallel ranks"):
+        loss = _average_loss(reported, chunks[0].layout)
+    if replicas is not None:
+        loss = replicas.reduce(chunks, loss, len(batches))
+        if loss is None:
+            return None
     middle = time.perf_counter()
     with named_collective("the optimizer step (gradient-norm all-reduce, parameter all-gather)"):
         update_successful, grad_norm = optimizer.step()
     if timers is not None:
         timers["forward-backward"] = timers.get("forward-backward", 0.0) + middle - start
         timers["optimizer"] = timers.get("optimizer", 0.0) + time.perf_counter() - middle
-    with named_collective("the all-reduce of the loss over data-parallel ranks"):
-        return _average_loss(reported, chunks[0].layout), update_successful, grad_norm
+    return loss, update_successful, grad_norm
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import torch
 from megatronish import parallel_state
 from megatronish.data import gpt_dataset
 from megatronish.data.gpt_dataset import GPTDatasetConfig, build_gpt_datasets
-from megatronish.data.samplers import PretrainingSampler, build_pretraining_data_loader
+from megatronish.data.samplers import PretrainingSampler, build_pretraining_data_loader, micro_batches_of_rank
 from megatronish.testing import run_distributed
 
 from .conftest import random_documents, write_dataset
@@ -43,6 +43,22 @@ def test_data_parallel_ranks_are_disjoint_and_cover_each_global_batch(dp):
     for it in range(iterations):
         seen = [i for r in range(dp) for b in per_rank[r][it * accumulation : (it + 1) * accumulation] for i in b]
         assert sorted(seen) == list(range(it * global_batch, (it + 1) * global_batch))
+
+
+@pytest.mark.parametrize("dp", [1, 2, 4])
+def test_micro_batches_of_a_global_batch_do_not_depend_on_dp(dp):
+    """The samples of a global batch and their micro-batches are the same at every DP size (an elastic job that
+    changes DP stays on its trajectory); a live-replica count that does not divide them (fault-tolerant DP)
+    still covers each micro-batch once."""
+    mbs, global_batch, consumed = 2, 16, 32
+    by_rank = [micro_batches(Numbered(100), consumed, mbs, r, dp)[: global_batch // (mbs * dp)] for r in range(dp)]
+    assert sorted(map(tuple, (b for batches in by_rank for b in batches))) == [
+        tuple(range(start, start + mbs)) for start in range(consumed, consumed + global_batch, mbs)]
+    for rank in range(dp):
+        assert micro_batches_of_rank(consumed, global_batch, mbs, rank, dp) == by_rank[rank]
+    uneven = [micro_batches_of_rank(consumed, global_batch, mbs, rank, 3) for rank in range(3)]
+    assert [len(b) for b in uneven] == [3, 3, 2]
+    assert sorted(i for batches in uneven for b in batches for i in b) == list(range(consumed, consumed + global_batch))
 
 
 def test_resume_serves_what_an_uninterrupted_run_serves(tmp_path):
