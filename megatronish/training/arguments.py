@@ -660,7 +660,7 @@ def _validate_local_checkpoint_args(args, fail) -> None:
     interval, directory = args.local_checkpoint_interval, args.local_checkpoint_dir
     if (interval is None) != (directory is None):
         fail("--local-checkpoint-interval and --local-checkpoint-dir go together: give both (or neither)")
-    if interval is None:
+    if interval is None or directory is None:
         return
     if interval < 1:
         fail(f"--local-checkpoint-interval {interval} must be positive")
