@@ -34,6 +34,9 @@ def add_swarm_args(parser: argparse.ArgumentParser, role: str) -> argparse.Argum
                        help="the pipeline stage to serve, or 'auto': the one with the least throughput")
         g.add_argument("--throttle", type=float, default=1.0,
                        help="run this many times slower (sleeps after each computation; tests and benchmarks)")
+        g.add_argument("--keep-forwards", type=int, default=4,
+                       help="autograd graphs of the newest forwards kept, so that their backward on this peer skips "
+                            "recomputing them (0: always recompute)")
         g.add_argument("--rebalance-period", type=float, default=30.0,
                        help="seconds between checks whether this peer should move to a slower stage (0: never)")
         g.add_argument("--rebalance-gain", type=float, default=0.2,

@@ -24,7 +24,8 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
 log = logging.getLogger("megatronish.swarm")
-RECORD_LIFETIME_PERIODS = 10  # a record outlives this many missed refreshes
+HOLDING_STATE = ("serving", "draining")  # peers a stage's state can be copied from, and that take part in commits
+RECORD_LIFETIME_PERIODS = 20  # a record outlives this many missed refreshes
 DHT_WAIT_TIMEOUT = 1.0  # seconds a DHT request waits for a node (a frozen one holds reads up this long)
 
 
@@ -77,10 +78,6 @@ class PeerRecord:
     expiration: float = 0.0
 
     @property
-    def serving(self) -> bool:
-        return self.state == "serving"
-
-    @property
     def peer(self) -> PeerID:
         return PeerID.from_base58(self.peer_id)
 
@@ -93,12 +90,20 @@ async def announce(node: DHTNode, run_id: str, record: PeerRecord, update_period
 
 
 class PeerTable:
-    """The swarm's peers per stage, as last read from the DHT (records kept until they expire)."""
+    """The swarm's peers per stage, as last read from the DHT (records kept until they expire, or longer
+    for peers that answer calls: a call answered is as good a sign of life as a record)."""
 
-    def __init__(self, node: DHTNode, run_id: str, num_stages: int):
+    def __init__(self, node: DHTNode, run_id: str, num_stages: int, update_period: float):
         self.node, self.run_id, self.num_stages = node, run_id, num_stages
+        self.lifetime = RECORD_LIFETIME_PERIODS * update_period
         self._records: dict[tuple[int, str], PeerRecord] = {}
         self.refreshed = asyncio.Event()
+
+    def answered(self, stage: int, peer_id: str) -> None:
+        """`peer_id` just answered a call for `stage`: keep its record at least another lifetime."""
+        record = self._records.get((stage, peer_id))
+        if record is not None:
+            record.expiration = max(record.expiration, get_dht_time() + self.lifetime)
 
     async def refresh(self) -> None:
         keys = [stage_key(self.run_id, stage) for stage in range(self.num_stages)]
@@ -124,17 +129,17 @@ class PeerTable:
             await self.refresh()
             await asyncio.sleep(period)
 
-    def records(self, stage: int | None = None, serving_only: bool = True) -> list[PeerRecord]:
-        """Unexpired records (of one stage, or all), newest per peer and stage."""
+    def records(self, stage: int | None = None, states: tuple | None = ("serving",)) -> list[PeerRecord]:
+        """Unexpired records (of one stage, or all; in one of `states`, or any), newest per peer and stage."""
         now = get_dht_time()
         for key in [k for k, r in self._records.items() if r.expiration < now]:
             del self._records[key]
         return [r for (s, _), r in sorted(self._records.items())
-                if (stage is None or s == stage) and (r.serving or not serving_only)]
+                if (stage is None or s == stage) and (states is None or r.state in states)]
 
-    def stage_iteration(self, stage: int) -> int | None:
-        """The newest iteration any serving peer of `stage` reports (None: no serving peer)."""
-        iterations = [r.iteration for r in self.records(stage)]
+    def stage_iteration(self, stage: int, states: tuple = ("serving",)) -> int | None:
+        """The newest iteration any peer of `stage` in `states` reports (None: no such peer)."""
+        iterations = [r.iteration for r in self.records(stage, states)]
         return max(iterations) if iterations else None
 
     def swarm_iteration(self) -> int | None:

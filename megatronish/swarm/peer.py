@@ -33,11 +33,20 @@ from hivemind.utils import PerformanceEMA
 from megatronish import parallel_state
 from megatronish.data.tokenizers import build_tokenizer
 from megatronish.swarm.checkpoint import save_stage_part
-from megatronish.swarm.network import PeerRecord, PeerTable, announce, start_node, stop_node, visible_address
+from megatronish.swarm.compute import COMMIT, WORK, ComputeThread
+from megatronish.swarm.network import (
+    HOLDING_STATE,
+    PeerRecord,
+    PeerTable,
+    announce,
+    start_node,
+    stop_node,
+    visible_address,
+)
 from megatronish.swarm.rebalancing import choose_move, choose_stage
 from megatronish.swarm.stage import Refused, StageWorker
 from megatronish.swarm.compression import roundtrip
-from megatronish.swarm.wire import Lossy, Payload, call, serve
+from megatronish.swarm.wire import CALLS, Lossy, Payload, call, serve
 from megatronish.training.arguments import transformer_config_from_args
 
 log = logging.getLogger("megatronish.swarm")
@@ -53,7 +62,7 @@ class StagePeer(ServicerBase):
         self.num_stages = args.pipeline_model_parallel_size
         tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
         self.config = transformer_config_from_args(args, tokenizer.vocab_size)
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
+        self.compute = ComputeThread()
         self.saver = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
         self.worker: StageWorker | None = None
         self.stage: int | None = None
@@ -81,13 +90,13 @@ class StagePeer(ServicerBase):
             await self.leave()
         serving.cancel()
         await stop_node(self.p2p, self.node)
-        self.compute.shutdown(wait=True)
+        self.compute.shutdown()
         self.saver.shutdown(wait=True)
 
     async def _serve(self) -> None:
         await self.add_p2p_handlers(self.p2p)
         log.info(f"peer {self.peer_id} listening at {await visible_address(self.p2p)}")
-        self.table = PeerTable(self.node, self.args.run_id, self.num_stages)
+        self.table = PeerTable(self.node, self.args.run_id, self.num_stages, self.args.update_period)
         loops = [asyncio.create_task(self.table.keep_refreshed(self.args.update_period))]
         try:
             await self.table.refreshed.wait()
@@ -105,7 +114,8 @@ class StagePeer(ServicerBase):
         """Serve `stage`: build it, take its state, announce."""
         self.stage, self.state = stage, "joining"
         self.worker = None
-        self.worker = await self._run(StageWorker, self.args, self.config, stage, self.num_stages)
+        self.worker = await self._run(StageWorker, self.args, self.config, stage, self.num_stages,
+                                      self.args.keep_forwards)
         await self._take_initial_state()
         await self._measure_speed()
         self.state = "serving"
@@ -132,7 +142,7 @@ class StagePeer(ServicerBase):
     async def _take_initial_state(self) -> None:
         waited = 0.0
         while True:
-            sources = [r for r in self.table.records(self.stage) if r.peer_id != self.peer_id]
+            sources = [r for r in self.table.records(self.stage, HOLDING_STATE) if r.peer_id != self.peer_id]
             for source in sorted(sources, key=lambda r: -r.iteration):
                 if await self._download_state(source):
                     return
@@ -140,7 +150,7 @@ class StagePeer(ServicerBase):
                 if self.args.load and await self._run(self.worker.load_checkpoint, self.args.load):
                     log.info(f"stage {self.stage}: loaded {self.args.load} at iteration {self.worker.iteration}")
                     return
-                if not any(r.iteration > 0 for r in self.table.records(serving_only=False)):
+                if not any(r.iteration > 0 for r in self.table.records(states=None)):
                     log.info(f"stage {self.stage}: no peer serves it yet, starting from the seeded initial weights")
                     return
             if waited % 30 == 0:
@@ -167,13 +177,15 @@ class StagePeer(ServicerBase):
         return True
 
     async def _drain(self) -> bool:
-        """Stop taking micro-batches; wait until every step this peer holds a part of is applied here."""
+        """Stop taking micro-batches; wait until every step this peer holds a part of is applied here, and
+        until the stage's other peers have its iteration (one of them may be behind and need its state)."""
         self.state = "draining"
         await self._announce()
         deadline = time.monotonic() + DRAIN_TIMEOUT_CALLS * self.args.call_timeout
         while time.monotonic() < deadline:
             held = [s for s in self.worker.step_gradients if s >= self.worker.iteration]
-            if not held and self.queued_samples == 0:
+            others = [r.iteration for r in self.table.records(self.stage) if r.peer_id != self.peer_id]
+            if not held and self.queued_samples == 0 and all(i >= self.worker.iteration for i in others):
                 return True
             await asyncio.sleep(0.1)
         return False
@@ -202,7 +214,7 @@ class StagePeer(ServicerBase):
             if self.state != "serving":
                 behind_since = None
                 continue
-            newest, mine = self.table.stage_iteration(self.stage), self.worker.iteration
+            newest, mine = self.table.stage_iteration(self.stage, HOLDING_STATE), self.worker.iteration
             if newest is None or newest <= mine:
                 behind_since = None
                 continue
@@ -210,7 +222,8 @@ class StagePeer(ServicerBase):
             if time.monotonic() - behind_since < self.args.call_timeout + 2 * self.args.update_period:
                 continue
             log.info(f"stage {self.stage}: at iteration {mine} while the stage is at {newest}: downloading the state")
-            ahead = [r for r in self.table.records(self.stage) if r.iteration == newest and r.peer_id != self.peer_id]
+            ahead = [r for r in self.table.records(self.stage, HOLDING_STATE)
+                     if r.iteration == newest and r.peer_id != self.peer_id]
             for source in ahead:
                 if await self._download_state(source):
                     break
@@ -264,14 +277,15 @@ class StagePeer(ServicerBase):
     # ------------------------------------------------------------------ computing
 
     async def _run(self, fn, *args):
-        """Run on the compute thread (one computation at a time: the stage's model is not shared)."""
-        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+        """Run on the compute thread (one computation at a time: the stage's model is not shared), before
+        any trainer's work that waits there."""
+        return await self.compute.submit(COMMIT, fn, *args)
 
     async def _work(self, kind: str, samples: int, fn, *args):
         """A trainer's computation: queued, timed (throttled with --throttle) and counted in the throughput."""
         self.queued_samples += samples
         try:
-            return await self._run(self._timed, kind, samples, fn, args)
+            return await self.compute.submit(WORK, self._timed, kind, samples, fn, args)
         finally:
             self.queued_samples -= samples
 
@@ -311,7 +325,8 @@ class StagePeer(ServicerBase):
     async def _forward(self, payload: Payload) -> Payload:
         meta = payload.meta
         self._check(meta)
-        output = await self._work("forward", meta["samples"], self.worker.forward, payload.tensors[0], meta["seed"])
+        output = await self._work("forward", meta["samples"], self.worker.forward, payload.tensors[0], meta["seed"],
+                                  meta["micro_batch"])
         return Payload(tensors=[Lossy(output)])
 
     async def _backward(self, payload: Payload) -> Payload:
@@ -427,7 +442,8 @@ class StagePeer(ServicerBase):
         updated = await self._run(self.worker.apply, step, meta["attempt"], meta["norm"])
         digest = await self._run(self.worker.digest)
         log.info(f"stage {self.stage}: applied step {step}: iteration {step + 1}, weights {digest}"
-                 + ("" if updated else " (update skipped: non-finite gradient norm)"))
+                 + ("" if updated else " (update skipped: non-finite gradient norm)")
+                 + f" | calls to peers sent {CALLS.sent} B, received {CALLS.received} B")
         iteration, args = step + 1, self.args
         if meta["writer"] and args.save and (iteration % args.save_interval == 0 or iteration == args.train_iters):
             blocks, common = await self._run(self.worker.checkpoint_part, args)

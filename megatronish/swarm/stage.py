@@ -1,15 +1,16 @@
 """One pipeline stage of the GPT, held whole by one process: what a SWARM peer computes.
 
 A peer serves whichever trainer asks, in any order, so it keeps no activations between calls:
-    forward(inputs)                                   -> the stage's outputs (no graph kept)
+    forward(inputs)                                   -> the stage's outputs
     backward(step, micro_batch, inputs, grad_output)  -> the gradient of the inputs; the parameters'
                                                          gradients are added to that step's sum
     forward_backward(step, micro_batch, inputs, labels, loss_mask, num_microbatches)
                                                       -> (loss, gradient of the inputs): the last stage
 `backward` recomputes the forward from the inputs sent with it (as hivemind's ModuleBackend does),
 so it may run on another peer of the stage than the forward did, and a backward lost with a dead
-peer can be replayed on any peer. The random streams are seeded per call (the trainer sends the
-seed), so a recomputation draws the forward's dropout masks.
+peer can be replayed on any peer; a peer that ran the forward itself, at the same weights, keeps
+its graph for a while (`keep_forwards`) and skips the recomputation. The random streams are seeded
+per call (the trainer sends the seed), so a recomputation draws the forward's dropout masks.
 
 Gradient sums are kept per training step (`StepGradients`: a flat fp32 buffer laid out like the
 DDP gradient buffer, and the micro-batches it holds), so the next step's micro-batches can arrive
@@ -26,6 +27,7 @@ functions); only the gradient norm is summed over the stages by whoever commits 
 
 import hashlib
 import math
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -62,7 +64,7 @@ class StageWorker:
     """Stage `stage` of `num_stages` of the GPT the arguments describe (pretrain_gpt.py's flags),
     with its optimizer and LR schedule. Not thread-safe: one thread runs every call."""
 
-    def __init__(self, args, config: TransformerConfig, stage: int, num_stages: int):
+    def __init__(self, args, config: TransformerConfig, stage: int, num_stages: int, keep_forwards: int = 0):
         self.stage, self.num_stages = stage, num_stages
         self.layout = ParallelLayout.standalone_stage(stage, num_stages)
         self.model = GPTModel(config, seed=args.seed, layout=self.layout)
@@ -76,6 +78,9 @@ class StageWorker:
         self.step_gradients: dict[int, StepGradients] = {}
         self.pending: dict[int, tuple[int, torch.Tensor]] = {}  # step -> (attempt, the stage's gradient sum)
         self.own_embedding_part: dict[int, torch.Tensor] = {}
+        self.keep_forwards = keep_forwards
+        self.saved_forwards: OrderedDict[int, tuple] = OrderedDict()  # micro-batch -> (iteration, inputs, graph)
+        self.recomputed = 0  # backward passes that had to recompute their forward
         shared = [p for p in self.params if getattr(p, "shared_embedding", False)]
         self.tied_embedding = shared[0] if shared else None  # pp > 1 with tied embeddings, first or last stage
 
@@ -89,19 +94,31 @@ class StageWorker:
 
     # ------------------------------------------------------------------ forward and backward
 
-    @torch.no_grad()
-    def forward(self, inputs: torch.Tensor, seed: int) -> torch.Tensor:
-        with self._seeded(seed):
-            return self._run(inputs)
+    def forward(self, inputs: torch.Tensor, seed: int, micro_batch: int | None = None) -> torch.Tensor:
+        """The stage's outputs. With a `micro_batch`, the autograd graph is kept (the newest `keep_forwards`
+        of them), so that a backward of that micro-batch on this peer at this iteration skips recomputing."""
+        keep = micro_batch is not None and self.keep_forwards > 0
+        with self._seeded(seed), torch.set_grad_enabled(keep):
+            differentiable = self._differentiable(inputs) if keep else inputs
+            output = self._run(differentiable)
+        if keep:
+            self.saved_forwards[micro_batch] = (self.iteration, inputs, differentiable, output)
+            while len(self.saved_forwards) > self.keep_forwards:
+                self.saved_forwards.popitem(last=False)
+        return output.detach()
 
     def backward(self, step: int, micro_batch: int, samples: int, inputs: torch.Tensor, grad_output: torch.Tensor,
                  seed: int) -> torch.Tensor | None:
-        """Recompute the forward, add the parameters' gradients to step `step`'s sum (once per micro-batch),
-        return the gradient of the inputs (None on the first stage: token ids have none)."""
+        """Add the parameters' gradients to step `step`'s sum (once per micro-batch), return the gradient of
+        the inputs (None on the first stage: token ids have none). The forward is recomputed from `inputs`
+        unless this peer ran it at this iteration (same weights) on the same inputs and still holds it."""
+        iteration, saved_inputs, differentiable, output = self.saved_forwards.pop(micro_batch, (None,) * 4)
         with self._seeded(seed), torch.enable_grad():
-            inputs = self._differentiable(inputs)
-            output = self._run(inputs)
-            grads = torch.autograd.grad(output, self._wrt(inputs), grad_output, allow_unused=True)
+            if iteration != self.iteration or not torch.equal(saved_inputs, inputs):
+                differentiable = self._differentiable(inputs)
+                output = self._run(differentiable)
+                self.recomputed += 1
+            grads = torch.autograd.grad(output, self._wrt(differentiable), grad_output, allow_unused=True)
         return self._keep(step, micro_batch, samples, grads)
 
     def forward_backward(self, step: int, micro_batch: int, samples: int, inputs: torch.Tensor,
@@ -241,8 +258,10 @@ class StageWorker:
         return flat[start:end]
 
     def _advance_to(self, iteration: int) -> None:
-        """Forget every step before `iteration` (sums of old steps: retries that came too late)."""
+        """Forget every step before `iteration` (sums of old steps: retries that came too late) and the kept
+        forwards (their graphs hold the weights the step is about to change in place)."""
         self.iteration = iteration
+        self.saved_forwards.clear()
         for table in (self.step_gradients, self.pending, self.own_embedding_part):
             for step in [s for s in table if s < iteration]:
                 del table[step]

@@ -37,14 +37,17 @@ from dataclasses import dataclass, field
 import torch
 
 from megatronish.data.tokenizers import build_tokenizer
-from megatronish.swarm.network import PeerTable, start_node, stop_node
+from megatronish.swarm.network import HOLDING_STATE, PeerTable, start_node, stop_node
 from megatronish.swarm.peer import StagePeer
 from megatronish.swarm.stage import Refused
-from megatronish.swarm.wire import TRAFFIC, Lossy, Payload, call
+from megatronish.swarm.wire import CALLS, Lossy, Payload, call
 from megatronish.training.training import build_datasets
 
 log = logging.getLogger("megatronish.swarm")
 WORK = {"forward": 0.25, "backward": 0.75, "forward_backward": 1.0}  # a stage's work per sample, by call kind
+RECOMPUTE_SHARE = 1 / 3  # of a backward's work: the forward it recomputes unless its peer kept it
+FAST_FAILURE_BAN = 1.0  # seconds out of the wiring after a call that failed without timing out
+COMMIT_RETRIES = 2  # a commit call that fails at once (not a timeout) is tried this many more times
 
 
 @dataclass
@@ -55,6 +58,7 @@ class MicroBatch:
     seed: int
     inputs: dict = field(default_factory=dict)        # stage -> what it got (kept for retries and replays)
     grad_outputs: dict = field(default_factory=dict)  # stage (not the last) -> gradient of its output
+    forward_peers: dict = field(default_factory=dict) # stage -> peer id that ran its forward (may have kept it)
     holders: dict = field(default_factory=dict)       # stage -> peer id holding its backward's gradients
     held_since: dict = field(default_factory=dict)    # stage -> when it did
     loss: float | None = None
@@ -78,8 +82,10 @@ class Balancer:
         self.queued: dict[str, float] = {}       # peer id -> work units this trainer has in flight there
         self.banned_until: dict[str, float] = {}
         self.failed_at: dict[str, float] = {}    # peer id -> the last time a call to it failed
+        self.timed_out_at: dict[str, float] = {}  # ... timed out
 
-    def choose(self, stage: int, work: float) -> str | None:
+    def choose(self, stage: int, work: float, kept_by: str | None = None) -> str | None:
+        """`kept_by`: the peer that ran this backward's forward; it does less work (no recomputation)."""
         now = time.monotonic()
         candidates = [r for r in self.table.records(stage) if self.banned_until.get(r.peer_id, 0) <= now]
         if not candidates:
@@ -89,14 +95,25 @@ class Balancer:
             queued = self.queued.get(record.peer_id, 0.0)
             if record.throughput is None:  # not measured yet: probe it while it is idle
                 return 0.0 if queued == 0 else math.inf
-            return (queued + work) / record.throughput
+            own_work = work * (1 - RECOMPUTE_SHARE) if record.peer_id == kept_by else work
+            return (queued + own_work) / record.throughput
 
         return min(candidates, key=lambda r: (finish_time(r), random.random())).peer_id
 
-    def failed(self, peer_id: str) -> None:
+    def failed(self, peer_id: str, error: BaseException | None = None) -> None:
+        """A call to `peer_id` failed: it loses the gradients it holds (they are replayed) and leaves the
+        wiring for --ban-time when it timed out (frozen, or far too slow), for FAST_FAILURE_BAN when it
+        failed at once (dead peers keep failing at once and cost little; a live one is back soon)."""
         now = time.monotonic()
-        self.banned_until[peer_id] = now + self.ban_time
+        timed_out = isinstance(error, asyncio.TimeoutError)
+        self.banned_until[peer_id] = now + (self.ban_time if timed_out else min(self.ban_time, FAST_FAILURE_BAN))
         self.failed_at[peer_id] = now
+        if timed_out:
+            self.timed_out_at[peer_id] = now
+
+    def unresponsive(self, peer_id: str) -> bool:
+        """Timed out within --ban-time: left out of commits too (each would wait for its timeout)."""
+        return time.monotonic() - self.timed_out_at.get(peer_id, -math.inf) < self.ban_time
 
     def lost(self, micro_batch: MicroBatch, stage: int) -> bool:
         """Whether the holder of `micro_batch`'s gradients on `stage` failed since it took them."""
@@ -112,6 +129,7 @@ class SwarmTrainer:
         self.applied = 0  # the iteration this trainer knows every stage has reached
         self.p2p = self.node = self.table = self.balancer = None
         self.losses: dict[int, float] = {}
+        self.began = None  # when the first step started (the step lines say how long after it each ended)
 
     # ------------------------------------------------------------------ the run
 
@@ -121,11 +139,12 @@ class SwarmTrainer:
         tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
         self.dataset = build_datasets(args, tokenizer)[0]
         self.p2p, self.node = await start_node(args, client_mode=True)
-        self.table = PeerTable(self.node, args.run_id, self.num_stages)
+        self.table = PeerTable(self.node, args.run_id, self.num_stages, args.update_period)
         self.balancer = Balancer(self.table, args.ban_time)
         refresher = asyncio.create_task(self.table.keep_refreshed(args.update_period))
         try:
             start = await self._wait_for_stages()
+            self.began = time.monotonic()
             steps = [t for t in range(start, args.train_iters) if t % args.num_trainers == args.trainer_index]
             log.info(f"trainer {args.trainer_index} of {args.num_trainers}: steps {steps[:1]}..{steps[-1:]} "
                      f"from iteration {start}, {self.per_step} micro-batches of {args.micro_batch_size} per step")
@@ -175,7 +194,8 @@ class SwarmTrainer:
             hidden = mb.batch["tokens"]
             for stage in range(last):
                 mb.inputs[stage] = hidden
-                _, result = await self._call_stage(stage, "forward", mb, [_sent(stage, hidden)], report)
+                mb.forward_peers[stage], result = await self._call_stage(stage, "forward", mb,
+                                                                         [_sent(stage, hidden)], report)
                 hidden = result.tensors[0]
             mb.inputs[last] = hidden
             await self._last_stage(mb, report)
@@ -210,7 +230,7 @@ class SwarmTrainer:
                            "seed": mb.seed, "compression": self.args.compression, **meta}, tensors)
         waited_since = None
         while True:
-            peer_id = self.balancer.choose(stage, work)
+            peer_id = self.balancer.choose(stage, work, mb.forward_peers.get(stage) if kind == "backward" else None)
             if peer_id is None:
                 if waited_since is None or time.monotonic() - waited_since > 10:
                     log.warning(f"stage {stage} has no live peer: micro-batch {mb.index} of step {mb.step} waits")
@@ -220,9 +240,11 @@ class SwarmTrainer:
             start = time.monotonic()
             self.balancer.queued[peer_id] = self.balancer.queued.get(peer_id, 0.0) + work
             try:
-                return peer_id, await self._call(peer_id, kind, payload)
+                result = await self._call(peer_id, kind, payload)
+                self.table.answered(stage, peer_id)
+                return peer_id, result
             except Exception as error:  # noqa: BLE001 - any failure: another peer of the stage
-                self.balancer.failed(peer_id)
+                self.balancer.failed(peer_id, error)
                 report.reroutes += 1
                 log.warning(f"stage {stage}: {kind} of micro-batch {mb.index} on {peer_id} failed after "
                             f"{time.monotonic() - start:.2f} s ({_describe(error)}): rerouting")
@@ -233,6 +255,19 @@ class SwarmTrainer:
         stub = StagePeer.get_stub(self.p2p, _peer(peer_id))
         return await call(getattr(stub, f"rpc_{method}"), payload, self.args.compression,
                           timeout_calls * self.args.call_timeout)
+
+    async def _commit_call(self, peer_id: str, method: str, payload: Payload, timeout_calls: float) -> Payload:
+        """A commit call (idempotent: prepare, exchange, apply): retried when it fails at once (a stream
+        that breaks under load), so that a live peer is not left out of a step it should apply."""
+        for retry in range(COMMIT_RETRIES + 1):
+            try:
+                return await self._call(peer_id, method, payload, timeout_calls)
+            except (asyncio.TimeoutError, Refused):
+                raise
+            except Exception:  # noqa: BLE001 - try again, then give up
+                if retry == COMMIT_RETRIES:
+                    raise
+                await asyncio.sleep(0.2)
 
     # ------------------------------------------------------------------ committing a step
 
@@ -249,7 +284,8 @@ class SwarmTrainer:
         first, size = micro_batches[0].index * self.args.micro_batch_size, self.args.global_batch_size
         log.info(f"step {step} | lm loss {self.losses[step]:.6E} | samples {first}-{first + size - 1}, {size} per "
                  f"stage ({counts}) | rerouted {report.reroutes} | replayed {report.replays} | "
-                 f"{time.monotonic() - started:.2f} s | sent {TRAFFIC.sent} B, received {TRAFFIC.received} B")
+                 f"{time.monotonic() - started:.2f} s | at {time.monotonic() - self.began:.2f} s | "
+                 f"sent {CALLS.sent} B, received {CALLS.received} B")
         if step % self.args.log_interval == 0:
             log.info("peers (samples/s): " + "; ".join(
                 f"stage {stage}: " + ", ".join(f"{r.peer_id[-6:]} {r.throughput or 0:.1f}"
@@ -281,13 +317,13 @@ class SwarmTrainer:
             peers = self._committing_peers(stage) | set(holders)
             meta = {"stage": stage, "step": step, "attempt": attempt, "holders": holders,
                     "compression": self.args.compression}
-            replies = await asyncio.gather(*(self._call(p, "prepare", Payload(meta), timeout_calls=3) for p in peers),
+            replies = await asyncio.gather(*(self._commit_call(p, "prepare", Payload(meta), 3) for p in peers),
                                            return_exceptions=True)
             ready = {}
             for peer_id, reply in zip(peers, replies):
                 if isinstance(reply, Exception):
                     log.warning(f"stage {stage}: preparing step {step} on {peer_id} failed ({_describe(reply)})")
-                    self.balancer.failed(peer_id)
+                    self.balancer.failed(peer_id, reply)
                 elif reply.meta.get("failed"):
                     for holder, reason in reply.meta["failed"].items():
                         log.warning(f"stage {stage}: {peer_id} could not get {holder}'s part of step {step} ({reason})")
@@ -309,10 +345,10 @@ class SwarmTrainer:
         await asyncio.gather(*(replay(mb, report) for mb in lost))
 
     def _committing_peers(self, stage: int) -> set[str]:
-        """Peers that take part in a commit: serving or draining, not banned."""
-        now = time.monotonic()
-        return {r.peer_id for r in self.table.records(stage, serving_only=False)
-                if r.state in ("serving", "draining") and self.balancer.banned_until.get(r.peer_id, 0) <= now}
+        """Peers that take part in a commit: serving or draining, and not unresponsive lately. Every live
+        peer should apply every step: a peer left out falls behind, and must not become its stage's last."""
+        return {r.peer_id for r in self.table.records(stage, HOLDING_STATE)
+                if not self.balancer.unresponsive(r.peer_id)}
 
     async def _squared_norms(self, step: int, prepared: list) -> list[float] | None:
         """Each stage's share of the squared global norm; the tied embeddings' exchange first where needed.
@@ -338,7 +374,7 @@ class SwarmTrainer:
             meta = {"stage": stage, "step": step, "attempt": attempt, "partner": partner, "partner_stage": other,
                     "partner_attempt": other_attempt, "compression": self.args.compression}
             peers = list(ready)
-            replies = await asyncio.gather(*(self._call(p, "exchange", Payload(meta)) for p in peers),
+            replies = await asyncio.gather(*(self._commit_call(p, "exchange", Payload(meta), 1) for p in peers),
                                            return_exceptions=True)
             done = {p: r for p, r in zip(peers, replies) if not isinstance(r, Exception)}
             if done:
@@ -347,7 +383,7 @@ class SwarmTrainer:
                 return next(iter(done.values())).meta["squared_norm"]
             log.warning(f"stage {stage}: the tied-embedding exchange of step {step} with {partner} failed "
                         f"({_describe(replies[0])}): trying another peer of stage {other}")
-            self.balancer.failed(partner)
+            self.balancer.failed(partner, replies[0])
         return None
 
     async def _apply(self, stage, step, attempt, ready: dict, norm: float) -> None:
@@ -357,7 +393,7 @@ class SwarmTrainer:
             peers = list(ready)
             metas = [{"stage": stage, "step": step, "attempt": attempt, "norm": norm, "writer": i == 0}
                      for i in range(len(peers))]
-            replies = await asyncio.gather(*(self._call(p, "apply", Payload(m), timeout_calls=2)
+            replies = await asyncio.gather(*(self._commit_call(p, "apply", Payload(m), 2)
                                              for p, m in zip(peers, metas)), return_exceptions=True)
             applied = [p for p, r in zip(peers, replies) if not isinstance(r, Exception)]
             for peer_id, reply in zip(peers, replies):

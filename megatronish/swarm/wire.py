@@ -43,12 +43,13 @@ class Lossy:
 
 @dataclass
 class Traffic:
-    """Bytes this process sent and received in calls (serialized, after compression)."""
+    """Bytes sent and received (serialized, after compression)."""
     sent: int = 0
     received: int = 0
 
 
-TRAFFIC = Traffic()
+CALLS = Traffic()   # in the calls this process made (a trainer's activations; a peer's fetches from other peers)
+SERVED = Traffic()  # in the calls it answered
 
 
 def _flatten(payload: Payload, compression: str) -> tuple[list, list]:
@@ -83,38 +84,49 @@ def _serialize(payload: Payload, compression: str) -> tuple[list, list]:
     return [part for tensor in serialized for part in split_for_streaming(tensor, PART_BYTES)], layout
 
 
-async def encode(payload: Payload, compression: str, message_type) -> AsyncIterator:
+async def encode(payload: Payload, compression: str, message_type, traffic: Traffic) -> AsyncIterator:
     """The stream of `message_type` (ExpertRequest / ExpertResponse) messages that carries `payload`."""
     parts, layout = await asyncio.get_running_loop().run_in_executor(None, _serialize, payload, compression)
     meta = MSGPackSerializer.dumps({**payload.meta, LAYOUT_KEY: layout})
-    TRAFFIC.sent += len(meta) + sum(len(part.buffer) for part in parts)
+    traffic.sent += len(meta) + sum(len(part.buffer) for part in parts)
     yield message_type(metadata=meta, tensors=parts[:1])
     for part in parts[1:]:
         yield message_type(tensors=[part])
 
 
-async def decode(messages: AsyncIterator) -> Payload:
-    """The payload of a stream of messages made by `encode`."""
-    meta, groups = {}, []
+class TruncatedStream(ConnectionError):
+    """A call's stream ended before all of its payload arrived (hivemind ends a broken stream silently)."""
+
+
+async def decode(messages: AsyncIterator, traffic: Traffic) -> Payload:
+    """The payload of a stream of messages made by `encode`; TruncatedStream if any of it is missing."""
+    meta, groups = None, []
     async for message in messages:
         if message.metadata:
             meta = MSGPackSerializer.loads(message.metadata)
-            TRAFFIC.received += len(message.metadata)
+            traffic.received += len(message.metadata)
         for part in message.tensors:
-            TRAFFIC.received += len(part.buffer)
-            if part.dtype or not groups:  # the first part of each tensor carries its dtype and shape
+            traffic.received += len(part.buffer)
+            if part.dtype or not groups:  # the first part of each tensor carries its dtype, shape and part count
                 groups.append([])
             groups[-1].append(part)
+    if meta is None:
+        raise TruncatedStream("the stream ended before its metadata arrived")
+    layout = meta.pop(LAYOUT_KEY)
+    expected = sum(2 if kind == "blockwise8" else 1 for kind, _ in layout)
+    if len(groups) != expected or any(len(group) != max(group[0].chunks, 1) for group in groups):
+        raise TruncatedStream(f"the stream ended early: {len(groups)} of {expected} tensors, parts "
+                              f"{[(len(g), g[0].chunks) for g in groups]}")
     tensors = [deserialize_torch_tensor(combine_from_streaming(group)).detach() for group in groups]
-    return Payload(meta, _unflatten(tensors, meta.pop(LAYOUT_KEY, [["exact", None]] * len(tensors))))
+    return Payload(meta, _unflatten(tensors, layout))
 
 
 async def call(method, payload: Payload, compression: str, timeout: float) -> Payload:
     """Call a stub's stream method (`stub.rpc_x`) with `payload`; the whole call, both ways, within
     `timeout`. Raises Refused with the peer's reason when it turned the call down."""
     async def exchange():
-        responses = await method(encode(payload, compression, runtime_pb2.ExpertRequest))
-        return await decode(responses)
+        responses = await method(encode(payload, compression, runtime_pb2.ExpertRequest, CALLS))
+        return await decode(responses, CALLS)
     result = await asyncio.wait_for(exchange(), timeout)
     if "refused" in result.meta:
         raise Refused(result.meta["refused"])
@@ -125,10 +137,11 @@ async def serve(requests: AsyncIterator, handler) -> AsyncIterator:
     """The server side of `call`: decode the request, run `handler(payload) -> Payload`, stream the answer
     (in the compression the caller named in its metadata). A Refused becomes the caller's Refused;
     anything else is a bug that hivemind logs with its traceback and reports to the caller."""
-    payload = await decode(requests)
+    payload = await decode(requests, SERVED)
     try:
         result = await handler(payload)
     except Refused as refusal:
         result = Payload({"refused": str(refusal)})
-    async for message in encode(result, payload.meta.get("compression", "none"), runtime_pb2.ExpertResponse):
+    async for message in encode(result, payload.meta.get("compression", "none"), runtime_pb2.ExpertResponse,
+                                SERVED):
         yield message

@@ -39,19 +39,20 @@ def _batches(generator, count, args):
 
 
 def _swarm_step(peers, step, batches, seed):
-    """Wire each micro-batch through peer i % 2 of each stage, then commit the step on all four peers."""
+    """Wire each micro-batch through the peers of each stage, then commit the step on all four peers."""
     first, last = peers[0], peers[1]
     losses = []
     for index, batch in enumerate(batches):
         micro_batch = step * len(batches) + index
         a, b = first[index % 2], last[(index + 1) % 2]  # different wiring per stage
         samples = batch["tokens"].size(0)
-        hidden = a.forward(batch["tokens"], seed)
+        hidden = a.forward(batch["tokens"], seed, micro_batch)
         loss, grad = b.forward_backward(step, micro_batch, samples, hidden, batch["labels"], batch["loss_mask"],
                                         len(batches), seed)
-        first[(index + 1) % 2].backward(step, micro_batch, samples, batch["tokens"], grad, seed)  # rerouted
+        # micro-batches 0 and 3: backward where the forward ran (its graph kept); 1 and 2: rerouted (recomputed)
+        first[(index // 2) % 2].backward(step, micro_batch, samples, batch["tokens"], grad, seed)
         losses.append(loss)
-    norms = []
+    assert [peer.recomputed for peer in first] == [step + 1] * 2  # once per step each: the rerouted one
     for stage in (first, last):
         parts = [peer.step_gradients[step].flat for peer in stage]
         for peer in stage:
@@ -98,7 +99,7 @@ def _compare(clip, folder=None):
     reference = GPTModel(config, seed=args.seed, layout=ParallelLayout.build(1, 1))
     ddp = DistributedDataParallel(reference, layout=reference.layout)
     optimizer, scheduler = build_optimizer(args, ddp)
-    peers = [[StageWorker(args, config, stage, 2) for _ in range(2)] for stage in range(2)]
+    peers = [[StageWorker(args, config, stage, 2, keep_forwards=2) for _ in range(2)] for stage in range(2)]
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
     rows = []
     for step in range(2):

@@ -1,6 +1,7 @@
 """SWARM with real hivemind peers and trainers on 127.0.0.1: tools/swarm_dht.py, swarm_peer.py and
 swarm_trainer.py as processes, 2 stages x 2 peers of a tiny GPT on the demo corpus."""
 
+import math
 import re
 import shutil
 import signal
@@ -10,18 +11,22 @@ import sys
 import pytest
 import torch
 
-from swarm_testing import MODEL, REPO, LocalSwarm, environment, last_digests, step_lines
+from megatronish.swarm.local import REPO, LocalSwarm, environment, last_digests, step_lines
+from megatronish.training.checkpointing import read_full_model_state
 
 pytest.importorskip("hivemind", reason="SWARM needs hivemind: pip install 'megatronish[swarm]'")
 
-from megatronish.training.checkpointing import read_full_model_state  # noqa: E402
+# A tiny GPT on the demo corpus (byte tokens): 2 stages of 1 layer each; short timeouts.
+MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+         "--micro-batch-size", "4", "--global-batch-size", "16", "--log-interval", "5", "--eval-iters", "0"]
+SWARM = ["--pp", "2", "--call-timeout", "5", "--update-period", "0.5"]
 
 PRETRAIN_LINE = re.compile(r"iteration +(\d+)/ +\d+ \|.* lm loss: (\S+) \|")
 
 
 @pytest.fixture
 def swarm(tmp_path):
-    local = LocalSwarm(tmp_path)
+    local = LocalSwarm(tmp_path, MODEL + SWARM)
     local.start_dht()
     yield local
     local.close()
@@ -38,9 +43,10 @@ def _accounted(steps: dict, count: int, global_batch: int = 16) -> None:
     """Steps 0..count-1 each once; each takes the next global batch of samples, and on every stage each
     sample is in exactly one holder's gradient part."""
     assert sorted(steps) == list(range(count))
-    for step, (_, first, last, per_stage, holders, _, _) in steps.items():
-        assert (first, last, per_stage) == (step * global_batch, (step + 1) * global_batch - 1, global_batch)
-        assert [sum(per_holder.values()) for per_holder in holders.values()] == [global_batch] * 2, holders
+    for step, line in steps.items():
+        assert (line.first_sample, line.last_sample, line.per_stage) == (
+            step * global_batch, (step + 1) * global_batch - 1, global_batch)
+        assert [sum(per_holder.values()) for per_holder in line.holders.values()] == [global_batch] * 2, line
 
 
 @pytest.mark.slow
@@ -59,7 +65,7 @@ def test_swarm_steps_like_pretrain_gpt_and_checkpoints_go_both_ways(swarm, tmp_p
     trainer = swarm.trainer("trainer", "--train-iters", "25", "--max-staleness", "0")
     steps = step_lines(swarm.finish(trainer))
     assert sorted(steps) == list(range(5, 25))
-    worst = max(abs(steps[t][0] - losses[t + 1]) / losses[t + 1] for t in steps)
+    worst = max(abs(steps[t].loss - losses[t + 1]) / losses[t + 1] for t in steps)
     assert worst < 0.02, f"SWARM's losses differ from pretrain_gpt.py's by up to {worst:.2%}"
     print(f"largest relative loss difference over 20 steps: {worst:.2e}")
 
@@ -87,6 +93,8 @@ def test_swarm_steps_like_pretrain_gpt_and_checkpoints_go_both_ways(swarm, tmp_p
 @pytest.mark.slow
 def test_swarm_survives_a_killed_and_a_frozen_peer(swarm):
     peers = [swarm.peer(f"peer{i}", "--stage", str(i // 2), "--train-iters", "16") for i in range(4)]
+    for peer in peers:  # all four take part from the start
+        swarm.wait_for(peer, r"serving stage")
     trainer = swarm.trainer("trainer", "--train-iters", "16")
     swarm.wait_for(trainer, r"step 3 \|")
     swarm.signal(peers[0], signal.SIGKILL)  # stage 0: its whole process tree
@@ -95,9 +103,12 @@ def test_swarm_survives_a_killed_and_a_frozen_peer(swarm):
     log = swarm.finish(trainer)
     steps = step_lines(log)
     _accounted(steps, 16)
-    assert sum(s[5] for s in steps.values()) >= 1 and "rerouting" in log  # calls to both were rerouted
-    assert re.search(r"on \S+ failed after [\d.]+ s \(timed out\): rerouting", log)  # the frozen one
-    assert all(loss == loss for loss, *_ in steps.values())  # finite
+    killed, frozen = (re.search(r"peer (\S+) listening", peer.text()).group(1) for peer in (peers[0], peers[2]))
+    # calls to both failed, logged (wiring calls were rerouted, commits went on without them, their gradient parts
+    # were replayed); the last steps have neither as a holder
+    assert re.search(rf"{killed}.* failed", log) and re.search(rf"{frozen}.*(failed|timed out)", log), log
+    assert not {killed[-6:], frozen[-6:]} & {holder for stage in steps[15].holders.values() for holder in stage}
+    assert all(math.isfinite(line.loss) for line in steps.values())
 
     swarm.signal(peers[2], signal.SIGCONT)  # it finds its stage ahead of it and downloads the state
     swarm.wait_for(peers[2], r"downloaded the state at iteration 16", timeout=120)

@@ -1,6 +1,14 @@
-"""A swarm of real processes on 127.0.0.1 for tests: a bootstrap DHT node, peers and trainers started
-from the tools, each in a session of its own (its p2p daemon in its process group), logs in files,
-and a teardown that leaves no process behind (checked)."""
+"""A swarm of real processes on this machine (tests, tools/bench_swarm.py): a bootstrap DHT node, peers
+and trainers started from the tools, each in a session of its own (its p2p daemon in its process
+group), output in log files, and a teardown that leaves no process behind (checked). Also the
+readers of the trainers' and peers' log lines.
+
+    swarm = LocalSwarm(folder, model_flags)
+    swarm.start_dht()
+    peers = [swarm.peer(f"peer{i}", "--stage", str(i // 2)) for i in range(4)]
+    steps = step_lines(swarm.finish(swarm.trainer("trainer")))
+    swarm.close()
+"""
 
 import os
 import re
@@ -8,16 +16,14 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-# A tiny GPT on the demo corpus (byte tokens): 2 stages of 1 layer each.
-MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
-         "--micro-batch-size", "4", "--global-batch-size", "16", "--log-interval", "5", "--eval-iters", "0"]
-SWARM = ["--pp", "2", "--call-timeout", "5", "--update-period", "0.5"]
 STEP_LINE = re.compile(r"step (\d+) \| lm loss (\S+) \| samples (\d+)-(\d+), (\d+) per stage \((.*?)\) \| "
-                       r"rerouted (\d+) \| replayed (\d+)")
+                       r"rerouted (\d+) \| replayed (\d+) \| [\d.]+ s \| at ([\d.]+) s \| "
+                       r"sent (\d+) B, received (\d+) B")
 
 
 def environment(folder: Path) -> dict:
@@ -36,8 +42,12 @@ class Member:
 
 
 class LocalSwarm:
-    def __init__(self, folder: Path):
-        self.folder, self.members = folder, []
+    """`flags` go to every peer and trainer (the model, --pp, timeouts...)."""
+
+    def __init__(self, folder: Path, flags: list[str]):
+        self.folder, self.members = Path(folder), []
+        # A run id of its own: swarms started at once on one machine (tests in parallel) never mix records.
+        self.flags = ["--run-id", f"local-{os.getpid()}-{uuid.uuid4().hex[:8]}", *flags]
         self.address = None
 
     def start(self, name: str, tool: str, *flags: str) -> Member:
@@ -59,10 +69,10 @@ class LocalSwarm:
         self.address = address_file.read_text().strip()
 
     def peer(self, name: str, *flags: str) -> Member:
-        return self.start(name, "peer", "--initial-peers", self.address, *MODEL, *SWARM, *flags)
+        return self.start(name, "peer", "--initial-peers", self.address, *self.flags, *flags)
 
     def trainer(self, name: str, *flags: str) -> Member:
-        return self.start(name, "trainer", "--initial-peers", self.address, *MODEL, *SWARM, *flags)
+        return self.start(name, "trainer", "--initial-peers", self.address, *self.flags, *flags)
 
     def wait_for(self, member: Member, pattern: str, timeout: float = 300.0) -> re.Match:
         """Until `member`'s log matches `pattern` (fails at once if the process ended without it)."""
@@ -131,18 +141,33 @@ def _processes_in_groups(groups: set[int]) -> list[str]:
     return left
 
 
-def step_lines(log: str) -> dict[int, tuple]:
-    """step -> (loss, first sample, last sample, per stage, {stage: {holder: samples}}, reroutes, replays)."""
+@dataclass
+class StepLine:
+    """What a trainer logged about one committed step."""
+    loss: float
+    first_sample: int
+    last_sample: int
+    per_stage: int                              # samples of the step on each stage
+    holders: dict                               # stage -> {holder (last 6 characters of its id): samples}
+    reroutes: int
+    replays: int
+    at: float                                   # seconds after the trainer's first step started
+    sent: int                                   # bytes the trainer had sent and received by then
+    received: int
+
+
+def step_lines(log: str) -> dict[int, StepLine]:
+    """step -> its StepLine, from a trainer's log (each step must be logged once)."""
     steps = {}
     for match in STEP_LINE.finditer(log):
-        step, loss, first, last, per_stage, holders, reroutes, replays = match.groups()
+        step, loss, first, last, per_stage, holders, reroutes, replays, at, sent, received = match.groups()
         assert int(step) not in steps, f"step {step} logged twice"
         per_holder = {}
         for part in holders.split("; "):
             stage, counts = part.split(": ", 1)
             per_holder[int(stage.split()[1])] = {h: int(n) for h, n in (c.split() for c in counts.split(", "))}
-        steps[int(step)] = (float(loss), int(first), int(last), int(per_stage), per_holder, int(reroutes),
-                            int(replays))
+        steps[int(step)] = StepLine(float(loss), int(first), int(last), int(per_stage), per_holder, int(reroutes),
+                                    int(replays), float(at), int(sent), int(received))
     return steps
 
 
