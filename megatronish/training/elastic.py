@@ -91,15 +91,17 @@ def resolve_layout(args: argparse.Namespace, world_size: int) -> None:
 def resolve_layout_or_wait(args: argparse.Namespace, world_size: int) -> None:
     """resolve_layout; when the world is too small for any layout and --wait-for-nodes-minutes is set,
     wait for torchrun to restart this worker with more nodes, and exit with status 3 once the time is up
-    (without it, the LayoutDoesNotFit error: pretrain_gpt.py exits 2 with the layout's message)."""
+    (without it, validate_args reports the layout's problems with the rest: pretrain_gpt.py exits 2)."""
     if getattr(args, "argument_errors", None):
         return  # flags that did not parse: validate_args reports them with everything else
     try:
         resolve_layout(args, world_size)
-    except LayoutDoesNotFit as error:
-        if not args.wait_for_nodes_minutes:
+    except ArgumentError as error:
+        if isinstance(error, LayoutDoesNotFit) and args.wait_for_nodes_minutes:
+            _wait_for_more_nodes(error.needs(), args.wait_for_nodes_minutes, job_store())
+        elif args.layout == "auto":
             raise
-        _wait_for_more_nodes(error.needs(), args.wait_for_nodes_minutes, job_store())
+        # a given layout that does not fit: validate_args reports it with every other problem of the command line
     if args.wait_for_nodes_minutes and int(os.environ.get("RANK", 0)) == 0:
         store = job_store()
         if store is not None:

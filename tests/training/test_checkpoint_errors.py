@@ -216,8 +216,28 @@ def test_a_failed_background_save_stops_training_at_once_with_the_os_error(corpu
     message = str(failure.value)
     assert (f"OSError: writing checkpoint {small_disk}/ckpt/iter_0000002.tmp failed: [Errno 28] No space left on "
             "device") in message
-    assert "raise_if_async_save_failed" in message  # raised by the loop's check, not by the next save
     assert "CheckpointException" not in message
+
+
+def test_the_loop_check_raises_a_failed_background_save_without_waiting_for_a_running_one():
+    # Deterministic half of the test above (there, whether the loop's check or the next save sees the
+    # failure first depends on the machine's load).
+    from concurrent.futures import Future
+
+    from megatronish.training import checkpointing
+
+    running, failed = Future(), Future()
+    failed.set_exception(OSError(28, "No space left on device"))
+    try:
+        checkpointing._pending = running
+        checkpointing.raise_if_async_save_failed()  # returns at once: the write is still going
+        assert checkpointing._pending is running
+        checkpointing._pending = failed
+        with pytest.raises(OSError, match="No space left on device"):
+            checkpointing.raise_if_async_save_failed()
+        assert checkpointing._pending is None  # raised once; the next save does not raise it again
+    finally:
+        checkpointing._pending = None
 
 
 def test_a_second_run_on_one_save_folder_is_refused(corpus, tmp_path):
