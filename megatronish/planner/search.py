@@ -12,6 +12,7 @@ pretrain_gpt.py applies, so a rejected candidate carries the message pretrain_gp
 
 import argparse
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -69,9 +70,7 @@ class Layout:
         return flags
 
     def to_dict(self) -> dict:
-        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "virtual_pp": self.virtual_pp,
-                "micro_batch_size": self.micro_batch_size, "recompute": self.recompute,
-                "distributed_optimizer": self.distributed_optimizer, "sequence_parallel": self.sequence_parallel}
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
