@@ -278,6 +278,7 @@ def fit_constants(args, points: list[MeasuredPoint], start: SpeedConstants, voca
         normal = jacobian.T @ jacobian
         gradient = jacobian.T @ r
         step = -np.linalg.solve(normal + damping * np.diag(np.diag(normal) + 1e-12), gradient)
+        step = np.clip(step, -2.0, 2.0)  # at most a factor e^2 per step: the model is far from linear beyond
         candidate = residuals(x + step)
         if candidate @ candidate < r @ r:
             converged = r @ r - candidate @ candidate < 1e-9 * (r @ r) + 1e-15
