@@ -4,7 +4,7 @@
         --num-layers 24 --hidden-size 1024 --num-attention-heads 16 --seq-length 1024 \\
         --micro-batch-size 4 --global-batch-size 512 --bf16 --tokenizer-type GPT2BPETokenizer
     python tools/plan.py --cluster cluster.json --price 2.5 --json ...   # a cluster file, tokens per dollar
-    python tools/plan.py --profile --accelerator cpu --devices-per-node 4 # calibrate on this machine
+    python tools/plan.py --profile --micro-batch-size 4 --global-batch-size 16   # calibrate on this CPU
 
 Every flag that is not the planner's own is a pretrain_gpt.py (Megatron-LM) training flag: the model
 shape, sequence, batch, precision, recompute, distributed optimizer, sequence parallelism (without
