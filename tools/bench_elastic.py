@@ -44,14 +44,14 @@ def model_argv(args, iters: int) -> list[str]:
     """The demo corpus (byte tokens), no evaluation, no sample: only training steps."""
     return ["--num-layers", str(args.layers), "--hidden-size", str(args.hidden), "--num-attention-heads",
             str(args.heads), "--seq-length", str(args.seq), "--micro-batch-size", "1", "--global-batch-size",
-            str(args.global_batch), "--train-iters", str(iters), "--log-interval", "1", "--eval-iters", "0",
+            str(args.global_batch), "--train-iters", str(iters), "--log-interval", "1000000", "--eval-iters", "0",
             "--sample-tokens", "0", "--save", ""]  # no durable checkpoints (the demo's default folder)
 
 
 def recovery(args) -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-elastic-"))
     argv = [str(REPO / "pretrain_gpt.py"), *model_argv(args, 1000)]
-    job = ElasticJob(root, argv, nproc=args.nproc, max_nodes=2, HF_HUB_OFFLINE=1)
+    job = ElasticJob(root, argv, nproc=args.nproc, max_nodes=2)
     local = ["--local-checkpoint-interval", str(args.local_interval), "--local-checkpoint-dir"]
     nodes = [job.start_node(*local, str(root / f"local{i}")) for i in range(2)]
     try:
@@ -104,7 +104,7 @@ def stall(args) -> None:
     for interval in (None, *args.intervals):
         iters = max(args.stall_iters, 2 * (interval or 0))
         argv = model_argv(args, iters) + (["--local-checkpoint-interval", str(interval)] if interval else [])
-        result = run_distributed(_timed_training, 2, args=(argv, root), timeout=7200)[0]
+        result = run_distributed(_timed_training, 2, args=(argv, f"{root}/K{interval}"), timeout=7200)[0]
         if interval is None:
             baseline = result["per_iteration"]
             print(f"  no local checkpoints: {baseline:.3f} s per iteration ({iters} iterations)")
