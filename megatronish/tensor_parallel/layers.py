@@ -117,7 +117,7 @@ def full_shape(param: torch.Tensor, tp_group=None) -> torch.Size:
     return torch.Size(shape)
 
 
-def _shard_chunks(full_size: int, stride: int, tp: int, rank: int) -> list[tuple[int, int]]:
+def shard_ranges(full_size: int, stride: int, tp: int, rank: int) -> list[tuple[int, int]]:
     """[start, end) ranges of the full dimension that make up `rank`'s shard, in order."""
     part = divide(full_size, stride, "partitioned dimension")
     chunk = divide(part, tp, "partitioned dimension")
@@ -132,7 +132,7 @@ def shard_of_full(full: torch.Tensor, param: torch.Tensor, rank: int | None = No
     tp = group.size()
     rank = group.rank() if rank is None else rank
     dim = param.partition_dim
-    ranges = _shard_chunks(full.size(dim), param.partition_stride, tp, rank)
+    ranges = shard_ranges(full.size(dim), param.partition_stride, tp, rank)
     return torch.cat([full.narrow(dim, start, end - start) for start, end in ranges], dim=dim)
 
 
@@ -148,7 +148,7 @@ def gather_full(tensor: torch.Tensor, like: torch.Tensor | None = None, tp_group
     dim, stride = like.partition_dim, like.partition_stride
     full = torch.empty(full_shape(like, group), dtype=tensor.dtype, device=tensor.device)
     for rank, shard in enumerate(shards):
-        ranges = _shard_chunks(full.size(dim), stride, tp, rank)
+        ranges = shard_ranges(full.size(dim), stride, tp, rank)
         pieces = shard.split(ranges[0][1] - ranges[0][0], dim=dim)
         for (start, end), piece in zip(ranges, pieces):
             full.narrow(dim, start, end - start).copy_(piece)

@@ -343,10 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
                    help="the learning-rate schedule (peak, minimum, warmup, decay, style) comes from the checkpoint")
     g.add_argument("--ckpt-format", choices=("torch_dist", "torch", "fsdp_dtensor"),
-                   help="accepted for Megatron scripts: --load reads Megatron's torch_dist and torch checkpoints (and "
-                        "megatronish's) whatever this says; --save writes megatronish's distributed format, which "
-                        "reshards to any TP/PP as torch_dist does (one warning line); tools/convert_checkpoint.py "
-                        "--output-format megatron writes Megatron's torch_dist layout. fsdp_dtensor is rejected")
+                   help="torch_dist: --save writes Megatron-LM's torch_dist layout (its keys, stacked layers, padded "
+                        "vocabulary, common.pt with args, iteration, consumed samples and LR schedule; the Adam state "
+                        "as optimizer.state.* tensors), from every rank, crash-safe; it resumes at any TP/PP/DP. "
+                        "Unset: megatronish's own distributed format. torch (legacy per-rank files) is read by --load "
+                        "but not written: --save then writes megatronish's format (one warning line). fsdp_dtensor is "
+                        "rejected. --load reads all of them whatever this says")
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model's shape flags (layers, sizes, heads, groups, positions, norm, activation, "
                         "biases, tying) from the --load checkpoint (megatronish or Megatron-LM) over the command line")
@@ -690,10 +692,9 @@ def _resolve_megatron_spellings(args, world_size: int, warnings: list, fail) -> 
                             "only the memory/time trade-off differs, the results are the same")
     if args.ckpt_format == "fsdp_dtensor":
         fail("--ckpt-format fsdp_dtensor: the FSDP DTensor format is not built: use torch_dist")
-    elif args.ckpt_format is not None and args.save:
-        warnings.append(f"--ckpt-format {args.ckpt_format}: --save writes megatronish's distributed checkpoint format "
-                        "(it reshards to any TP/PP, as torch_dist); tools/convert_checkpoint.py --output-format megatron "
-                        "turns it into Megatron's torch_dist layout")
+    elif args.ckpt_format == "torch" and args.save:
+        warnings.append("--ckpt-format torch: the legacy per-rank format is not written; --save writes megatronish's "
+                        "distributed format (it reshards to any TP/PP); --ckpt-format torch_dist writes Megatron's layout")
     if args.no_position_embedding and args.position_embedding_type != "rope":
         fail(f"--no-position-embedding with --position-embedding-type {args.position_embedding_type}: Megatron "
              "refuses this combination; use --position-embedding-type none for no positions")

@@ -19,6 +19,9 @@ vocabulary rows), ShardedTensor rejects replicas of one shard (every DP rank hol
 deprecated. A planner that states (global shape, offsets) per tensor is all DCP needs, works the
 same on gloo/CPU and NCCL/GPU, and keeps the files DCP's standard ones (readable by DCP tools).
 
+A state value may also be a list of Blocks of one tensor (Megatron's torch_dist layout stacks a rank's
+layers, and cuts a SwiGLU shard in two, so one rank holds several blocks of it: megatron_checkpoint.py).
+
 This module only maps tensors to blocks and reads/writes them; checkpointing.py decides what a
 checkpoint holds and when it is written.
 """
@@ -99,6 +102,46 @@ def parameter_block(tensor: torch.Tensor, param: torch.Tensor, tp_rank: int | No
     return Block(tensor, tuple(global_shape), tuple(offsets))
 
 
+class MegatronishLayout:
+    """Where a rank's tensors go in this format: one block per tensor, named `model.<param name>` and
+    `optimizer.<param name>.<state>` (megatron_checkpoint.TorchDistLayout places them as Megatron-LM does)."""
+
+    @staticmethod
+    def key(name: str, state: str | None = None) -> str:
+        return f"model.{name}" if state is None else f"optimizer.{name}.{state}"
+
+    @staticmethod
+    def blocks(name: str, tensor: torch.Tensor, param: torch.Tensor, tp_rank: int, tp: int) -> list[Block]:
+        block = parameter_block(tensor, param, tp_rank, tp)
+        return [] if block is None else [block]
+
+    @staticmethod
+    def extra_items(names) -> dict:
+        return {}
+
+
+def blocks_of(value) -> list[Block] | None:
+    """The Blocks of a state value (one Block, or a list of them), None for any other value."""
+    if isinstance(value, Block):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(block, Block) for block in value):
+        return value
+    return None
+
+
+def add_block(state: dict, name: str, block: Block) -> None:
+    """Put `block` under `name`; a second block of the same tensor makes the value a list."""
+    if name not in state:
+        state[name] = block
+    else:
+        state[name] = blocks_of(state[name]) + [block]
+
+
+def _block_at(blocks: list[Block], offsets) -> Block:
+    """The block of one tensor at `offsets` (a rank's blocks of a tensor never start at the same place)."""
+    return next(block for block in blocks if tuple(block.offsets) == tuple(offsets))
+
+
 class _BlockSavePlanner(DefaultSavePlanner):
     """Writes each Block as one chunk of its global tensor, any other value as pickled bytes."""
 
@@ -108,21 +151,23 @@ class _BlockSavePlanner(DefaultSavePlanner):
     def create_local_plan(self) -> SavePlan:
         items = []
         for name, value in self.state_dict.items():
-            if isinstance(value, Block):
-                chunk = ChunkStorageMetadata(offsets=torch.Size(value.offsets), sizes=value.local.shape)
-                items.append(WriteItem(
-                    index=MetadataIndex(name, torch.Size(value.offsets)), type=WriteItemType.SHARD,
-                    tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties.create_from_tensor(value.local),
-                                                size=torch.Size(value.global_shape))))
-            else:
+            blocks = blocks_of(value)
+            if blocks is None:
                 items.append(WriteItem(index=MetadataIndex(name), type=WriteItemType.BYTE_IO))
+            for index, block in enumerate(blocks or []):
+                chunk = ChunkStorageMetadata(offsets=torch.Size(block.offsets), sizes=block.local.shape)
+                items.append(WriteItem(
+                    index=MetadataIndex(name, torch.Size(block.offsets), index), type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties.create_from_tensor(block.local),
+                                                size=torch.Size(block.global_shape))))
         self.plan = SavePlan(items)
         return self.plan
 
     def resolve_data(self, write_item: WriteItem):
         value = self.state_dict[write_item.index.fqn]
-        if isinstance(value, Block):
-            return value.local.contiguous()
+        blocks = blocks_of(value)
+        if blocks is not None:
+            return _block_at(blocks, write_item.index.offset).local.contiguous()
         buffer = io.BytesIO()
         torch.save(value, buffer)
         return buffer
@@ -141,9 +186,11 @@ class _BlockLoadPlanner(DefaultLoadPlanner):
         requests = []
         for name, value in self.state_dict.items():
             stored = self.metadata.state_dict_metadata[name]
-            if isinstance(value, Block):
-                chunk = ChunkStorageMetadata(offsets=torch.Size(value.offsets), sizes=value.local.shape)
-                requests += create_read_items_for_chunk_list(name, stored, [chunk])
+            blocks = blocks_of(value)
+            if blocks is not None:
+                chunks = [ChunkStorageMetadata(offsets=torch.Size(block.offsets), sizes=block.local.shape)
+                          for block in blocks]
+                requests += create_read_items_for_chunk_list(name, stored, chunks)
             else:
                 index = MetadataIndex(name)
                 requests.append(ReadItem(type=LoadItemType.BYTE_IO, dest_index=index, dest_offsets=torch.Size((0,)),
@@ -156,7 +203,7 @@ class _BlockLoadPlanner(DefaultLoadPlanner):
         self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=False)
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
-        target = self.state_dict[read_item.dest_index.fqn].local
+        target = _block_at(blocks_of(self.state_dict[read_item.dest_index.fqn]), read_item.dest_index.offset).local
         for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
             target = target.narrow(dim, start, length)
         return target
@@ -224,12 +271,13 @@ def check_against_metadata(state: dict, metadata) -> None:
     missing = [name for name in state if name not in stored]
     mismatched = []
     for name, value in state.items():
-        if isinstance(value, Block) and name in stored:
+        blocks = blocks_of(value)
+        if blocks is not None and name in stored:
             entry = stored[name]
             saved = tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else "not a tensor"
-            if saved != tuple(value.global_shape):
+            if saved != tuple(blocks[0].global_shape):
                 mismatched.append(f"{name}: saved {list(saved) if isinstance(saved, tuple) else saved}, "
-                                  f"expected {list(value.global_shape)}")
+                                  f"expected {list(blocks[0].global_shape)}")
     if mismatched:
         shown = mismatched[:MAX_LISTED] + ([f"... and {len(mismatched) - MAX_LISTED} more"]
                                            if len(mismatched) > MAX_LISTED else [])

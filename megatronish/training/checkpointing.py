@@ -17,6 +17,12 @@ writes and reads its own parameters by name; the two copies of tied embeddings (
 stage) are one entry. The optimizer state comes from `sharded_state_by_name()` (the distributed optimizer gathers its
 DP shards into the TP-shard shape), so it reshards exactly like the parameters.
 
+With --ckpt-format torch_dist the same tensors are laid out as Megatron-LM's torch_dist checkpoints lay them out
+(megatron_checkpoint.TorchDistLayout: Megatron's keys, layers stacked, vocabulary padded; the optimizer states
+under `optimizer.state.{fp32_param,exp_avg,exp_avg_sq}.<key>`), Megatron's common.pt and metadata.json take
+checkpoint.json's place, and checkpoint.json's content sits in common.pt under "megatronish"; saving, publishing
+and loading are the same code.
+
 A save writes everything into `iter_XXXXXXX.tmp`, fsyncs it, and only then renames it to
 `iter_XXXXXXX`, checks the published folder against its manifest, and only then rewrites the
 tracker file (write + rename): a crash at any point leaves the previous checkpoint as the latest,
@@ -31,6 +37,7 @@ The training loop calls `save_checkpoint`, `load_checkpoint` and `wait_for_async
 evaluation and tools call `load_model_for_inference` / `read_checkpoint_config`.
 """
 
+import argparse
 import json
 import os
 import random
@@ -52,6 +59,9 @@ from megatronish.training import megatron_checkpoint
 from megatronish.training.checkpoint_compat import check_architecture
 from megatronish.training.checkpoint_format import (
     Block,
+    MegatronishLayout,
+    add_block,
+    blocks_of,
     check_against_metadata,
     load_blocks,
     parameter_block,
@@ -59,6 +69,7 @@ from megatronish.training.checkpoint_format import (
     save_blocks,
 )
 from megatronish.training.checkpoint_manifest import (
+    MANIFEST_FILENAME,
     checkpoint_iterations,
     choose_checkpoint,
     why_incomplete,
@@ -116,7 +127,8 @@ def save_checkpoint(save_dir: str, progress: TrainingProgress, model, optimizer,
 
 def _save(save_dir, progress, model, optimizer, scheduler, args, keep_last, async_save) -> str:
     start = time.perf_counter()
-    state, common = checkpoint_state(progress, model, optimizer, scheduler, args)
+    state, common = checkpoint_state(progress, model, optimizer, scheduler, args,
+                                     torch_dist=getattr(args, "ckpt_format", None) == "torch_dist")
     final = checkpoint_dir(save_dir, progress.iteration)
     temporary = final + ".tmp"
     if dist.get_rank() == 0:
@@ -148,26 +160,40 @@ def wait_for_async_save() -> None:
         pending.result()
 
 
-def checkpoint_state(progress: TrainingProgress, model, optimizer, scheduler, args) -> tuple[dict, dict]:
-    """(this rank's tensors and RNG states as DCP blocks, checkpoint.json's content): what a save writes.
+def checkpoint_state(progress: TrainingProgress, model, optimizer, scheduler, args,
+                     torch_dist: bool = False) -> tuple[dict, dict]:
+    """(this rank's tensors and RNG states as DCP blocks, the checkpoint's description): what a save writes.
+    `torch_dist`: laid out as Megatron-LM's torch_dist checkpoints are (megatron_checkpoint.TorchDistLayout), the
+    description wrapped in Megatron's common state; otherwise this format's layout and checkpoint.json's content.
     Collective (the distributed optimizer gathers its shards; under PP the stages share their shapes)."""
     optimizer_state = optimizer.sharded_state_by_name()
-    state = checkpoint_blocks(model, optimizer_state)
+    stored = megatron_checkpoint.TorchDistLayout(_chunks(model)[0].config.num_layers) if torch_dist else MegatronishLayout
+    state = checkpoint_blocks(model, optimizer_state, stored)
     state[_rng_key(dist.get_rank())] = get_rng_state()
-    return state, checkpoint_description(progress, model, optimizer_state, scheduler, args)
+    common = checkpoint_description(progress, model, optimizer_state, scheduler, args)
+    return state, _megatron_common_state(common, model, args) if torch_dist else common
 
 
 def stage_on_cpu(state: dict) -> dict:
     """A copy of `checkpoint_state`'s blocks that training cannot change, for a background writer: the weights
     are live tensors (copied); the optimizer state is already a private copy (only moved off the GPU)."""
-    return {name: Block(v.local.detach().to("cpu", copy=name.startswith("model.")), v.global_shape, v.offsets)
-            if isinstance(v, Block) else v for name, v in state.items()}
+    return {name: _staged_on_cpu(value, copy=not name.startswith("optimizer.")) for name, value in state.items()}
 
 
-def checkpoint_blocks(model, optimizer_state: dict) -> dict:
-    """The tensors a checkpoint stores for `model` (weights) and its optimizer (`sharded_state_by_name()`)."""
-    state = _model_blocks(model, lambda name, param: param.detach())
-    state.update(_optimizer_blocks(model, lambda name, param, key: optimizer_state["params"][name][key]))
+def _staged_on_cpu(value, copy: bool):
+    blocks = blocks_of(value)
+    if blocks is None:
+        return value
+    staged = [Block(block.local.detach().to("cpu", copy=copy), block.global_shape, block.offsets) for block in blocks]
+    return staged[0] if isinstance(value, Block) else staged
+
+
+def checkpoint_blocks(model, optimizer_state: dict, stored=MegatronishLayout) -> dict:
+    """The tensors a checkpoint stores for `model` (weights) and its optimizer (`sharded_state_by_name()`), laid out
+    as `stored` says (this format's, or megatron_checkpoint.TorchDistLayout)."""
+    state = _model_blocks(model, lambda name, param: param.detach(), stored)
+    state.update(_optimizer_blocks(model, lambda name, param, key: optimizer_state["params"][name][key], stored))
+    state.update(stored.extra_items(name for name, _ in _named_parameters(model)))
     return state
 
 
@@ -207,10 +233,14 @@ def _cause_of_failed_write(error: CheckpointException, folder: str) -> str:
 
 
 def publish_checkpoint(temporary: str, save_dir: str, common: dict, keep_last: int | None = None) -> str:
-    """Finish a folder whose DCP files are written and synced: add checkpoint.json (`common`) and the
-    manifest, rename it to iter_XXXXXXX, check it, and only then name it in the tracker file."""
+    """Finish a folder whose DCP files are written and synced: add checkpoint.json (`common`; or Megatron's
+    common.pt and metadata.json when `common` is a torch_dist common state) and the manifest, rename it to
+    iter_XXXXXXX, check it, and only then name it in the tracker file."""
     final = checkpoint_dir(save_dir, common["iteration"])
-    _write_json_durably(os.path.join(temporary, COMMON_FILENAME), common)
+    if megatron_checkpoint.MEGATRONISH_KEY in common:
+        megatron_checkpoint.write_common_state(temporary, common)
+    else:
+        _write_json_durably(os.path.join(temporary, COMMON_FILENAME), common)
     write_manifest(temporary, _write_text_durably)
     _fsync_dir(temporary)
     _publish(temporary, final)
@@ -260,6 +290,22 @@ def checkpoint_description(progress, model, optimizer_state, scheduler, args, al
     }
 
 
+def _megatron_common_state(description: dict, model, args) -> dict:
+    """Megatron-LM's common state for a torch_dist save: its args (this run's, with the model's shape and layout by
+    Megatron's names, and the consumed samples it resumes from), iteration and opt_param_scheduler, and
+    `description` (checkpoint.json's content) beside them. Megatron's own optimizer dict (param groups by its
+    grouping) and RNG states are not written: the args say no_save_optim / no_save_rng, so Megatron-LM starts
+    both fresh from it; megatronish resumes them (the optimizer tensors, the step and its RNG items)."""
+    layout, config, progress = _layout(model), _chunks(model)[0].config, description["progress"]
+    shape = megatron_checkpoint.megatron_args(
+        config, tp=layout.tp, pp=layout.pp, iteration=description["iteration"], seq_length=args.seq_length,
+        extra={"consumed_train_samples": progress["consumed_train_samples"],
+               "consumed_valid_samples": progress["consumed_valid_samples"], "no_save_optim": True,
+               "no_save_rng": True, "data_parallel_size": layout.dp, "world_size": layout.dims.world_size})
+    saved_args = argparse.Namespace(**{**(description["args"] or {}), **vars(shape)})
+    return megatron_checkpoint.common_state(saved_args, description["iteration"], description["scheduler"], description)
+
+
 # ---------------------------------------------------------------------------------------- loading
 
 @dataclass
@@ -294,7 +340,7 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, *, load_optim: b
 
 def load_newest_checkpoint(load_dir: str, model, optimizer, scheduler, **options) -> LoadedCheckpoint | None:
     """load_checkpoint, returning what was loaded (None: no checkpoint, a fresh start)."""
-    megatron = megatron_checkpoint.find(load_dir)
+    megatron = _megatron_lm_checkpoint(load_dir)
     if megatron is not None:  # Megatron-LM's torch_dist or legacy torch format
         start = time.perf_counter()
         progress, what = megatron_checkpoint.load_for_training(load_dir, _chunks(model), optimizer, scheduler,
@@ -331,7 +377,8 @@ def load_checkpoint_folder(folder: str, model, optimizer, scheduler, *, load_opt
     changed = check_architecture(folder, common["model_config"], _chunks(model)[0].config.to_dict(),
                                  allow_change=finetune and allow_architecture_change)
 
-    state = _model_blocks(model, lambda name, param: param.data)
+    stored = _stored_layout(folder, metadata, _chunks(model)[0].config)
+    state = _model_blocks(model, lambda name, param: param.data, stored)
     if changed:
         state = _shared_blocks(state, metadata, changed)
     moments = {}
@@ -341,7 +388,7 @@ def load_checkpoint_folder(folder: str, model, optimizer, scheduler, *, load_opt
                              "--no-load-optim or --finetune")
         moments = {name: {key: torch.zeros(param.shape, dtype=torch.float32, device=param.device)
                           for key in OPTIMIZER_KEYS} for name, param in _named_parameters(model)}
-        state.update(_optimizer_blocks(model, lambda name, param, key: moments[name][key]))
+        state.update(_optimizer_blocks(model, lambda name, param, key: moments[name][key], stored))
     rng_key = _rng_key(dist.get_rank())
     rng_unusable = _why_rng_unusable(common, metadata, rng_key, _layout(model)) if load_rng else None
     restore_rng = load_rng and rng_unusable is None
@@ -391,7 +438,7 @@ def _shared_blocks(state: dict, metadata, changed: list[str]) -> dict:
     """The blocks the checkpoint holds at the same global shape; says which keep their initialization."""
     stored = metadata.state_dict_metadata
     shared = {name: block for name, block in state.items()
-              if name in stored and tuple(getattr(stored[name], "size", ())) == tuple(block.global_shape)}
+              if name in stored and tuple(getattr(stored[name], "size", ())) == tuple(blocks_of(block)[0].global_shape)}
     fresh = sorted(set(state) - set(shared))
     print_rank_0(f"--allow-architecture-change ({'; '.join(changed)}): {len(shared)} tensors loaded, "
                  f"{len(fresh)} keep their initialization{': ' + ', '.join(fresh[:8]) if fresh else ''}"
@@ -407,7 +454,7 @@ def newest_complete_checkpoint(load_dir: str) -> tuple[int | None, list[str]]:
 
 def durable_checkpoint_iteration(load_dir: str) -> int | None:
     """The iteration of the checkpoint load_newest_checkpoint would load from `load_dir` (None: none). Collective."""
-    megatron = megatron_checkpoint.find(load_dir)
+    megatron = _megatron_lm_checkpoint(load_dir)
     return megatron[1] if megatron is not None else agreed_checkpoint_iteration(load_dir)
 
 
@@ -441,6 +488,8 @@ def _why_rng_unusable(common: dict, metadata, rng_key: str, layout: ParallelLayo
 
 def read_common(folder: str) -> dict:
     """checkpoint.json of one checkpoint folder, checked to be ours."""
+    if _is_torch_dist(folder):
+        return _megatronish_description(folder)
     path = os.path.join(folder, COMMON_FILENAME)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"checkpoint folder {folder} is missing (the tracker file names it): "
@@ -467,7 +516,7 @@ def read_common(folder: str) -> dict:
 
 def _resolve_folder(load_dir: str) -> str:
     """A checkpoint root (with the tracker file) or one iter_XXXXXXX folder -> the folder to read."""
-    if os.path.isfile(os.path.join(load_dir, COMMON_FILENAME)):
+    if os.path.isfile(os.path.join(load_dir, COMMON_FILENAME)) or _is_torch_dist(load_dir):
         return load_dir
     iteration, notes = newest_complete_checkpoint(load_dir)
     for note in notes:
@@ -495,8 +544,9 @@ def load_model_for_inference(load_dir: str) -> GPTModel:
     folder = _resolve_folder(load_dir)
     config = TransformerConfig.from_dict(read_common(folder)["model_config"])
     model = GPTModel(config)
-    state = _model_blocks(model, lambda name, param: param.data)
-    check_against_metadata(state, read_metadata(folder))
+    metadata = read_metadata(folder)
+    state = _model_blocks(model, lambda name, param: param.data, _stored_layout(folder, metadata, config))
+    check_against_metadata(state, metadata)
     _zero_vocabulary_padding(model)
     load_blocks(state, folder)
     return model.eval()
@@ -509,6 +559,9 @@ def read_full_model_state(load_dir: str) -> tuple[TransformerConfig, dict, dict]
     process group needed (for tools/convert_checkpoint.py)."""
     folder = _resolve_folder(load_dir)
     common = read_common(folder)
+    config = TransformerConfig.from_dict(common["model_config"])
+    if _is_torch_dist(folder):
+        return config, megatron_checkpoint.model_state(megatron_checkpoint.read(folder), config.vocab_size), common
     metadata = read_metadata(folder)
     state = {}
     for name, shapes in common["parameters"].items():
@@ -519,7 +572,7 @@ def read_full_model_state(load_dir: str) -> tuple[TransformerConfig, dict, dict]
     load_blocks(state, folder, no_dist=True)
     full = {name: state["model." + name].local.reshape(shapes["shape"])
             for name, shapes in common["parameters"].items()}
-    return TransformerConfig.from_dict(common["model_config"]), full, common
+    return config, full, common
 
 
 def save_model_only(save_dir: str, model, iteration: int = 0, args=None) -> str:
@@ -572,23 +625,51 @@ def _describe(record: dict) -> str:
             + (f" (virtual {virtual})" if virtual else "") + f" x DP={record['data_parallel_size']}")
 
 
-def _model_blocks(model, tensor_of) -> dict:
+def _model_blocks(model, tensor_of, stored=MegatronishLayout) -> dict:
     blocks, layout = {}, _layout(model)
     for name, param in _named_parameters(model):
-        block = parameter_block(tensor_of(name, param), param, layout.tp_rank, layout.tp)
-        if block is not None:
-            blocks["model." + name] = block
+        for block in stored.blocks(name, tensor_of(name, param), param, layout.tp_rank, layout.tp):
+            add_block(blocks, stored.key(name), block)
     return blocks
 
 
-def _optimizer_blocks(model, tensor_of) -> dict:
+def _optimizer_blocks(model, tensor_of, stored=MegatronishLayout) -> dict:
     blocks, layout = {}, _layout(model)
     for name, param in _named_parameters(model):
         for key in OPTIMIZER_KEYS:
-            block = parameter_block(tensor_of(name, param, key), param, layout.tp_rank, layout.tp)
-            if block is not None:
-                blocks[f"optimizer.{name}.{key}"] = block
+            for block in stored.blocks(name, tensor_of(name, param, key), param, layout.tp_rank, layout.tp):
+                add_block(blocks, stored.key(name, key), block)
     return blocks
+
+
+def _is_torch_dist(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, megatron_checkpoint.METADATA_FILE))
+
+
+def _megatron_lm_checkpoint(load_dir: str) -> tuple[str, int, str] | None:
+    """megatron_checkpoint.find's answer for a checkpoint that Megatron-LM (or the converter) wrote; None for one that
+    megatronish training wrote, torch_dist ones included: those are chosen by their manifests (a damaged newest one
+    falls back to the one before) and resume everything (optimizer and RNG too)."""
+    found = megatron_checkpoint.find(load_dir)
+    return None if found is None or os.path.isfile(os.path.join(found[0], MANIFEST_FILENAME)) else found
+
+
+def _megatronish_description(folder: str) -> dict:
+    common = megatron_checkpoint.read_common_state(folder)
+    if megatron_checkpoint.MEGATRONISH_KEY not in common:
+        raise ValueError(f"{folder} is a Megatron-LM torch_dist checkpoint that megatronish training did not write: "
+                         "pretrain_gpt.py --load reads it; tools/convert_checkpoint.py --input-format megatron "
+                         "converts it")
+    return common[megatron_checkpoint.MEGATRONISH_KEY]
+
+
+def _stored_layout(folder: str, metadata, config: TransformerConfig):
+    """How the tensors of a checkpoint folder are laid out: this format's, or Megatron's torch_dist (its
+    vocabulary padded as stored)."""
+    if not _is_torch_dist(folder):
+        return MegatronishLayout
+    rows = metadata.state_dict_metadata["embedding.word_embeddings.weight"].size[0]
+    return megatron_checkpoint.TorchDistLayout(config.num_layers, vocab_rows=rows)
 
 
 def _rng_key(rank: int) -> str:

@@ -35,13 +35,21 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 
 from megatronish.model import TransformerConfig
+from megatronish.tensor_parallel import param_is_tensor_parallel
+from megatronish.tensor_parallel.layers import shard_ranges
+from megatronish.training.checkpoint_format import Block, add_block, save_blocks
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 COMMON_STATE_ITEM = "common_state/shard_0_1"
+COMMON_FILE = "common.pt"
+METADATA_FILE = "metadata.json"
+MEGATRONISH_KEY = "megatronish"  # our own description (checkpoint.json's content) in a torch_dist common state
+# Optimizer states, ours -> Megatron's name in `optimizer.state.<name>.<key>` (megatron-core's model-space layout)
+OPTIMIZER_STATES = {"master": "fp32_param", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
 _NORM_KEYS = {  # megatronish / Megatron local-spec name -> Megatron's torch_dist (Transformer Engine) name
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
@@ -85,8 +93,8 @@ def find(path: str) -> tuple[str, int, str] | None:
     if match is None or not os.path.isdir(folder):
         return None
     iteration = int(match.group(1)) if iteration is None else iteration
-    if os.path.isfile(os.path.join(folder, "metadata.json")):
-        with open(os.path.join(folder, "metadata.json")) as f:
+    if os.path.isfile(os.path.join(folder, METADATA_FILE)):
+        with open(os.path.join(folder, METADATA_FILE)) as f:
             backend = json.load(f).get("sharded_backend")
         return (folder, iteration, "torch_dist") if backend == "torch_dist" else None
     if glob.glob(os.path.join(folder, "mp_rank_*", "model_optim_rng.pt")):
@@ -135,8 +143,8 @@ def read(path: str) -> MegatronCheckpoint:
 
 
 def _read_common_state(folder: str, metadata) -> dict:
-    if os.path.isfile(os.path.join(folder, "common.pt")):  # megatron-core <= 0.18
-        return torch_load(os.path.join(folder, "common.pt"))
+    if os.path.isfile(os.path.join(folder, COMMON_FILE)):  # megatron-core <= 0.18
+        return torch_load(os.path.join(folder, COMMON_FILE))
     if COMMON_STATE_ITEM not in metadata.state_dict_metadata:
         raise ValueError(f"{folder} has neither common.pt nor the {COMMON_STATE_ITEM} item: not a complete "
                          "torch_dist checkpoint")
@@ -322,55 +330,130 @@ def megatron_args(config: TransformerConfig, *, tp: int = 1, pp: int = 1, iterat
     return argparse.Namespace(**values)
 
 
-def save_torch_dist(save_dir: str, config: TransformerConfig, state: dict, *, iteration: int = 0,
-                    args: argparse.Namespace | None = None, scheduler: dict | None = None) -> str:
-    """Write `state` ({name: full unpadded value}) as a Megatron-LM torch_dist checkpoint at `iteration`:
-    Megatron's keys, stacked layers, its vocabulary padding (for args.tensor_model_parallel_size), and the
-    common state as megatron-core 0.18 writes it (common.pt, which 0.19 reads too). One process."""
-    args = args or megatron_args(config, iteration=iteration)
-    folder = os.path.join(save_dir, f"iter_{iteration:07d}")
-    os.makedirs(folder, exist_ok=True)
-    tensors = {}
-    layers = {}
-    for name, value in state.items():
-        match = _LAYER.match(name)
-        if match is None:
-            if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-                padded = value.new_zeros((args.padded_vocab_size, value.size(1)))
-                padded[:value.size(0)] = value
-                value = padded
-            tensors[name] = value.contiguous()
-        else:
-            rest = match.group(2)
-            layers.setdefault("decoder.layers." + _NORM_KEYS.get(rest, rest), {})[int(match.group(1))] = value
-    for key, by_layer in layers.items():
-        if sorted(by_layer) != list(range(config.num_layers)):
-            raise ValueError(f"{key}: the state holds layers {sorted(by_layer)}, expected 0..{config.num_layers - 1}")
-        tensors[key] = torch.stack([by_layer[i] for i in range(config.num_layers)])
-    for layer in range(config.num_layers):
-        for linear in _LINEARS:
-            tensors[f"decoder.layers.{linear}._extra_state/shard_{layer}_{config.num_layers}"] = _saved_bytes(None)
-    with warnings.catch_warnings():  # one process writes the whole checkpoint
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(tensors, storage_writer=FileSystemWriter(folder), no_dist=True)
+@dataclass(frozen=True)
+class TorchDistLayout:
+    """Where a rank's tensors go in Megatron-LM's torch_dist layout (the module docstring): each parameter's global
+    value under Megatron's key, a layer's stacked over `num_layers` on a leading axis, the vocabulary padded. A TP
+    shard is the block at its rank's offset on the partition dim (a stride-s shard, SwiGLU's [gate_r; up_r], is s
+    blocks), a layer's at its index on the layer axis. Optimizer states go under `optimizer.state.<state>.<key>`
+    at the parameter's global shape: where megatron-core's non-distributed optimizer keeps them (and its
+    model-space distributed one). Saving, a vocabulary shard is written whole (the global rows are this TP size's
+    padding, as Megatron's); loading, `vocab_rows` are the stored rows and a shard reads only its real rows."""
+    num_layers: int
+    vocab_rows: int | None = None
+
+    @staticmethod
+    def key(name: str, state: str | None = None) -> str:
+        key, _ = torch_dist_key(name)
+        return key if state is None else f"optimizer.state.{OPTIMIZER_STATES[state]}.{key}"
+
+    def blocks(self, name: str, tensor: torch.Tensor, param: torch.Tensor, tp_rank: int, tp: int) -> list[Block]:
+        """The blocks of Megatron's global tensor that `tensor` (shaped like `param`'s shard) covers."""
+        shape, dim, pieces = list(tensor.shape), 0, [(0, tensor)]
+        if param_is_tensor_parallel(param):
+            dim = param.partition_dim
+            shape[dim] *= tp
+            ranges = shard_ranges(shape[dim], param.partition_stride, tp, tp_rank)
+            pieces = [(start, piece) for (start, _), piece in zip(ranges, tensor.split(ranges[0][1] - ranges[0][0], dim))]
+        unpadded = getattr(param, "unpadded_rows", None)
+        if unpadded is not None and self.vocab_rows is not None:
+            shape[0] = self.vocab_rows
+            real = min(unpadded, self.vocab_rows)
+            pieces = [(start, piece.narrow(0, 0, min(piece.size(0), real - start))) for start, piece in pieces
+                      if start < real]
+        _, layer = torch_dist_key(name)
+        blocks = []
+        for start, piece in pieces:
+            offsets = [0] * len(shape)
+            offsets[dim] = start
+            if layer is None:
+                blocks.append(Block(piece, tuple(shape), tuple(offsets)))
+            else:
+                blocks.append(Block(piece.unsqueeze(0), (self.num_layers, *shape), (layer, *offsets)))
+        return blocks
+
+    def extra_items(self, names) -> dict:
+        """Transformer Engine's `_extra_state` of each linear of the layers among `names` (empty: torch.save(None))."""
+        layers = sorted({layer for _, layer in map(torch_dist_key, names) if layer is not None})
+        return {f"decoder.layers.{linear}._extra_state/shard_{layer}_{self.num_layers}": None
+                for layer in layers for linear in _LINEARS}
+
+
+def torch_dist_key(name: str) -> tuple[str, int | None]:
+    """(Megatron's torch_dist key of a megatronish parameter name, its layer or None)."""
+    match = _LAYER.match(name)
+    if match is None:
+        return name, None
+    rest = match.group(2)
+    return "decoder.layers." + _NORM_KEYS.get(rest, rest), int(match.group(1))
+
+
+def common_state(args: argparse.Namespace, iteration: int, scheduler: dict | None = None,
+                 description: dict | None = None) -> dict:
+    """Megatron's common state: `args` (its training arguments), the iteration, the opt_param_scheduler state, and
+    megatronish's own description of a training checkpoint under MEGATRONISH_KEY."""
     common = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
               "num_floating_point_operations_so_far": 0}
     if scheduler is not None:
         common["opt_param_scheduler"] = scheduler
-    torch.save(common, os.path.join(folder, "common.pt"))
-    with open(os.path.join(folder, "metadata.json"), "w") as f:
-        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
-                   "common_backend_version": 1}, f)
+    if description is not None:
+        common[MEGATRONISH_KEY] = description
+    return common
+
+
+def write_common_state(folder: str, common: dict) -> None:
+    """common.pt and metadata.json, as megatron-core 0.18 writes them (0.19 reads them too), written and synced."""
+    buffer = io.BytesIO()
+    torch.save(common, buffer)
+    _write_synced(os.path.join(folder, COMMON_FILE), buffer.getvalue())
+    _write_synced(os.path.join(folder, METADATA_FILE), json.dumps(
+        {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+         "common_backend_version": 1}).encode())
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_common_state(folder: str) -> dict:
+    """The common state of the torch_dist checkpoint in `folder` (either megatron-core layout)."""
+    return _read_common_state(folder, FileSystemReader(folder).read_metadata())
+
+
+def save_torch_dist(save_dir: str, config: TransformerConfig, state: dict, *, iteration: int = 0,
+                    args: argparse.Namespace | None = None, scheduler: dict | None = None) -> str:
+    """Write `state` ({name: full unpadded value}) as a Megatron-LM torch_dist checkpoint at `iteration`:
+    Megatron's keys, stacked layers, its vocabulary padding (for args.tensor_model_parallel_size), and the
+    common state as megatron-core 0.18 writes it (common.pt, which 0.19 reads too). One process, as a training
+    run at TP 1 x PP 1 writes it (the blocks are TorchDistLayout's)."""
+    args = args or megatron_args(config, iteration=iteration)
+    layout = TorchDistLayout(config.num_layers)
+    folder = os.path.join(save_dir, f"iter_{iteration:07d}")
+    os.makedirs(folder, exist_ok=True)
+    layers = {}
+    for name in state:
+        key, layer = torch_dist_key(name)
+        layers.setdefault(key, set()).add(layer)
+    for key, held in layers.items():
+        if held != {None} and held != set(range(config.num_layers)):
+            raise ValueError(f"{key}: the state holds layers {sorted(held)}, expected 0..{config.num_layers - 1}")
+    blocks = {}
+    for name, value in state.items():
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            padded = value.new_zeros((args.padded_vocab_size, value.size(1)))
+            padded[:value.size(0)] = value
+            value = padded
+        for block in layout.blocks(name, value.contiguous(), value, 0, 1):
+            add_block(blocks, layout.key(name), block)
+    blocks.update(layout.extra_items(state))
+    save_blocks(blocks, folder, no_dist=True)
+    write_common_state(folder, common_state(args, iteration, scheduler))
     with open(os.path.join(save_dir, TRACKER), "w") as f:
         f.write(str(iteration))
     return folder
-
-
-def _saved_bytes(obj) -> io.BytesIO:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return buffer
 
 
 # ------------------------------------------------------------------------------------------ training
