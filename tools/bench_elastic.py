@@ -10,7 +10,9 @@ the new layout, its parts from the job's restart report (failure detection + ren
 start-up, checkpoint load, first step), and the iterations redone.
 
 Stall: two forked ranks posing as two nodes train the same model with local checkpoints every K
-iterations (K = 1, 10, 50; a buddy copy each time) and without; printed: seconds per iteration, the
+iterations (K = 1, 10, 50; a buddy copy each time) and without; printed: seconds per iteration in
+the steady state (from the step of iteration K, when the first save starts, to the last step: a save
+every K iterations; the run's final save, which waits for its write before exiting, is left out), the
 extra time per iteration against the run without, as a share of its step time, and the time the
 training loop itself spends staging each save.
 """
@@ -75,26 +77,37 @@ def recovery(args) -> None:
     print(f"  logs: {root}")
 
 
-def _timed_training(argv: list[str], root: str) -> dict:
-    """In a forked rank posing as node RANK: time the training loop (setup and finish excluded)."""
+def _timed_training(argv: list[str], root: str, interval: int | None) -> dict:
+    """In a forked rank posing as node RANK: seconds per iteration in the steady state, from the end of the
+    step of iteration K (the first save launched) to the end of the last step: one save every K iterations,
+    without the last iteration's save, which waits for its write before the run exits (without local
+    checkpoints, from the end of the first step)."""
     rank = int(os.environ["RANK"])
     os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    if "--local-checkpoint-interval" in argv:
+    if interval:
         argv = argv + ["--local-checkpoint-dir", f"{root}/node{rank}"]
     run = training.setup(parse_args(argv))
-    stalls, real_save = [], run.local.save if run.local else None
+    stalls, step_ends = [], {}
     if run.local:
+        real_save = run.local.save
+
         def save(*save_args):
             real_save(*save_args)
             stalls.append(run.local.stall_seconds)
         run.local.save = save
-    start = time.perf_counter()
+    real_step_done = run.report.step_done
+
+    def step_done(iteration, *rest):  # right after each training step, before evaluation and saving
+        step_ends[iteration] = time.perf_counter()
+        real_step_done(iteration, *rest)
+    run.report.step_done = step_done
     training.train(run, training.TrainingResult())
-    seconds = time.perf_counter() - start
     if run.local:
         run.local.wait()
     parallel_state.destroy_model_parallel()
-    return {"per_iteration": seconds / run.progress.iteration, "stall": sum(stalls) / max(len(stalls), 1)}
+    first, last = interval or 1, max(step_ends)
+    return {"per_iteration": (step_ends[last] - step_ends[first]) / (last - first),
+            "stall": sum(stalls) / max(len(stalls), 1)}
 
 
 def stall(args) -> None:
@@ -102,9 +115,9 @@ def stall(args) -> None:
     print(f"local checkpoint stall ({args.layers} x {args.hidden}, 2 ranks as 2 nodes, DP 2, buddy copies):")
     baseline = None
     for interval in (None, *args.intervals):
-        iters = max(args.stall_iters, 2 * (interval or 0))
+        iters = max(args.stall_iters, 3 * (interval or 0))  # at least two saves in the measured window
         argv = model_argv(args, iters) + (["--local-checkpoint-interval", str(interval)] if interval else [])
-        result = run_distributed(_timed_training, 2, args=(argv, f"{root}/K{interval}"), timeout=7200)[0]
+        result = run_distributed(_timed_training, 2, args=(argv, f"{root}/K{interval}", interval), timeout=7200)[0]
         if interval is None:
             baseline = result["per_iteration"]
             print(f"  no local checkpoints: {baseline:.3f} s per iteration ({iters} iterations)")
@@ -126,7 +139,7 @@ def main() -> None:
     parser.add_argument("--local-interval", type=int, default=1, help="local checkpoints in the recovery part")
     parser.add_argument("--kill-after", type=int, default=3, help="iterations before the node is lost")
     parser.add_argument("--intervals", type=int, nargs="*", default=[1, 10, 50])
-    parser.add_argument("--stall-iters", type=int, default=20, help="iterations per run (at least 2 K)")
+    parser.add_argument("--stall-iters", type=int, default=20, help="iterations per run (at least 3 K)")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--skip-recovery", action="store_true")
     parser.add_argument("--skip-stall", action="store_true")
