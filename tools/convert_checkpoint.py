@@ -24,8 +24,10 @@ evaluation tools; --tp checks that the model splits at that size.
 A megatron directory is what Megatron-LM's save_checkpoint writes: read in --ckpt-format torch_dist
 (megatron-core 0.18 and 0.19 layouts) or the legacy per-rank torch format, written in torch_dist
 with Megatron's key names and layouts (common.pt, as megatron-core 0.18 writes it; 0.19 reads it),
-its vocabulary padded for --tp, so that Megatron-LM loads it (with --no-load-optim --no-load-rng: it
-holds weights and args only). Megatron's args do not record the real vocabulary size: it is
+its vocabulary padded for --tp, and args saying that it holds weights only (no_save_optim, no_save_rng), so
+that Megatron-LM's load_checkpoint loads it as it is and starts the optimizer and RNG fresh; the iteration and
+consumed samples of a training or Megatron input are kept (--finetune in Megatron-LM starts at 0). Megatron's
+args do not record the real vocabulary size: it is
 --vocab-size, else the size of the vocab.json the args name, else the padded size.
 Tokenizer files of the input (vocab.json, merges.txt, ...) are copied to the output.
 """
@@ -46,6 +48,7 @@ from megatronish.training.checkpointing import read_full_model_state, save_model
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 FORMATS = ("hf", "megatronish", "training", "megatron")
+CONSUMED = ("consumed_train_samples", "consumed_valid_samples")
 
 
 def parse_args(argv=None):
@@ -67,7 +70,7 @@ def parse_args(argv=None):
 
 def convert(input_format: str, input_dir: Path, output_format: str, output_dir: Path, tp: int = 1,
             vocab_size: int | None = None) -> None:
-    iteration = 0
+    iteration, consumed = 0, {}  # consumed: the samples a training or Megatron input records, for Megatron's args
     if input_format == "hf":
         config, state = load_hf_gpt2(input_dir)
     elif input_format == "megatron":
@@ -75,9 +78,11 @@ def convert(input_format: str, input_dir: Path, output_format: str, output_dir: 
         vocab_size = vocab_size or megatron_checkpoint.checkpoint_vocab_size(checkpoint.args)
         config = megatron_checkpoint.transformer_config(checkpoint.args, vocab_size)
         state, iteration = megatron_checkpoint.model_state(checkpoint, vocab_size), checkpoint.iteration
+        consumed = {name: getattr(checkpoint.args, name) for name in CONSUMED if hasattr(checkpoint.args, name)}
     elif input_format == "training":
         config, state, saved = read_full_model_state(str(input_dir))
         iteration = saved["iteration"]
+        consumed = {name: saved["progress"][name] for name in CONSUMED}
     else:
         config, state = load_full_checkpoint(input_dir)
     config.validate(tp)
@@ -86,8 +91,8 @@ def convert(input_format: str, input_dir: Path, output_format: str, output_dir: 
     elif output_format == "training":
         save_training_checkpoint(output_dir, config, state, iteration)
     elif output_format == "megatron":
-        megatron_checkpoint.save_torch_dist(str(output_dir), config, state, iteration=iteration,
-                                            args=megatron_checkpoint.megatron_args(config, tp=tp, iteration=iteration))
+        args = megatron_checkpoint.megatron_args(config, tp=tp, iteration=iteration, extra=consumed)
+        megatron_checkpoint.save_torch_dist(str(output_dir), config, state, iteration=iteration, args=args)
     else:
         save_full_checkpoint(output_dir, config, state)
     for name in TOKENIZER_FILES:

@@ -300,8 +300,8 @@ def _megatron_common_state(description: dict, model, args) -> dict:
     shape = megatron_checkpoint.megatron_args(
         config, tp=layout.tp, pp=layout.pp, iteration=description["iteration"], seq_length=args.seq_length,
         extra={"consumed_train_samples": progress["consumed_train_samples"],
-               "consumed_valid_samples": progress["consumed_valid_samples"], "no_save_optim": True,
-               "no_save_rng": True, "data_parallel_size": layout.dp, "world_size": layout.dims.world_size})
+               "consumed_valid_samples": progress["consumed_valid_samples"], "data_parallel_size": layout.dp,
+               "world_size": layout.dims.world_size})
     saved_args = argparse.Namespace(**{**(description["args"] or {}), **vars(shape)})
     return megatron_checkpoint.common_state(saved_args, description["iteration"], description["scheduler"], description)
 

@@ -47,6 +47,9 @@ CHECKPOINT_VERSION = 3.0
 COMMON_STATE_ITEM = "common_state/shard_0_1"
 COMMON_FILE = "common.pt"
 METADATA_FILE = "metadata.json"
+# megatron-core's sharded-state-dict flags (its save_checkpoint stores them; its loader builds the model's sharded
+# state dict with them): the model's layout the keys above follow
+CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 MEGATRONISH_KEY = "megatronish"  # our own description (checkpoint.json's content) in a torch_dist common state
 # Optimizer states, ours -> Megatron's name in `optimizer.state.<name>.<key>` (megatron-core's model-space layout)
 OPTIMIZER_STATES = {"master": "fp32_param", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
@@ -304,7 +307,9 @@ def checkpoint_vocab_size(args) -> int:
 def megatron_args(config: TransformerConfig, *, tp: int = 1, pp: int = 1, iteration: int = 0,
                   seq_length: int | None = None, extra: dict | None = None) -> argparse.Namespace:
     """Megatron-LM's training arguments for a megatronish model (the fields its loader and
-    --use-checkpoint-args read), by Megatron's names."""
+    --use-checkpoint-args read), by Megatron's names. They say no_save_optim / no_save_rng (what a Megatron-LM
+    checkpoint holding only weights says), so that Megatron-LM's load_checkpoint neither asks for its optimizer,
+    scheduler and RNG items nor needs --no-load-optim --no-load-rng: it starts them fresh."""
     multiple = config.make_vocab_size_divisible_by * tp
     values = dict(
         num_layers=config.num_layers, hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
@@ -325,7 +330,7 @@ def megatron_args(config: TransformerConfig, *, tp: int = 1, pp: int = 1, iterat
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         bf16=config.params_dtype == torch.bfloat16, fp16=config.params_dtype == torch.float16,
         params_dtype=config.params_dtype, ckpt_format="torch_dist", iteration=iteration,
-        consumed_train_samples=0, consumed_valid_samples=0)
+        consumed_train_samples=0, consumed_valid_samples=0, no_save_optim=True, no_save_rng=True)
     values.update(extra or {})
     return argparse.Namespace(**values)
 
@@ -373,9 +378,10 @@ class TorchDistLayout:
         return blocks
 
     def extra_items(self, names) -> dict:
-        """Transformer Engine's `_extra_state` of each linear of the layers among `names` (empty: torch.save(None))."""
+        """The `_extra_state` of each linear of the layers among `names`: an empty one, stored as megatron-core stores
+        a sharded object (the list of its one shard, [None]; megatron-core's loader fails on a bare None)."""
         layers = sorted({layer for _, layer in map(torch_dist_key, names) if layer is not None})
-        return {f"decoder.layers.{linear}._extra_state/shard_{layer}_{self.num_layers}": None
+        return {f"decoder.layers.{linear}._extra_state/shard_{layer}_{self.num_layers}": [None]
                 for layer in layers for linear in _LINEARS}
 
 
@@ -390,10 +396,10 @@ def torch_dist_key(name: str) -> tuple[str, int | None]:
 
 def common_state(args: argparse.Namespace, iteration: int, scheduler: dict | None = None,
                  description: dict | None = None) -> dict:
-    """Megatron's common state: `args` (its training arguments), the iteration, the opt_param_scheduler state, and
-    megatronish's own description of a training checkpoint under MEGATRONISH_KEY."""
+    """Megatron's common state: `args` (its training arguments), the iteration, the opt_param_scheduler state, the
+    content metadata, and megatronish's own description of a training checkpoint under MEGATRONISH_KEY."""
     common = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-              "num_floating_point_operations_so_far": 0}
+              "num_floating_point_operations_so_far": 0, "content_metadata": CONTENT_METADATA}
     if scheduler is not None:
         common["opt_param_scheduler"] = scheduler
     if description is not None:

@@ -4,6 +4,7 @@ Megatron's logits (fp32, within 1e-5, on the 553 real vocabulary columns) at TP 
 written here in torch_dist has Megatron's keys, shapes and dtypes and reads back identically; and
 pretrain_gpt.py --load continues training from one at TP 2 and at PP 2."""
 
+import io
 import os
 from pathlib import Path
 
@@ -75,6 +76,21 @@ def _metadata(folder):
             for key, meta in metadata.items() if key != megatron_checkpoint.COMMON_STATE_ITEM}
 
 
+def _byte_items(folder) -> dict:
+    """The unpickled byte items (sharded objects) of a torch_dist folder, but its common state."""
+    keys = [key for key, value in _metadata(folder).items() if value == "bytes"]
+    planner = megatron_checkpoint._RawBytesPlanner()
+    megatron_checkpoint._load_one_process(dict.fromkeys(keys), str(folder), planner)
+    return {key: megatron_checkpoint.torch_load(io.BytesIO(raw)) for key, raw in planner.raw.items()}
+
+
+def _what_megatrons_loader_reads(folder) -> tuple:
+    """What megatron-core's load_checkpoint decides by, besides the tensors: whether it asks for its optimizer,
+    scheduler and RNG items, and how it builds the model's sharded state dict."""
+    common = megatron_checkpoint.read_common_state(str(folder))
+    return common["args"].no_save_optim, common["args"].no_save_rng, common["content_metadata"]
+
+
 @pytest.mark.parametrize("model", ["gpt", "llama"])
 def test_written_torch_dist_has_megatrons_layout_and_reads_back(tmp_path, model):
     original = _read(CHECKPOINTS[model][0])
@@ -82,7 +98,10 @@ def test_written_torch_dist_has_megatrons_layout_and_reads_back(tmp_path, model)
     state = megatron_checkpoint.model_state(original, VOCAB)
     args = megatron_checkpoint.megatron_args(config, tp=2, iteration=10, seq_length=32)
     folder = megatron_checkpoint.save_torch_dist(str(tmp_path), config, state, iteration=10, args=args)
-    assert _metadata(folder) == _metadata(FIXTURES / CHECKPOINTS[model][0] / "iter_0000010")  # keys, shapes, dtypes
+    fixture = FIXTURES / CHECKPOINTS[model][0] / "iter_0000010"
+    assert _metadata(folder) == _metadata(fixture)  # keys, shapes, dtypes
+    assert _byte_items(folder) == _byte_items(fixture)  # the _extra_state objects as megatron-core stores them: [None]
+    assert _what_megatrons_loader_reads(folder) == _what_megatrons_loader_reads(fixture)
     again = megatron_checkpoint.read(str(tmp_path))
     assert again.iteration == 10 and again.args.padded_vocab_size == 768
     assert megatron_checkpoint.transformer_config(again.args, VOCAB) == config

@@ -130,6 +130,12 @@ def test_torch_dist_save_has_megatrons_layout_and_equals_the_converter(llama, tm
     for name, value in checkpoint.state.items():  # every value, the vocabulary's padding rows (zero) included
         assert torch.equal(again.state[name], value), name
     assert megatron_checkpoint.transformer_config(again.args, VOCAB) == config
+    resaved = tmp_path / "resaved"  # Megatron in, Megatron out: the iteration and consumed samples are kept
+    assert convert.main(["--input-format", "megatron", "--input", str(root), "--output-format", "megatron",
+                         "--output", str(resaved), "--tp", "2"]) == 0
+    resaved_args = megatron_checkpoint.read(str(resaved)).args
+    assert (resaved_args.iteration, resaved_args.consumed_train_samples, resaved_args.no_save_optim,
+            resaved_args.no_save_rng) == (ITERS // 2, 12, True, True)
 
 
 def test_torch_dist_save_is_published_like_ours(llama, tmp_path):
