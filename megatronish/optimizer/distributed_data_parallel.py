@@ -20,6 +20,12 @@ and padded to a multiple of the DP size so that a bucket splits evenly across DP
 
 With `use_distributed_optimizer=True` the parameters are also moved into one contiguous
 buffer with the same layout, so that the updated slices can be all-gathered in place.
+`all_gather_params()` (after each optimizer step) gathers every bucket and waits; with
+`overlap_param_gather` (Megatron's --overlap-param-gather) it only starts the gathers, and each
+module waits, in a forward pre-hook, for the buckets of the parameters it owns or is handed (a
+tied output layer gets the embedding weight), so the gathers hide behind the next forward.
+Whatever reads or writes parameters outside a forward calls `finish_param_sync()` first (the
+optimizer does in its step, its state and its norms).
 """
 
 import contextlib
@@ -75,12 +81,18 @@ class Bucket:
     ready: set = field(default_factory=set)  # ids of parameters whose last-micro-batch gradient arrived
     holds_shared_embedding: bool = False    # then it starts in finish_grad_sync, after the sum over stages
     handle: object = None                   # the running reduction, once started
+    param_gather: object = None             # the running all-gather of updated parameters (overlap_param_gather)
     started: bool = False
     reduced: tuple | None = None            # (bf16 copy, where it goes) when reducing in bf16
 
     def shard(self, dp_rank: int, dp_size: int) -> tuple[int, int]:
         """The [start, end) of this bucket that DP rank `dp_rank` reduces and updates."""
         return shard_range(self.start, self.end, dp_rank, dp_size)
+
+    def finish_param_gather(self) -> None:
+        if self.param_gather is not None:
+            self.param_gather.wait()
+            self.param_gather = None
 
 
 class DistributedDataParallel(nn.Module):
@@ -90,13 +102,17 @@ class DistributedDataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, *, bucket_size: int = DEFAULT_BUCKET_SIZE,
                  use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
-                 grad_reduce_in_bf16: bool = False,
+                 grad_reduce_in_bf16: bool = False, overlap_param_gather: bool = False,
                  layout: ParallelLayout | None = None):
         super().__init__()
+        if overlap_param_gather and not use_distributed_optimizer:
+            raise ValueError("overlap_param_gather needs use_distributed_optimizer=True: only the distributed "
+                             "optimizer all-gathers parameters")
         self.module = module
         self.layout = layout or parallel_state.get_layout()
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_grad_reduce = overlap_grad_reduce
+        self.overlap_param_gather = overlap_param_gather
         # Megatron's --grad-reduce-in-bf16: the DP reduction sends bf16 (half the bytes); gradients are
         # accumulated in fp32 before and after it.
         self.reduce_dtype = torch.bfloat16 if grad_reduce_in_bf16 else torch.float32
@@ -135,6 +151,9 @@ class DistributedDataParallel(nn.Module):
         for bucket in self.buckets:
             bucket.holds_shared_embedding = any(getattr(p, "shared_embedding", False) for p in bucket.params)
         self._broadcast_params()
+        if overlap_param_gather:
+            for submodule in module.modules():
+                submodule.register_forward_pre_hook(self._wait_for_params_of, with_kwargs=True)
 
     def _layout(self, params, bucket_size):
         bucket_ranges, starts = bucket_layout([p.numel() for p in params], bucket_size, self.dp_size)
@@ -251,17 +270,31 @@ class DistributedDataParallel(nn.Module):
 
     @torch.no_grad()
     def all_gather_params(self) -> None:
-        """Distributed optimizer: after each DP rank updated its shard of `param_buffer`, share them."""
+        """Distributed optimizer: after each DP rank updated its shard of `param_buffer`, share them. With
+        overlap_param_gather the gathers are only started: the forward pre-hooks and finish_param_sync wait."""
         if self.dp_size == 1:
             return
-        handles = []
         for bucket in self.buckets:
             start, end = bucket.shard(self.dp_rank, self.dp_size)
-            handles.append(_all_gather(
-                self.param_buffer[bucket.start:bucket.end], self.param_buffer[start:end],
-                group=self.dp_group, async_op=True))
-        for handle in handles:
-            handle.wait()
+            bucket.param_gather = _all_gather(self.param_buffer[bucket.start:bucket.end], self.param_buffer[start:end],
+                                              group=self.dp_group, async_op=True)
+        if not self.overlap_param_gather:
+            self.finish_param_sync()
+
+    def finish_param_sync(self) -> None:
+        """Wait for every parameter all-gather still running (a no-op when none is)."""
+        for bucket in self.buckets:
+            bucket.finish_param_gather()
+
+    def _wait_for_params_of(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: the buckets of the parameters `module` owns, or is handed (whole or a view), are
+        gathered before it runs. Each bucket is waited for once; later calls find nothing running."""
+        handed = (value._base if value._base is not None else value
+                  for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor))
+        for param in (*module.parameters(recurse=False), *handed):
+            bucket = self.bucket_of.get(param)
+            if bucket is not None:
+                bucket.finish_param_gather()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -12,7 +12,11 @@ bf16/fp16 models it is an fp32 copy, written back (cast) to the model after each
 
 One step: unscale the gradients (fp16) and skip the step if any rank saw inf/nan; compute the
 global norm (each parameter counted once) and clip; AdamW; write back; with the distributed
-optimizer, all-gather the updated parameters over DP.
+optimizer, all-gather the updated parameters over DP. With --overlap-param-gather those gathers
+are still running when step() returns (the next forward waits for them, module by module); every
+method here that reads or writes parameters first waits for what is left (finish_param_sync), so
+the next step, checkpoints (sharded_state_by_name comes first in checkpoint_state) and the
+parameter norm see the gathered values.
 """
 
 import math
@@ -120,11 +124,17 @@ class MixedPrecisionOptimizer:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
 
+    def finish_param_sync(self) -> None:
+        """Wait for the parameter all-gathers that an overlapped step left running (none otherwise)."""
+        for chunk in self.chunks:
+            chunk.finish_param_sync()
+
     @torch.no_grad()
     def step(self) -> tuple[bool, float | None]:
         """Returns (update_successful, grad_norm). A step skipped for inf/nan gradients returns (False, None)
         with fp16's loss scaling, (False, the non-finite norm) without: such a step is never applied (it
         would make every weight NaN); the training loop decides when too many in a row end the run."""
+        self.finish_param_sync()  # a bucket no forward read may still be gathering into the shard we update
         grads = [e.main.grad for e in self.main_params]
         device = parallel_state.get_device()
         if self.grad_scaler is not None:
@@ -154,6 +164,7 @@ class MixedPrecisionOptimizer:
     @torch.no_grad()
     def params_norm(self) -> float:
         """The L2 norm of all parameters, each counted once (--log-params-norm)."""
+        self.finish_param_sync()
         counted = [e.main for e in self.main_params if counted_in_grad_norm(e.param, self.layout)]
         group = None if self.norm_group_is_world else self.layout.model_parallel_group
         return global_grad_norm(counted, group, parallel_state.get_device())
@@ -177,6 +188,7 @@ class MixedPrecisionOptimizer:
     @torch.no_grad()
     def reload_model_params(self) -> None:
         """Reset the fp32 masters from the model's weights (after loading weights without optimizer state)."""
+        self.finish_param_sync()
         for e in self.main_params:
             source = e.param.data.view(-1)[e.start:e.end]
             if source.data_ptr() != e.main.data_ptr():
@@ -191,8 +203,10 @@ class MixedPrecisionOptimizer:
     def sharded_state_by_name(self) -> dict:
         """{"params": {name: {"master", "exp_avg", "exp_avg_sq"}}, "step": int, "grad_scaler": dict | None}.
 
-        Tensors are fp32, shaped like this TP rank's shard of the parameter, identical on every DP rank.
+        Tensors are fp32, shaped like this TP rank's shard of the parameter, identical on every DP rank. The
+        model's weights are complete when it returns (no parameter all-gather is left running).
         """
+        self.finish_param_sync()
         state = self.optimizer.state
         step = max((int(s["step"]) for s in state.values() if "step" in s), default=0)
         per_key = {"master": self._gather_full({id(e): e.main.detach().clone() for e in self.main_params})}
@@ -207,6 +221,7 @@ class MixedPrecisionOptimizer:
     @torch.no_grad()
     def load_state_by_name(self, state: dict) -> None:
         """The inverse of sharded_state_by_name (from either optimizer kind): also sets the model parameters."""
+        self.finish_param_sync()  # a running gather would overwrite the loaded weights
         missing = sorted(set(self.names.values()) - set(state["params"]))
         if missing:
             raise KeyError(f"optimizer state has no entry for parameter(s) {missing[:5]}: was it saved from another model?")

@@ -151,4 +151,7 @@ def _data_parallel_time(args, stage: StageWork, d: int, bandwidth: float, consta
     if args.overlap_grad_reduce:  # hidden behind the last micro-batch's backward (2/3 of its compute, 3/4 recomputing)
         backward = microbatch_time * (0.75 if args.recompute_granularity == "full" else 2 / 3)
         reduce = max(0.0, reduce - backward)
+    if args.overlap_param_gather:  # hidden behind the next iteration's first forward (1/3 of its compute, 1/4 recomputing)
+        forward = microbatch_time * (0.25 if args.recompute_granularity == "full" else 1 / 3)
+        gather = max(0.0, gather - forward)
     return reduce + gather

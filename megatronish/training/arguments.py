@@ -203,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-reduce-in-bf16", action="store_true",
                    help="send gradients in bf16 in the data-parallel reduction (accumulated in fp32)")
     g.add_argument("--overlap-param-gather", action="store_true",
-                   help="with --use-distributed-optimizer: accepted (Megatron overlaps the parameter all-gather "
-                        "with the next forward; here it runs right after the step: the same values)")
+                   help="with --use-distributed-optimizer: start the all-gather of the updated parameters after "
+                        "the step and wait for each bucket only when the next forward reaches its first layer, as "
+                        "Megatron (the same values; the gather hides behind the forward)")
     g.add_argument("--exit-interval", type=int, help="stop (after saving) when the iteration is a multiple of this")
     g.add_argument("--exit-duration-in-mins", type=float,
                    help="stop (after saving) at the first iteration boundary after this many minutes")

@@ -151,6 +151,7 @@ def setup(args: argparse.Namespace) -> TrainingRun:
             chunk.compile()  # in place: DDP, the optimizer and checkpoints see the same modules and names
     ddp_model = [DistributedDataParallel(chunk, use_distributed_optimizer=args.use_distributed_optimizer,
                                          overlap_grad_reduce=args.overlap_grad_reduce,
+                                         overlap_param_gather=args.overlap_param_gather,
                                          grad_reduce_in_bf16=args.grad_reduce_in_bf16, layout=layout)
                  for chunk in model]
     optimizer, scheduler = build_optimizer(args, ddp_model)
@@ -289,6 +290,7 @@ def train(run: TrainingRun, result: TrainingResult) -> str | None:
 def finish(run: TrainingRun, result: TrainingResult, exit_reason: str | None) -> TrainingResult:
     """Save what the loop has not saved yet; unless stopped early, evaluate on valid/test and print a sample."""
     args = run.args
+    run.optimizer.finish_param_sync()  # no gather outlives the loop (the sample's model twin has no forward hooks)
     if args.save and run.saved_at != run.progress.iteration:
         _save(run)
     wait_for_async_save()
@@ -338,6 +340,7 @@ def _empty_unused_memory(args, level: int) -> None:
 
 def _healthy(run: TrainingRun) -> bool:
     """Whether this iteration may be saved: never replace a healthy checkpoint by a broken one. Collective."""
+    run.optimizer.finish_param_sync()  # the weights are read here, before the forward hooks would wait
     if run.finite and parameters_are_finite(run.model):
         return True
     print_rank_0(f"not saving iteration {run.progress.iteration}: its loss, gradient norm or weights are not finite")

@@ -1,5 +1,6 @@
 """The optimizer against a dense float64 reference: DP/TP layouts, distributed optimizer,
-overlapped bucket reduction, clipping (global norm, each parameter once), state by name, fp16 loss scaling, bf16."""
+overlapped bucket reduction, clipping (global norm, each parameter once), state by name, fp16 loss scaling, bf16,
+overlapped parameter all-gather (waited for by the forward pre-hooks and by every reader outside a forward)."""
 
 import contextlib
 import io
@@ -94,11 +95,11 @@ def make_batches(seed=1):
              torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g)) for _ in range(STEPS)]
 
 
-def build(tp, distributed, dtype=torch.float32, fp16=False, bucket_size=40, overlap=False):
+def build(tp, distributed, dtype=torch.float32, fp16=False, bucket_size=40, overlap=False, overlap_param_gather=False):
     parallel_state.initialize_model_parallel(tp)
     model = DistributedDataParallel(ToyTPModel(dtype=dtype), use_distributed_optimizer=distributed,
                                     bucket_size=bucket_size,  # small buckets: several per model
-                                    overlap_grad_reduce=overlap)
+                                    overlap_grad_reduce=overlap, overlap_param_gather=overlap_param_gather)
     optimizer = get_megatron_optimizer(model, CONFIG, fp16=fp16, initial_loss_scale=2.0**10)
     return model, optimizer
 
@@ -314,3 +315,80 @@ def test_overlap_starts_each_bucket_in_the_last_backward():
         assert len(last) > 2 and not any(no_sync)
         assert all(last)  # every parameter is used, so every bucket started from the backward hooks
         assert not any(finished)  # reset for the next iteration
+
+
+class _WatchedGather:
+    """A running parameter all-gather that records whether anyone waited for it."""
+
+    def __init__(self, work):
+        self.work, self.waited = work, False
+
+    def wait(self):
+        self.waited = True
+        return self.work.wait()
+
+
+def _watch_gathers(model) -> list[_WatchedGather]:
+    watched = []
+    for bucket in model.buckets:
+        assert bucket.param_gather is not None, "step() returned with a bucket's parameter all-gather not running"
+        bucket.param_gather = _WatchedGather(bucket.param_gather)
+        watched.append(bucket.param_gather)
+    return watched
+
+
+def _overlapped_param_gather_waits():
+    model, optimizer = build(1, True, overlap_param_gather=True)  # DP=2, several buckets
+    tokens, labels = make_batches()[0]
+    train_step(model, optimizer, tokens, labels)
+    watched = _watch_gathers(model)
+    model.module.embedding(tokens)  # a forward that reaches the embedding only
+    embedding_bucket = model.bucket_of[model.module.embedding.weight]
+    waits = {"embedding forward": [w.waited for w in watched],
+             "expected": [bucket is embedding_bucket for bucket in model.buckets]}
+    model(tokens, labels)
+    waits["whole forward"] = [w.waited for w in watched]
+    state = optimizer.sharded_state_by_name()
+    for name, read in (("step", optimizer.step), ("state", optimizer.sharded_state_by_name),
+                       ("params norm", optimizer.params_norm), ("load", lambda: optimizer.load_state_by_name(state)),
+                       ("reload", optimizer.reload_model_params)):
+        optimizer.step()  # gathers running again
+        watched = _watch_gathers(model)
+        read()
+        waits[name] = [w.waited for w in watched]
+    return waits
+
+
+def test_overlapped_param_gather_is_waited_for_where_parameters_are_read():
+    for waits in run_distributed(_overlapped_param_gather_waits, 2):
+        assert len(waits["expected"]) > 2 and sum(waits["expected"]) == 1
+        assert waits["embedding forward"] == waits["expected"]  # each module waits for its own buckets only
+        for reader in ("whole forward", "step", "state", "params norm", "load", "reload"):
+            assert all(waits[reader]), reader
+
+
+def _overlapped_param_gather_trains_identically():
+    batches = make_batches()
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for overlap in (False, True):
+            model, optimizer = build(1, True, dtype=dtype, overlap_param_gather=overlap)
+            norms = [train_step(model, optimizer, *b)[1] for b in batches]
+            optimizer.finish_param_sync()
+            out[dtype, overlap] = (full_params(model.module), norms)
+            parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1)
+    out["reference"] = dense_reference(batches)
+    return portable(out)
+
+
+def test_overlapped_param_gather_trains_like_the_synchronous_gather_in_fp32_and_bf16():
+    for out in map(unpack, run_distributed(_overlapped_param_gather_trains_identically, 2)):  # DP=2
+        ref_params, _ = out["reference"]
+        for dtype in (torch.float32, torch.bfloat16):
+            (sync_params, sync_norms), (params, norms) = out[dtype, False], out[dtype, True]
+            assert norms == sync_norms, dtype
+            for name, value in params.items():
+                torch.testing.assert_close(value, sync_params[name], rtol=0, atol=0, msg=f"{name} ({dtype})")
+        for name, value in out[torch.float32, True][0].items():
+            torch.testing.assert_close(value, ref_params[name], **TOL, msg=name)

@@ -3,13 +3,16 @@
 Losses of 10 iterations agree across layouts (TP 1/2/4, TP2 x DP2, distributed optimizer,
 sequence parallelism, activation recompute) within 1e-5 relative; the logged grad norm equals a dense single-process reference; fp16
 skips overflowing steps and recovers; bf16 runs; a run stopped and resumed from its
-checkpoint continues exactly as an uninterrupted run. Runs are grouped by world size so
-each group forks its ranks once.
+checkpoint continues exactly as an uninterrupted run; with --overlap-param-gather (its gathers
+landing only when waited for) losses, checkpoints and the generated sample equal the synchronous
+gather's exactly. Runs are grouped by world size so each group forks its ranks once.
 """
 
 import numpy as np
 import pytest
 import torch
+from param_gather_testing import slow_param_gathers
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from megatronish import parallel_state
 from megatronish.data.indexed_dataset import IndexedDatasetBuilder
@@ -17,6 +20,7 @@ from megatronish.data.tokenizers import ByteTokenizer
 from megatronish.model import GPTModel
 from megatronish.testing import RankFailed, run_distributed
 from megatronish.training.arguments import parse_args, transformer_config_from_args, validate_args
+from megatronish.training.checkpointing import checkpoint_dir
 from megatronish.training.training import build_datasets, forward_step, pretrain
 
 ITERS = 10
@@ -54,11 +58,16 @@ def _run(argv: list[str]) -> dict:
         parallel_state.destroy_model_parallel()
     return {"losses": result.losses, "grad_norms": result.grad_norms, "lrs": result.learning_rates,
             "valid": result.validation_losses, "skipped": result.progress.skipped_iterations,
-            "consumed": result.progress.consumed_train_samples}
+            "consumed": result.progress.consumed_train_samples, "sample": result.sample}
 
 
 def _runs(argvs: list[list[str]]) -> list[dict]:
     return [_run(argv) for argv in argvs]
+
+
+def _runs_with_slow_param_gathers(argvs: list[list[str]]) -> list[dict]:
+    with slow_param_gathers():
+        return _runs(argvs)
 
 
 def _dense_first_grad_norm(argv: list[str]) -> float:
@@ -107,16 +116,47 @@ def test_reference_run_learns_and_logged_grad_norm_matches_dense(reference):
 
 
 def test_tp4_and_tp2_x_dp2_match_tp1(data, reference):
+    distributed_sp = ["--tp", "2", "--use-distributed-optimizer", "--sequence-parallel", "--overlap-grad-reduce",
+                      "--sample-tokens", "8"]  # the sample runs on a parameter-sharing twin without sequence parallelism
     argvs = [tiny_argv(*data, "--tp", "4"), tiny_argv(*data, "--tp", "2", "--overlap-grad-reduce"),
-             tiny_argv(*data, "--tp", "2", "--use-distributed-optimizer", "--sequence-parallel",
-                       "--overlap-grad-reduce")]
-    outs = run_distributed(_runs, 4, args=(argvs,), timeout=300)
+             tiny_argv(*data, *distributed_sp),
+             # no evaluation: the sample is the first to read the weights after the last step
+             tiny_argv(*data, *distributed_sp, "--overlap-param-gather", "--eval-iters", "0")]
+    outs = run_distributed(_runs_with_slow_param_gathers, 4, args=(argvs,), timeout=300)
     ref, _ = reference
     for rank_out in outs:
-        for result, what in zip(rank_out, ("TP4", "TP2 x DP2 overlapped reduction",
-                                           "TP2 x DP2 distributed optimizer, sequence parallel, overlap")):
+        for result, what in zip(rank_out[:3], ("TP4", "TP2 x DP2 overlapped reduction",
+                                               "TP2 x DP2 distributed optimizer, sequence parallel, overlap")):
             _assert_same_run(result, ref, what)
             assert result["valid"] == pytest.approx(ref["valid"], rel=REL), what
+        synchronous, overlapped = rank_out[2:]
+        for key in ("losses", "grad_norms", "lrs", "sample"):
+            assert overlapped[key] == synchronous[key], f"{key} with overlapped parameter gather"
+        assert overlapped["sample"]
+
+
+def _checkpoint_tensors(folder: str) -> dict:
+    """The weights and optimizer state a checkpoint folder holds, by name."""
+    converted = folder + ".pt"
+    dcp_to_torch_save(folder, converted)
+    return {name: value for name, value in torch.load(converted, weights_only=False).items()
+            if name.startswith(("model.", "optimizer."))}
+
+
+def test_overlapped_param_gather_equals_the_synchronous_gather(data, reference, tmp_path):
+    """DP=2: the gathers still run when step() returns and land only when waited for; losses, grad norms, the
+    checkpoints saved mid-run (gathers in flight) and at the end and the sample equal the synchronous gather's."""
+    argvs = [tiny_argv(*data, "--use-distributed-optimizer", "--save", str(tmp_path / name), "--save-interval", "5",
+                       "--log-params-norm", "--sample-tokens", "8", *extra)
+             for name, extra in (("synchronous", []), ("overlapped", ["--overlap-param-gather"]))]
+    synchronous, overlapped = run_distributed(_runs_with_slow_param_gathers, 2, args=(argvs,), timeout=300)[0]
+    assert overlapped == synchronous and overlapped["sample"]
+    _assert_same_run(overlapped, reference[0], "DP2, overlapped parameter gather")
+    for iteration in (5, ITERS):
+        saved, expected = (_checkpoint_tensors(checkpoint_dir(str(tmp_path / name), iteration))
+                           for name in ("overlapped", "synchronous"))
+        assert saved.keys() == expected.keys() and any(key.startswith("optimizer.") for key in saved), saved.keys()
+        torch.testing.assert_close(saved, expected, rtol=0, atol=0, msg=f"iteration {iteration}")
 
 
 def test_tp2_sequence_parallel_and_dp2_distributed_optimizer_match_tp1_and_mixed_precision(data, reference):
