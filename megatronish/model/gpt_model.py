@@ -61,8 +61,11 @@ class Embedding(nn.Module):
         embeddings = self.word_embeddings(input_ids if sequence_parallel else input_ids.t().contiguous())
         if self.position_embeddings is not None:
             first, length = self._local_positions(input_ids.size(1))
-            if position_ids is None:  # positions 0..s-1 for every sample: a slice, broadcast over the batch
-                positions = self.position_embeddings.weight[first:first + length].unsqueeze(1)
+            if position_ids is None:  # the same positions for every sample: looked up once, broadcast over the batch
+                # (through the module, not a slice of its weight: hooks on it, e.g. the overlapped parameter
+                # gather's, must see the read)
+                rows = torch.arange(first, first + length, device=input_ids.device)
+                positions = self.position_embeddings(rows).unsqueeze(1)
             else:
                 positions = self.position_embeddings(position_ids[:, first:first + length].t())
             embeddings = embeddings + positions

@@ -23,7 +23,8 @@ buffer with the same layout, so that the updated slices can be all-gathered in p
 `all_gather_params()` (after each optimizer step) gathers every bucket and waits; with
 `overlap_param_gather` (Megatron's --overlap-param-gather) it only starts the gathers, and each
 module waits, in a forward pre-hook, for the buckets of the parameters it owns or is handed (a
-tied output layer gets the embedding weight), so the gathers hide behind the next forward.
+tied output layer gets the embedding weight), so the gathers hide behind the next forward. As in
+Megatron, a module must therefore read no parameter of a submodule without calling that submodule.
 Whatever reads or writes parameters outside a forward calls `finish_param_sync()` first (the
 optimizer does in its step, its state and its norms).
 """
@@ -274,7 +275,7 @@ class DistributedDataParallel(nn.Module):
         overlap_param_gather the gathers are only started: the forward pre-hooks and finish_param_sync wait."""
         if self.dp_size == 1:
             return
-        for bucket in self.buckets:
+        for bucket in reversed(self.buckets):  # in the order the forward needs them (buckets are laid out backward-first)
             start, end = bucket.shard(self.dp_rank, self.dp_size)
             bucket.param_gather = _all_gather(self.param_buffer[bucket.start:bucket.end], self.param_buffer[start:end],
                                               group=self.dp_group, async_op=True)

@@ -513,6 +513,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> list[str]:
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         fail("--overlap-param-gather needs --use-distributed-optimizer (it overlaps that optimizer's parameter "
              "all-gather), as in Megatron")
+    if args.overlap_param_gather and args.torch_compile:  # measured: losses drift from the second iteration
+        fail("--overlap-param-gather cannot be combined with --torch-compile: the compiled model skips the waits for "
+             "the overlapped parameter all-gathers; drop one of the two")
     if args.clip_grad < 0 or args.eval_iters < 0:
         fail(f"--clip-grad ({args.clip_grad}) and --eval-iters ({args.eval_iters}) must be >= 0")
     if args.save_interval is not None and args.save_interval < 1:

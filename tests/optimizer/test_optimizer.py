@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatronish import parallel_state
+from megatronish.model import GPTModel, TransformerConfig
 from megatronish.optimizer import (
     DistributedDataParallel,
     DynamicGradScaler,
@@ -26,6 +27,7 @@ from megatronish.tensor_parallel import (
     shard_of_full,
     vocab_parallel_cross_entropy,
 )
+from megatronish.parallel_layout import ParallelLayout
 from megatronish.testing import run_distributed
 
 # A tiny TP model with every kind of parameter the optimizer handles: vocabulary-parallel
@@ -392,3 +394,28 @@ def test_overlapped_param_gather_trains_like_the_synchronous_gather_in_fp32_and_
                 torch.testing.assert_close(value, sync_params[name], rtol=0, atol=0, msg=f"{name} ({dtype})")
         for name, value in out[torch.float32, True][0].items():
             torch.testing.assert_close(value, ref_params[name], **TOL, msg=name)
+
+
+def _gpt_stage_forward_waits():
+    layout = ParallelLayout.build(pp=2)  # PP=2 x DP=2
+    config = TransformerConfig(num_layers=2, hidden_size=HIDDEN, num_attention_heads=2, vocab_size=VOCAB,
+                               max_position_embeddings=SEQ, hidden_dropout=0.0, attention_dropout=0.0)
+    model = DistributedDataParallel(GPTModel(config, seed=3, layout=layout), layout=layout, bucket_size=1,
+                                    use_distributed_optimizer=True, overlap_param_gather=True)  # a bucket per parameter
+    model.all_gather_params()
+    watched = _watch_gathers(model)
+    tokens = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ))
+    model.set_input_tensor(torch.randn(SEQ, MICRO_BATCH, HIDDEN))  # read by the last stage only
+    model(tokens, labels=tokens)
+    names = {param: name for name, param in model.module.named_parameters()}
+    return layout.is_last_stage, [names[p] for bucket, w in zip(model.buckets, watched) if not w.waited
+                                  for p in bucket.params]
+
+
+def test_overlapped_param_gather_waits_for_parameters_a_module_is_handed():
+    """The last stage's output layer reads the tied embedding copy, whose module it never calls: one forward of
+    each stage still waits for every bucket (one per parameter here)."""
+    results = run_distributed(_gpt_stage_forward_waits, 4)
+    assert sorted(last for last, _ in results) == [False, False, True, True]
+    for _, not_waited in results:
+        assert not_waited == []

@@ -115,6 +115,8 @@ def test_no_data_flags_give_the_demo_and_explicit_flags_win():
     (["--pp", "2", "--decoder-first-pipeline-num-layers", "1", "--num-layers-per-virtual-pipeline-stage", "1"], 2,
      "an uneven pipeline split (--decoder-first/last-pipeline-num-layers) and virtual stages cannot be combined"),
     (["--lr-warmup-iters", "300"], 1, "the warmup (300 iterations) must be shorter than --lr-decay-iters 200"),
+    (["--use-distributed-optimizer", "--overlap-param-gather", "--torch-compile"], 2,
+     "--overlap-param-gather cannot be combined with --torch-compile"),
 
     # Values that used to fail late, blaming something else, or never:
     (["--global-batch-size", "0"], 1, "--global-batch-size must be a positive integer, got 0"),
