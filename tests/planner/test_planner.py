@@ -2,6 +2,7 @@
 parameter inventory the model's, its pipeline peaks the schedules' and Megatron's, and its entry points
 (tools/plan.py, pretrain_gpt.py --dry-run, the goodput profile) work end to end."""
 
+import dataclasses
 import json
 import math
 import os
@@ -149,6 +150,18 @@ def test_dry_run_prints_the_plan_and_builds_nothing(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "layout TP2 PP2 DP1 mb8 full" in out and "stage 1:" in out and "time per iteration" in out
     assert not torch.distributed.is_initialized()
+
+
+def test_overlapped_param_gather_hides_the_gather_behind_a_forward():
+    argv = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+            "--micro-batch-size", "4", "--global-batch-size", "16", "--use-distributed-optimizer"]
+    layout = Layout(1, 1, 2, None, 4, None, True, False)
+    constants = SpeedConstants(flops_per_s=3e9, intra_node_bytes_per_s=0.5e9, inter_node_bytes_per_s=1e9,
+                               latency_s=3e-4, optimizer_s_per_element=2e-8, overhead_s_per_layer_microbatch=1e-3)
+    synchronous, overlapped = (plan_layout(parse_args(argv + extra), layout, cpu_cluster(2), 258, constants).time
+                               for extra in ([], ["--overlap-param-gather"]))
+    assert 0 < overlapped.data_parallel < synchronous.data_parallel  # the reduce-scatter stays exposed
+    assert dataclasses.replace(overlapped, data_parallel=synchronous.data_parallel) == synchronous
 
 
 def test_fit_recovers_the_constants_that_made_the_times():
