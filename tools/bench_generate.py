@@ -11,8 +11,8 @@
    - plain KV-cached decoding vs transformers' generate of the exported target, batch 1 and 8,
      greedy: tokens/s and the ratio;
    - at temperature 0 and 0.6, batch 1 over every prompt: plain decoding, a draft chain of
-     --chain-length tokens and the Sequoia tree (acceptance measured on the training text, size
-     and depth chosen for this machine), next to transformers' assisted generation with the
+     --chain-length tokens and the Sequoia tree (acceptance measured on the training text at the
+     run's temperature and length, size and depth chosen for this machine), next to transformers' assisted generation with the
      exported pair: tokens/s, speed-up over plain, tokens per target forward.
 Every number is printed with what it compares against; nothing is asserted.
 """
@@ -183,8 +183,10 @@ def bench(args, target_dir: str, draft_dir: str, target_hf: str, draft_hf: str, 
     for temperature in (0.0, 0.6):
         sampling = SamplingParams(temperature=temperature)
         print(f"speculative decoding at temperature {temperature}, batch 1, all prompts:")
+        # Calibrated as the benchmark decodes (same temperature and length; greedy continuations of small
+        # models settle into text both models predict alike), on training text, not the benchmark's prompts.
         acceptance = sequoia.measure_acceptance(
-            target, draft, [Request(p, 64, sampling, seed=i) for i, p in enumerate(calibration)], width=8)
+            target, draft, [Request(p, n, sampling, seed=i) for i, p in enumerate(calibration)], width=8)
         plan = sequoia.plan_for_machine(target, draft, acceptance, args.tree_size, args.tree_depth)
         t_plain = sum(best_of(args.repeats, lambda p=p: ours(target, [p], n, sampling))[0] for p in prompts)
         plain = report("megatronish plain", t_plain, len(prompts) * n)
