@@ -12,8 +12,9 @@
      greedy: tokens/s and the ratio;
    - at temperature 0 and 0.6, batch 1 over every prompt: plain decoding, a draft chain of
      --chain-length tokens and the Sequoia tree (acceptance measured on the training text at the
-     run's temperature and length, size and depth chosen for this machine), next to transformers' assisted generation with the
-     exported pair: tokens/s, speed-up over plain, tokens per target forward.
+     run's temperature and length, size and depth chosen for this machine), next to transformers'
+     assisted generation with the exported pair: tokens/s, speed-up over plain, tokens per target
+     forward.
 Every number is printed with what it compares against; nothing is asserted.
 """
 
