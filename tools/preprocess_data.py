@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from megatronish.data.preprocess import MAX_RECORD_BYTES, TokenizerSpec, preprocess_hf_dataset, preprocess_jsonl
-from megatronish.data.tokenizers import TOKENIZER_TYPES
+from megatronish.data.tokenizers import TOKENIZER_OPTIONS, TOKENIZER_TYPES, add_tokenizer_options
 
 
 def parse_args(argv=None):
@@ -29,10 +29,11 @@ def parse_args(argv=None):
     p.add_argument("--hf-split", default="train", help="split of --hf-dataset (default: train)")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")
     p.add_argument("--output-prefix", required=True, help="writes <prefix>_<key>_document.bin/.idx")
-    p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES + ("GPTSentencePieceTokenizer",))
+    p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     p.add_argument("--vocab-file", help="vocab.json (GPT2BPETokenizer)")
     p.add_argument("--merge-file", help="merges.txt (GPT2BPETokenizer)")
-    p.add_argument("--tokenizer-model", help="SentencePiece .model or HF tokenizer.json")
+    p.add_argument("--tokenizer-model", help="SentencePiece .model, HF tokenizer.json or TikTokenizer's .json")
+    add_tokenizer_options(p)
     p.add_argument("--append-eod", action="store_true", help="append the EOD token to every document")
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes (default: 1)")
     p.add_argument(
@@ -47,7 +48,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    tokenizer = TokenizerSpec(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
+    options = {name: getattr(args, name) for name in TOKENIZER_OPTIONS}
+    if options["tokenizer_special_tokens"]:
+        options["tokenizer_special_tokens"] = tuple(options["tokenizer_special_tokens"])
+    tokenizer = TokenizerSpec(**options)
     common = dict(
         output_prefix=args.output_prefix,
         tokenizer=tokenizer,

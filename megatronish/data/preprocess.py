@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -49,9 +49,14 @@ class TokenizerSpec:
     vocab_file: str | None = None
     merge_file: str | None = None
     tokenizer_model: str | None = None
+    vocab_size: int | None = None
+    null_tokenizer_eod_id: int | None = None
+    tiktoken_pattern: str | None = None
+    tiktoken_num_special_tokens: int | None = None
+    tokenizer_special_tokens: tuple[str, ...] | None = None
 
     def build(self):
-        return build_tokenizer(self.tokenizer_type, self.vocab_file, self.merge_file, self.tokenizer_model)
+        return build_tokenizer(**asdict(self))
 
 
 @dataclass

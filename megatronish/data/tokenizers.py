@@ -21,14 +21,34 @@ Types (the flags that feed them are those of tools/preprocess_data.py and pretra
                             eod = --null-tokenizer-eod-id or N - 1, no pad; text is space-separated ids.
     Llama2Tokenizer         --tokenizer-model x.model: SentencePiece whose tokenize() puts BOS first, as
                             Megatron's Llama2Tokenizer does; eod = eos.
+    TikTokenizer            --tokenizer-model vocab.json (Megatron's tiktoken vocabulary, see TikTokenizer), with
+                            --tiktoken-pattern, --tiktoken-num-special-tokens, --tokenizer-special-tokens and
+                            --vocab-size; needs the tiktoken package (pip install 'megatronish[tiktoken]').
 Special-token ids are rendered by detokenize() as their text ("<|endoftext|>").
 """
 
+import base64
+import binascii
 import json
 import os
 
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
-                   "HuggingFaceTokenizer", "NullTokenizer", "ByteTokenizer")
+                   "HuggingFaceTokenizer", "NullTokenizer", "ByteTokenizer", "TikTokenizer")
+# Every option build_tokenizer takes, by the argument names of the tools (pretrain_gpt.py, preprocess_data.py, ...)
+TOKENIZER_OPTIONS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size",
+                     "null_tokenizer_eod_id", "tiktoken_pattern", "tiktoken_num_special_tokens",
+                     "tokenizer_special_tokens")
+
+# Megatron's TikTokenizer defaults and its two pre-tokenization (split) patterns.
+TIKTOKEN_VOCAB_SIZE = 2**17
+TIKTOKEN_NUM_SPECIAL_TOKENS = 1000
+TIKTOKEN_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<mask>", "<pad>", "<cls>", "<sep>")
+TIKTOKEN_PATTERNS = {
+    "v1": r"[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+",
+    "v2": (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+           r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
 
 
 class Tokenizer:
@@ -98,13 +118,7 @@ class GPT2BPETokenizer(_HFTokenizersBase):
 
         _require_file(vocab_file, "--vocab-file", "GPT2BPETokenizer")
         _require_file(merge_file, "--merge-file", "GPT2BPETokenizer")
-        try:
-            with open(vocab_file, encoding="utf-8") as f:
-                vocab = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"vocab file {vocab_file} (--vocab-file) is not a JSON token->id map: {e}") from None
-        if not isinstance(vocab, dict):
-            raise ValueError(f"vocab file {vocab_file} (--vocab-file) must hold a JSON object token->id")
+        vocab = _read_json(vocab_file, "--vocab-file", dict, "a JSON object token->id")
         if self.EOD_TOKEN not in vocab:
             raise ValueError(f"vocab file {vocab_file} (--vocab-file) has no {self.EOD_TOKEN!r} token, needed as EOD")
         try:
@@ -208,8 +222,126 @@ class NullTokenizer(Tokenizer):
         return " ".join(str(int(i)) for i in ids)
 
 
+class TikTokenizer(Tokenizer):
+    """Megatron's TikTokenizer: a tiktoken BPE whose ids start after a block of special tokens.
+
+    --tokenizer-model is a JSON list of the BPE's tokens, the 256 single bytes first (entry i is byte i) and each
+    merge after the tokens it joins: {"rank": i, "token_bytes": base64 of the token's bytes, "token_str": its
+    text}; rank i must be the entry's position, and the lower the rank, the earlier the merge applies.
+    Ids 0..num_special_tokens-1 are the special tokens: `special_tokens` (which must hold <unk> <s> </s> <mask>
+    <pad> <cls> <sep>; these seven by default), then "<SPECIAL_k>" fillers with k its id; token rank r gets id
+    r + num_special_tokens. vocab_size counts both, so only the first vocab_size - num_special_tokens entries
+    of the file are used. eod is </s>, bos <s>, pad <pad>. tokenize() turns special tokens written in the text
+    into their ids, as Megatron does; detokenize() renders them as their text.
+    """
+
+    def __init__(self, tokenizer_model: str, pattern: str | None = None, vocab_size: int | None = None,
+                 num_special_tokens: int | None = None, special_tokens=None):
+        tiktoken = import_tiktoken()
+        self.special_tokens = tiktoken_special_tokens(pattern, vocab_size, num_special_tokens, special_tokens)
+        self.vocab_size = vocab_size or TIKTOKEN_VOCAB_SIZE
+        num_special_tokens = len(self.special_tokens)
+        ranks = read_tiktoken_vocabulary(tokenizer_model, self.vocab_size, num_special_tokens)
+        self._encoding = tiktoken.Encoding(
+            name=os.path.basename(os.path.dirname(os.path.abspath(tokenizer_model))),
+            pat_str=TIKTOKEN_PATTERNS[pattern or "v2"],
+            mergeable_ranks={token: rank + num_special_tokens for token, rank in ranks.items()},
+            special_tokens={token: i for i, token in enumerate(self.special_tokens)},
+        )
+        self.bos, self.eod, self.pad = (self.special_tokens.index(t) for t in ("<s>", "</s>", "<pad>"))
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._encoding.encode(text, allowed_special="all")
+
+    def detokenize(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        outside = [i for i in ids if not 0 <= i < self.vocab_size]
+        if outside:
+            raise ValueError(f"token id {outside[0]} is outside the TikTokenizer vocabulary (0..{self.vocab_size - 1})")
+        return self._encoding.decode(ids)
+
+
+def tiktoken_special_tokens(pattern: str | None = None, vocab_size: int | None = None,
+                            num_special_tokens: int | None = None, special_tokens=None) -> list:
+    """TikTokenizer's special tokens in id order (the given ones, then "<SPECIAL_k>" fillers); None means Megatron's
+    default. Raises ValueError, a line per problem naming the flag, when the options do not fit together: all but
+    the vocabulary file is checked, so argument validation calls it too."""
+    vocab_size = vocab_size or TIKTOKEN_VOCAB_SIZE
+    num_special_tokens = TIKTOKEN_NUM_SPECIAL_TOKENS if num_special_tokens is None else num_special_tokens
+    special_tokens = list(special_tokens or TIKTOKEN_SPECIAL_TOKENS)
+    fillers = [f"<SPECIAL_{i}>" for i in range(len(special_tokens), num_special_tokens)]
+    problems = []
+    if pattern is not None and pattern not in TIKTOKEN_PATTERNS:
+        problems.append(f"--tiktoken-pattern {pattern}: choose one of {', '.join(TIKTOKEN_PATTERNS)} (default v2)")
+    repeated = sorted({t for t in special_tokens if special_tokens.count(t) > 1})
+    if repeated:
+        problems.append(f"--tokenizer-special-tokens names {' '.join(repeated)} more than once: give each token once")
+    missing = [t for t in TIKTOKEN_SPECIAL_TOKENS if t not in special_tokens]
+    if missing:
+        problems.append(f"--tokenizer-special-tokens lacks {' '.join(missing)}: TikTokenizer needs "
+                        f"{' '.join(TIKTOKEN_SPECIAL_TOKENS)} among them (their positions give their ids)")
+    clash = [t for t in fillers if t in special_tokens]
+    if clash:
+        problems.append(f"--tokenizer-special-tokens names {clash[0]}, the filler name of another id: rename it")
+    if not len(special_tokens) <= num_special_tokens < vocab_size:
+        problems.append(f"--tiktoken-num-special-tokens {num_special_tokens} must be at least the "
+                        f"{len(special_tokens)} special tokens and below --vocab-size {vocab_size}")
+    elif vocab_size - num_special_tokens < 256:
+        problems.append(f"--vocab-size {vocab_size} leaves {vocab_size - num_special_tokens} ids after "
+                        f"--tiktoken-num-special-tokens {num_special_tokens}: the 256 byte tokens need at least "
+                        f"--vocab-size {num_special_tokens + 256}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return special_tokens + fillers
+
+
+def read_tiktoken_vocabulary(path: str, vocab_size: int, num_special_tokens: int) -> dict[bytes, int]:
+    """{token bytes: rank} of the entries of a TikTokenizer vocabulary file (see TikTokenizer) that the ids after the
+    special tokens hold: the first vocab_size - num_special_tokens."""
+    max_entries = vocab_size - num_special_tokens
+    _require_file(path, "--tokenizer-model", "TikTokenizer")
+    entries = _read_json(path, "--tokenizer-model", list, "a JSON list of {rank, token_bytes, token_str}")
+    if len(entries) < max_entries:
+        raise ValueError(f"{path} (--tokenizer-model) holds {len(entries)} tokens, fewer than the {max_entries} that "
+                         f"--vocab-size {vocab_size} minus --tiktoken-num-special-tokens {num_special_tokens} asks "
+                         f"for: give --vocab-size {len(entries) + num_special_tokens} or less")
+    ranks = {}
+    for rank, entry in enumerate(entries[:max_entries]):
+        token = _vocabulary_entry(path, rank, entry)
+        if token in ranks:
+            raise ValueError(f"{path} (--tokenizer-model): entry {rank} repeats the token of entry {ranks[token]}")
+        ranks[token] = rank
+    return ranks
+
+
+def _vocabulary_entry(path: str, rank: int, entry) -> bytes:
+    where = f"{path} (--tokenizer-model) entry {rank}"
+    if not isinstance(entry, dict) or entry.keys() != {"rank", "token_bytes", "token_str"}:
+        raise ValueError(f"{where} is {str(entry)[:80]}: every entry is {{rank, token_bytes, token_str}}")
+    if entry["rank"] != rank:
+        raise ValueError(f"{where} has rank {entry['rank']}: entries are listed in rank order 0, 1, 2, ...")
+    try:
+        token = base64.b64decode(entry["token_bytes"], validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise ValueError(f"{where}: token_bytes {str(entry['token_bytes'])[:40]!r} is not base64") from None
+    if rank < 256 and token != bytes([rank]):
+        raise ValueError(f"{where} is {token!r}: the first 256 entries must be the bytes 0..255 in order")
+    return token
+
+
+def import_tiktoken():
+    try:
+        import tiktoken
+    except ImportError:
+        raise ImportError("--tokenizer-type TikTokenizer needs the tiktoken package: "
+                          "pip install 'megatronish[tiktoken]'") from None
+    return tiktoken
+
+
 def build_tokenizer(tokenizer_type: str, vocab_file=None, merge_file=None, tokenizer_model=None,
-                    vocab_size: int | None = None, null_tokenizer_eod_id: int | None = None) -> Tokenizer:
+                    vocab_size: int | None = None, null_tokenizer_eod_id: int | None = None,
+                    tiktoken_pattern: str | None = None, tiktoken_num_special_tokens: int | None = None,
+                    tokenizer_special_tokens=None) -> Tokenizer:
     """Build a tokenizer by its Megatron name (see the module docstring for the files each needs)."""
     if tokenizer_type == "GPT2BPETokenizer":
         _require_flag(vocab_file, "--vocab-file", tokenizer_type, "vocab.json")
@@ -226,7 +358,33 @@ def build_tokenizer(tokenizer_type: str, vocab_file=None, merge_file=None, token
         return HuggingFaceTokenizer(tokenizer_model)
     if tokenizer_type == "ByteTokenizer":
         return ByteTokenizer()
+    if tokenizer_type == "TikTokenizer":
+        _require_flag(tokenizer_model, "--tokenizer-model", tokenizer_type, "the tiktoken vocabulary .json")
+        return TikTokenizer(tokenizer_model, tiktoken_pattern, vocab_size, tiktoken_num_special_tokens,
+                            tokenizer_special_tokens)
     raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
+
+
+def tokenizer_from_args(args, **overrides) -> Tokenizer:
+    """build_tokenizer from parsed arguments (any object with the TOKENIZER_OPTIONS attributes it has)."""
+    options = {name: getattr(args, name, None) for name in TOKENIZER_OPTIONS}
+    return build_tokenizer(**{**options, **overrides})
+
+
+def add_tokenizer_options(group) -> None:
+    """The flags of NullTokenizer and TikTokenizer, Megatron's names and meanings, for every tool that builds one."""
+    group.add_argument("--vocab-size", type=int, help="NullTokenizer: the vocabulary size (ids 0..N-1); "
+                       f"TikTokenizer: the ids in all, special tokens included (default {TIKTOKEN_VOCAB_SIZE})")
+    group.add_argument("--null-tokenizer-eod-id", type=int,
+                       help="NullTokenizer: the EOD id (default: --vocab-size - 1)")
+    group.add_argument("--tiktoken-pattern", help="TikTokenizer: Megatron's text split pattern, v1 or v2 "
+                       "(default v2); other tokenizer types ignore it, as Megatron does")
+    group.add_argument("--tiktoken-num-special-tokens", type=int, help="TikTokenizer: the ids reserved for special "
+                       f"tokens before the BPE's (default {TIKTOKEN_NUM_SPECIAL_TOKENS}); others ignore it")
+    group.add_argument("--tokenizer-special-tokens", "--tiktoken-special-tokens", dest="tokenizer_special_tokens",
+                       nargs="+", metavar="TOKEN", help="TikTokenizer only: the special tokens, ids 0, 1, ... in "
+                       f"order; must hold {' '.join(TIKTOKEN_SPECIAL_TOKENS)} (the default); the rest of the reserved "
+                       "ids are <SPECIAL_id> (--tiktoken-special-tokens: Megatron's older name)")
 
 
 def _require_flag(value, flag: str, tokenizer_type: str, what: str) -> None:
@@ -237,6 +395,18 @@ def _require_flag(value, flag: str, tokenizer_type: str, what: str) -> None:
 def _require_file(path: str, flag: str, tokenizer_type: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{tokenizer_type}: {path} ({flag}) does not exist or is not a file")
+
+
+def _read_json(path: str, flag: str, kind: type, what: str):
+    """The JSON value in `path`, which must be a `kind`; errors name the file, its flag and what it should hold."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} ({flag}) is not {what}: {e}") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path} ({flag}) must hold {what}")
+    return value
 
 
 def _read_tokenizer_config(path: str) -> dict:

@@ -12,7 +12,7 @@ import sys
 import torch.distributed as dist
 
 from megatronish import ops, parallel_state
-from megatronish.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
+from megatronish.data.tokenizers import TOKENIZER_TYPES, add_tokenizer_options, tokenizer_from_args
 from megatronish.evaluation.inputs import read_text_rows
 from megatronish.evaluation.lambada import evaluate_lambada
 from megatronish.evaluation.model_loading import load_model, read_model_config, tokenizer_files_beside
@@ -34,7 +34,8 @@ def build_parser(description: str, default_hf_config: str | None) -> argparse.Ar
     p.add_argument("--tokenizer-type", default="GPT2BPETokenizer", choices=TOKENIZER_TYPES)
     p.add_argument("--vocab-file", help="default: vocab.json beside the checkpoint")
     p.add_argument("--merge-file", help="default: merges.txt beside the checkpoint")
-    p.add_argument("--tokenizer-model", help="SentencePiece model or tokenizer.json")
+    p.add_argument("--tokenizer-model", help="SentencePiece model, tokenizer.json or TikTokenizer's .json")
+    add_tokenizer_options(p)
     p.add_argument("--seq-length", type=int, help="tokens per window (default: the model's max positions)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
@@ -46,8 +47,8 @@ def build_parser(description: str, default_hf_config: str | None) -> argparse.Ar
 
 def _build_tokenizer(args):
     beside = tokenizer_files_beside(args.load, args.hf_model)
-    return build_tokenizer(args.tokenizer_type, args.vocab_file or beside.get("vocab_file"),
-                           args.merge_file or beside.get("merge_file"), args.tokenizer_model)
+    return tokenizer_from_args(args, vocab_file=args.vocab_file or beside.get("vocab_file"),
+                               merge_file=args.merge_file or beside.get("merge_file"))
 
 
 def _check_model_fits(config, tokenizer, seq_length: int, tp: int) -> None:

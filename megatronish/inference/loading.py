@@ -15,12 +15,11 @@ import os
 import torch.distributed as dist
 
 from megatronish import ops, parallel_state
-from megatronish.data.tokenizers import TOKENIZER_TYPES, Tokenizer, build_tokenizer
+from megatronish.data.tokenizers import (TOKENIZER_OPTIONS, TOKENIZER_TYPES, Tokenizer, add_tokenizer_options,
+                                         build_tokenizer)
 from megatronish.evaluation.model_loading import load_model, read_model_config, tokenizer_files_beside
 from megatronish.inference.generation import without_sequence_parallel
 from megatronish.training.checkpointing import COMMON_FILENAME, TRACKER_FILENAME, read_checkpoint_args
-
-TOKENIZER_FLAGS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +34,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: the checkpoint's own, else the files beside it")
     parser.add_argument("--vocab-file")
     parser.add_argument("--merge-file")
-    parser.add_argument("--tokenizer-model", help="SentencePiece model or tokenizer.json")
+    parser.add_argument("--tokenizer-model", help="SentencePiece model, tokenizer.json or TikTokenizer's .json")
+    add_tokenizer_options(parser)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (launch with torchrun, "
                         "--nproc_per_node = --tp; default 1)")
     parser.add_argument("--distributed-backend", choices=("nccl", "gloo"), help="default: nccl with a GPU, else gloo")
@@ -51,7 +51,7 @@ def setup(args) -> tuple:
         if draft_config.vocab_size != config.vocab_size:
             raise ValueError(f"the draft's vocabulary has {draft_config.vocab_size} tokens, the model's "
                              f"{config.vocab_size}: the draft must use the model's tokenizer")
-    tokenizer = load_tokenizer(args.load, args.hf_model, {flag: getattr(args, flag) for flag in TOKENIZER_FLAGS})
+    tokenizer = load_tokenizer(args.load, args.hf_model, {flag: getattr(args, flag) for flag in TOKENIZER_OPTIONS})
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"the model's vocabulary has {config.vocab_size} tokens, the tokenizer's "
                          f"{tokenizer.vocab_size}: pass the tokenizer it was trained with (--tokenizer-type ...)")
@@ -70,7 +70,7 @@ def setup(args) -> tuple:
 
 
 def load_tokenizer(load: str | None, hf_model: str | None, given: dict) -> Tokenizer:
-    given = {flag: value for flag, value in given.items() if value}
+    given = {flag: value for flag, value in given.items() if value is not None}
     options = given if "tokenizer_type" in given else {**(_saved_tokenizer_options(load) if load else {}), **given}
     if "tokenizer_type" not in options:
         options = {**_tokenizer_beside(load, hf_model), **given}
@@ -79,8 +79,7 @@ def load_tokenizer(load: str | None, hf_model: str | None, given: dict) -> Token
                          "merges.txt or tokenizer.json lies beside it; pass --tokenizer-type (and its files)")
     if options["tokenizer_type"] == "GPT2BPETokenizer":  # files not given: the ones beside the checkpoint
         options = {**tokenizer_files_beside(load, hf_model), **options}
-    return build_tokenizer(options["tokenizer_type"], options.get("vocab_file"), options.get("merge_file"),
-                           options.get("tokenizer_model"))
+    return build_tokenizer(**options)
 
 
 def _tokenizer_beside(load: str | None, hf_model: str | None) -> dict:
@@ -98,7 +97,7 @@ def _saved_tokenizer_options(load: str) -> dict:
     if not any(os.path.isfile(os.path.join(load, name)) for name in (TRACKER_FILENAME, COMMON_FILENAME)):
         return {}
     saved = read_checkpoint_args(load)
-    options = {flag: saved.get(flag) for flag in TOKENIZER_FLAGS if saved.get(flag)}
+    options = {flag: saved.get(flag) for flag in TOKENIZER_OPTIONS if saved.get(flag) is not None}
     if options.get("tokenizer_type") == "GPTSentencePieceTokenizer":  # Megatron's name for the same tokenizer
         options["tokenizer_type"] = "SentencePieceTokenizer"
     for flag in ("vocab_file", "merge_file", "tokenizer_model"):

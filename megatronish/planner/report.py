@@ -112,16 +112,18 @@ def plan_details(plan: LayoutPlan) -> str:
 
 def vocab_size_of(args, override: int | None = None) -> int:
     """The tokenizer's vocabulary without reading a dataset: --vocab-size, else the tokenizer files if present,
-    else the known size of the tokenizer type (byte tokens; GPT-2 BPE)."""
+    else the known size of the tokenizer type (byte tokens; GPT-2 BPE; TikTokenizer's default)."""
     if override:
         return override
+    from megatronish.data.tokenizers import TIKTOKEN_VOCAB_SIZE, tokenizer_from_args
+
     if args.tokenizer_type == "NullTokenizer" and getattr(args, "vocab_size", None):
         return args.vocab_size
-    from megatronish.data.tokenizers import build_tokenizer
-
+    if args.tokenizer_type == "TikTokenizer":  # --vocab-size is its size, whatever the file holds beyond it
+        return getattr(args, "vocab_size", None) or TIKTOKEN_VOCAB_SIZE
     files = [f for f in (args.vocab_file, args.merge_file, args.tokenizer_model) if f]
     if args.tokenizer_type == "ByteTokenizer" or (files and all(os.path.exists(f) for f in files)):
-        return build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model).vocab_size
+        return tokenizer_from_args(args).vocab_size
     if args.tokenizer_type == "GPT2BPETokenizer":
         return GPT2_VOCAB_SIZE
     raise ValueError(f"cannot tell the vocabulary size of --tokenizer-type {args.tokenizer_type} without its files: "

@@ -31,7 +31,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import PerformanceEMA
 
 from megatronish import parallel_state
-from megatronish.data.tokenizers import build_tokenizer
+from megatronish.data.tokenizers import tokenizer_from_args
 from megatronish.swarm.checkpoint import save_stage_part
 from megatronish.swarm.compute import COMMIT, WORK, ComputeThread
 from megatronish.swarm.network import (
@@ -60,7 +60,7 @@ class StagePeer(ServicerBase):
     def __init__(self, args):
         self.args = args
         self.num_stages = args.pipeline_model_parallel_size
-        tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
+        tokenizer = tokenizer_from_args(args)
         self.config = transformer_config_from_args(args, tokenizer.vocab_size)
         self.compute = ComputeThread()
         self.saver = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")

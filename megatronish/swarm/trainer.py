@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatronish.data.tokenizers import build_tokenizer
+from megatronish.data.tokenizers import tokenizer_from_args
 from megatronish.swarm.network import HOLDING_STATE, PeerTable, start_node, stop_node
 from megatronish.swarm.peer import StagePeer
 from megatronish.swarm.stage import Refused
@@ -136,7 +136,7 @@ class SwarmTrainer:
     async def run(self) -> dict[int, float]:
         """Train this trainer's steps up to --train-iters; returns {step: lm loss}."""
         args = self.args
-        tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
+        tokenizer = tokenizer_from_args(args)
         self.dataset = build_datasets(args, tokenizer)[0]
         self.p2p, self.node = await start_node(args, client_mode=True)
         self.table = PeerTable(self.node, args.run_id, self.num_stages, args.update_period)

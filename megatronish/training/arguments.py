@@ -22,7 +22,8 @@ import torch
 
 from megatronish.data.gpt_dataset import parse_and_normalize_split, parse_data_path, sequence_range, split_matrix
 from megatronish.data.indexed_dataset import IndexedDataset, dataset_exists
-from megatronish.data.tokenizers import TOKENIZER_TYPES
+from megatronish.data.tokenizers import (TOKENIZER_TYPES, add_tokenizer_options, import_tiktoken,
+                                         tiktoken_special_tokens)
 from megatronish.model import TransformerConfig
 from megatronish.model.pipeline_split import validate_pipeline_split
 from megatronish.training.batch_schedule import BatchSchedule, parse_step_schedule
@@ -277,15 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "blend per split); --data-path and --split are then not used")
     g.add_argument("--valid-data-path", nargs="*", help="the validation split's own prefix(es)")
     g.add_argument("--test-data-path", nargs="*", help="the test split's own prefix(es)")
-    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES + ("TikTokenizer",),
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES,
                    help=d("tokenizer_type", "tokenizer (GPT2BPETokenizer when --vocab-file and --merge-file are given)"))
     g.add_argument("--vocab-file")
     g.add_argument("--merge-file")
-    g.add_argument("--tokenizer-model")
-    g.add_argument("--vocab-size", type=int, help="NullTokenizer: the vocabulary size (ids 0..N-1)")
-    g.add_argument("--null-tokenizer-eod-id", type=int, help="NullTokenizer: the EOD id (default: --vocab-size - 1)")
-    g.add_argument("--tiktoken-pattern", help="accepted for Megatron scripts: TikTokenizer's split pattern; "
-                   "TikTokenizer itself is not built here (a clear error if it is asked for)")
+    g.add_argument("--tokenizer-model", help="SentencePiece .model, tokenizer.json (HuggingFaceTokenizer) or "
+                   "TikTokenizer's vocabulary .json")
+    add_tokenizer_options(g)
     g.add_argument("--no-mmap-bin-files", action="store_true", help="read the .bin files into memory instead "
                    "of memory-mapping them")
     g.add_argument("--no-create-attention-mask-in-dataloader", action="store_true",
@@ -536,6 +535,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> list[str]:
         fail("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are both set: choose one "
              "(Megatron refuses both too)")
     _validate_data_args(args, fail)
+    _validate_tiktoken_args(args, warnings, fail)
     _validate_save_folder(args, fail)
     if errors:
         raise ArgumentError("\n".join(errors))
@@ -776,19 +776,38 @@ def _validate_data_args(args, fail) -> None:
             _check_training_split(args, prefixes, fail)
     if args.tokenizer_type is None:
         fail("--tokenizer-type is required with --data-path (or give --vocab-file and --merge-file for GPT-2 BPE)")
-    elif args.tokenizer_type == "TikTokenizer":
-        fail("--tokenizer-type TikTokenizer is not built here: export the tokenizer as a Hugging Face tokenizer.json "
-             "and use --tokenizer-type HuggingFaceTokenizer --tokenizer-model <its folder>")
     for dest in tokenizer_files:
         path = getattr(args, dest)
         if not os.path.exists(path):
             fail(f"{_flag(dest)} {path} does not exist: give the path of the tokenizer file")
     needs = {"GPT2BPETokenizer": ("vocab_file", "merge_file"), "SentencePieceTokenizer": ("tokenizer_model",),
              "GPTSentencePieceTokenizer": ("tokenizer_model",), "Llama2Tokenizer": ("tokenizer_model",),
-             "HuggingFaceTokenizer": ("tokenizer_model",), "NullTokenizer": ("vocab_size",)}
+             "HuggingFaceTokenizer": ("tokenizer_model",), "NullTokenizer": ("vocab_size",),
+             "TikTokenizer": ("tokenizer_model",)}
     for dest in needs.get(args.tokenizer_type, ()):
         if not getattr(args, dest):
             fail(f"--tokenizer-type {args.tokenizer_type} needs {_flag(dest)}")
+
+
+def _validate_tiktoken_args(args, warnings: list, fail) -> None:
+    """TikTokenizer's options fit together (its vocabulary file is read when the tokenizer is built); elsewhere
+    Megatron ignores --tiktoken-*, and --tokenizer-special-tokens would add tokens, which is not built here."""
+    if args.tokenizer_type != "TikTokenizer":
+        if args.tokenizer_special_tokens:
+            fail(f"--tokenizer-special-tokens with --tokenizer-type {args.tokenizer_type}: adding special tokens is "
+                 "built for TikTokenizer only; drop the flag, or add the tokens to the tokenizer's own files")
+        warnings += [f"{_flag(dest)}: ignored, it configures --tokenizer-type TikTokenizer only"
+                     for dest in ("tiktoken_pattern", "tiktoken_num_special_tokens") if getattr(args, dest) is not None]
+        return
+    try:
+        import_tiktoken()  # a missing extra fails here, before any work
+    except ImportError as error:
+        fail(str(error))
+    try:
+        tiktoken_special_tokens(args.tiktoken_pattern, args.vocab_size, args.tiktoken_num_special_tokens,
+                                args.tokenizer_special_tokens)
+    except ValueError as error:
+        fail(str(error))
 
 
 def _derive_virtual_pipeline_size(args, fail) -> None:

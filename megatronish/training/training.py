@@ -29,7 +29,7 @@ from megatronish.data.default_corpus import default_corpus_prefix
 from megatronish.data.gpt_dataset import GPTDatasetConfig, build_gpt_datasets, parse_data_path
 from megatronish.data.samplers import build_pretraining_data_loader
 from megatronish.data.token_range import check_token_ids
-from megatronish.data.tokenizers import build_tokenizer
+from megatronish.data.tokenizers import tokenizer_from_args
 from megatronish.inference import Request, SamplingParams, generate, without_sequence_parallel
 from megatronish.model import GPTModel, TransformerConfig
 from megatronish.optimizer import (
@@ -139,8 +139,7 @@ def setup(args: argparse.Namespace) -> TrainingRun:
     model_parallel_manual_seed(args.seed, layout)
     num_microbatches = args.global_batch_size // (args.micro_batch_size * layout.dp)
 
-    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model,
-                                args.vocab_size, args.null_tokenizer_eod_id)
+    tokenizer = tokenizer_from_args(args)
     if args.data_path:  # ids past the vocabulary would train silently on the padding rows
         check_token_ids(parse_data_path(args.data_path)[0], tokenizer.vocab_size, args.tokenizer_type)
     config = transformer_config_from_args(args, tokenizer.vocab_size)

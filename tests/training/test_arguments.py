@@ -1,6 +1,7 @@
 """pretrain_gpt.py's arguments: Megatron names, demo vs Megatron defaults, and one-line errors
 raised before any work (checked in-process, and once through the real script for the exit code)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -147,6 +148,37 @@ def test_data_and_tokenizer_file_errors(prefix):
     assert "--tokenizer-type GPT2BPETokenizer needs --merge-file" in error_of(
         ["--data-path", prefix, "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", __file__, *MODEL])
     assert "--num-layers is required when --data-path is given" in error_of(["--data-path", prefix])
+
+
+def test_tiktokenizer_options_are_checked_before_any_work(prefix, monkeypatch):
+    """Megatron's TikTokenizer flags: their combinations fail together, before the vocabulary file is read; the
+    --tiktoken-* flags that Megatron's scripts pass with other tokenizers are ignored with a warning, as Megatron
+    ignores them; the missing tiktoken package is named with the extra that installs it."""
+    tiktoken = ["--data-path", prefix, "--tokenizer-type", "TikTokenizer", *MODEL]
+    assert "--tokenizer-type TikTokenizer needs --tokenizer-model" in error_of(tiktoken)
+    message = error_of(tiktoken + ["--tokenizer-model", __file__, "--tiktoken-pattern", "v3",
+                                   "--tiktoken-special-tokens", "<s>", "</s>", "<unk>"])
+    assert "--tiktoken-pattern v3: choose one of v1, v2 (default v2)" in message
+    assert "--tokenizer-special-tokens lacks <mask> <pad> <cls> <sep>: TikTokenizer needs" in message
+    assert "--tiktoken-num-special-tokens 5000 must be at least the 7 special tokens and below --vocab-size 4096" in \
+        error_of(tiktoken + ["--tokenizer-model", __file__, "--vocab-size", "4096", "--tiktoken-num-special-tokens",
+                             "5000"])
+    args = parse_args(tiktoken + ["--tokenizer-model", __file__, "--tiktoken-pattern", "v1", "--vocab-size", "4096",
+                                  "--tokenizer-special-tokens", "<pad>", "<s>", "</s>", "<unk>", "<mask>", "<cls>",
+                                  "<sep>"])
+    if importlib.util.find_spec("tiktoken") is not None:
+        assert validate_args(args, 1) == []
+    assert args.tokenizer_special_tokens[0] == "<pad>" and args.vocab_size == 4096
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # as where it is not installed
+    assert "--tokenizer-type TikTokenizer needs the tiktoken package: pip install 'megatronish[tiktoken]'" in \
+        error_of(tiktoken + ["--tokenizer-model", __file__])
+
+    mock = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "1024", *MODEL]
+    warnings = validate_args(parse_args(mock + ["--tiktoken-pattern", "v2", "--tiktoken-num-special-tokens", "9"]), 1)
+    assert warnings == ["--tiktoken-pattern: ignored, it configures --tokenizer-type TikTokenizer only",
+                        "--tiktoken-num-special-tokens: ignored, it configures --tokenizer-type TikTokenizer only"]
+    assert "--tokenizer-special-tokens with --tokenizer-type NullTokenizer: adding special tokens is built for " \
+           "TikTokenizer only" in error_of(mock + ["--tokenizer-special-tokens", "<x>"])
 
 
 def test_an_empty_training_split_and_an_unwritable_save_folder_fail_before_work(prefix, tmp_path):
