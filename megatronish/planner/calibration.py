@@ -6,7 +6,8 @@
 
 First micro-benchmarks measure the constants of the time model (megatronish/planner/speed.py):
 FLOP/s and the fixed cost per layer and micro-batch from one rank's CPU time for two micro-batch
-sizes, Adam's time per element, all-reduce latency and bandwidth between two ranks
+sizes, Adam's time per element, all-reduce latency and bandwidth between two ranks, and, when the
+profile's ranks outnumber the cores, the time a blocking message waits for a core
 (`measure_constants`). Then each layout with TP, PP, DP in {1, 2} and at most `max_ranks` ranks
 trains a few iterations of the given model on CPU ranks (gloo, one thread each:
 megatronish.testing.run_distributed), the layouts taking turns over a few rounds; its fastest
@@ -45,11 +46,12 @@ from megatronish.planner.search import (
     plan_layout,
     plan_layouts,
 )
+from megatronish.training.training_log import flops_per_token
 
 PROFILE_FORMAT = "megatronish goodput profile"
 PROFILE_VERSION = 1
 FITTED = ("flops_per_s", "intra_node_bytes_per_s", "latency_s", "optimizer_s_per_element",
-          "overhead_s_per_layer_microbatch")
+          "overhead_s_per_layer_microbatch", "scheduling_wait_s")
 # Per unit of log(constant / measured constant): a constant the micro-benchmarks measured moves by a factor e
 # only when that removes as much as a 30% error at one layout.
 PRIOR_WEIGHT = 0.3
@@ -175,14 +177,17 @@ def _random_batches(run, generator) -> list[dict]:
     return batches
 
 
-def measure_constants(args, vocab_size: int, start: SpeedConstants, repeats: int = 8) -> SpeedConstants:
+def measure_constants(args, vocab_size: int, start: SpeedConstants, ranks: int, cores: int,
+                      repeats: int = 8) -> SpeedConstants:
     """The time model's constants measured directly, each by the fastest of `repeats` tries:
     - compute: one rank trains one micro-batch of two sizes; its CPU time (not wall time, which other
       processes' load inflates) minus the Adam step's, against the training log's FLOPs of that micro-batch,
       gives the FLOP/s and the fixed cost per layer and micro-batch (what does not grow with the batch);
     - Adam: the optimizer step's CPU time per element;
     - collectives: two ranks all-reduce 64 KiB and 4 MiB over gloo (wall time; each takes a few ms, short
-      enough for the fastest try to miss other processes' time slices): latency and bandwidth.
+      enough for the fastest try to miss other processes' time slices): latency and bandwidth;
+    - when `ranks` (the most a profile layout has) outnumber the `cores`: the scheduling wait of a blocking
+      message (measure_scheduling_wait); else it cannot occur in the profile and stays as `start` has it.
     The inter-node bandwidth cannot be measured on one machine and stays as `start` has it."""
     from megatronish.testing import run_distributed
 
@@ -199,9 +204,58 @@ def measure_constants(args, vocab_size: int, start: SpeedConstants, repeats: int
     (t_small, t_large) = run_distributed(_collective_rank, 2, args=(message_bytes, repeats * 4), timeout=600)[0]
     bandwidth = (message_bytes[1] - message_bytes[0]) / max(t_large - t_small, 1e-9)
     latency = max(t_small - message_bytes[0] / bandwidth, 1e-6)
-    return dataclasses.replace(start, flops_per_s=flops_per_s, overhead_s_per_layer_microbatch=overhead,
-                               optimizer_s_per_element=optimizer, intra_node_bytes_per_s=bandwidth,
-                               latency_s=latency)
+    measured = dataclasses.replace(start, flops_per_s=flops_per_s, overhead_s_per_layer_microbatch=overhead,
+                                   optimizer_s_per_element=optimizer, intra_node_bytes_per_s=bandwidth,
+                                   latency_s=latency)
+    if ranks <= cores:
+        return measured
+    return dataclasses.replace(measured, scheduling_wait_s=measure_scheduling_wait(args, vocab_size, measured, ranks,
+                                                                                   cores, repeats))
+
+
+def measure_scheduling_wait(args, vocab_size: int, constants: SpeedConstants, ranks: int, cores: int,
+                            repeats: int = 8, iterations: int = 40) -> float:
+    """Seconds a blocking message waits for a core, per extra rank per core, when `ranks` CPU ranks share `cores`.
+
+    The ranks, in pairs, run what a TP 2 layout of this model runs: the compute between two of its
+    collectives (a quarter of a layer's forward and backward for one micro-batch, as matmuls of the
+    micro-batch's activations), then an all-reduce of the activations within the pair (an odd last rank
+    only computes). The time model (speed.py) has an iteration of CPU work c last
+    max(c + L, c ranks / cores) + wait (ranks / cores - 1), L the all-reduce's time with `constants`'
+    latency and bandwidth; the wait is what the fastest try of `iterations` iterations (about as many
+    messages as one training iteration sends) takes beyond that."""
+    from megatronish.testing import run_distributed
+
+    h, rows = args.hidden_size, args.seq_length * args.micro_batch_size
+    layer_flops = flops_per_token(args, vocab_size)[0] / args.num_layers
+    matmuls = max(1, round(layer_flops / (2 * 4) / (2 * h * h)))  # per token: TP 2 halves it, 4 collectives
+    message_bytes = rows * h * (2 if args.bf16 or args.fp16 else 4)
+    tries = run_distributed(_paired_rank, ranks, args=(matmuls, rows, h, message_bytes // 4, iterations, repeats),
+                            timeout=600)[0]
+    message = constants.latency_s + message_bytes / constants.intra_node_bytes_per_s  # a 2-rank ring's time
+    wait = min(wall - max(cpu + message, cpu * ranks / cores) for wall, cpu in tries)
+    return max(wait / (ranks / cores - 1), 1e-6)
+
+
+def _paired_rank(matmuls: int, rows: int, hidden: int, message_elements: int, iterations: int, repeats: int):
+    """Rank 0's (wall seconds, compute CPU seconds) per iteration of measure_scheduling_wait's loop, each try."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    pairs = [dist.new_group([2 * i, 2 * i + 1]) for i in range(world // 2)]
+    group = pairs[rank // 2] if rank // 2 < len(pairs) else None
+    x, weight, message = torch.randn(rows, hidden), torch.randn(hidden, hidden), torch.zeros(message_elements)
+    tries = []
+    for _ in range(repeats):
+        dist.barrier()
+        wall, cpu = time.perf_counter(), 0.0
+        for _ in range(iterations):
+            start = time.process_time()
+            for _ in range(matmuls):
+                x @ weight
+            cpu += time.process_time() - start
+            if group is not None:
+                dist.all_reduce(message, group=group)
+        tries.append(((time.perf_counter() - wall) / iterations, cpu / iterations))
+    return tries
 
 
 def _compute_rank(args, vocab_size: int, sizes: tuple, repeats: int):
@@ -260,12 +314,14 @@ def predicted_seconds(args, layout: Layout, constants: SpeedConstants, vocab_siz
 def fit_constants(args, points: list[MeasuredPoint], start: SpeedConstants, vocab_size: int,
                   iterations: int = 50, prior_weight: float = PRIOR_WEIGHT) -> SpeedConstants:
     """The constants (FITTED of them) whose predictions best match the measured times, in log space, pulled
-    toward `start` by `prior_weight` per unit of log(constant / start)."""
-    x0 = np.log([getattr(start, name) for name in FITTED])
+    toward `start` by `prior_weight` per unit of log(constant / start). A constant that is 0 in `start` (a cost
+    this machine does not have) stays 0."""
+    names = [name for name in FITTED if getattr(start, name) > 0]
+    x0 = np.log([getattr(start, name) for name in names])
     measured = np.log([p.seconds for p in points])
 
     def constants(x):
-        return dataclasses.replace(start, **{name: float(math.exp(v)) for name, v in zip(FITTED, x)})
+        return dataclasses.replace(start, **{name: float(math.exp(v)) for name, v in zip(names, x)})
 
     def residuals(x):
         predicted = np.log([predicted_seconds(args, p.layout, constants(x), vocab_size) for p in points])
@@ -306,7 +362,8 @@ def calibrate(args, vocab_size: int, max_ranks: int = 4, iterations: int = 3, wa
     args = fix_global_batch(args, max_ranks)
     dtype = dtype_name(args)
     before = start or cpu_cluster(1).speed(dtype)
-    measured_constants = measure_constants(args, vocab_size, before)
+    cores = cpu_cluster(max_ranks).cores_per_node
+    measured_constants = measure_constants(args, vocab_size, before, max_ranks, cores)
     log("  measured: " + ", ".join(f"{k} {v:.3g}" for k, v in measured_constants.to_dict().items()))
     layouts = []
     for tp, pp, dp in profile_layouts(max_ranks):

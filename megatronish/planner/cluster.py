@@ -80,7 +80,9 @@ class SpeedConstants:
     that streams ~36 bytes per fp32 element (parameter, gradient, two moments read; parameter and
     moments written; a bf16 copy) at 80% of the memory bandwidth, and 20 us per layer and
     micro-batch of host work that asynchronous kernel launches do not hide (an assumption: it only
-    makes small micro-batches slower, as they are on GPUs, where launches outlast small GEMMs).
+    makes small micro-batches slower, as they are on GPUs, where launches outlast small GEMMs), and
+    1 ms per blocking message for a CPU rank waiting behind another for a core (of the order of a
+    Linux scheduler time slice; only CPU ranks that outnumber their node's cores pay it).
     """
     flops_per_s: float                 # model FLOP/s per device (the training log's FLOP count / time)
     intra_node_bytes_per_s: float
@@ -88,6 +90,7 @@ class SpeedConstants:
     latency_s: float                   # fixed cost of each collective or pipeline transfer
     optimizer_s_per_element: float     # Adam step time per fp32 main element this rank updates
     overhead_s_per_layer_microbatch: float = 0.0  # host-side dispatch per layer and micro-batch (CPU)
+    scheduling_wait_s: float = 0.0     # per blocking message and extra rank per core, when CPU ranks outnumber cores
 
     @classmethod
     def for_accelerator(cls, accelerator: Accelerator, dtype: str) -> "SpeedConstants":
@@ -95,7 +98,7 @@ class SpeedConstants:
                    intra_node_bytes_per_s=0.8 * accelerator.intra_node_bandwidth,
                    inter_node_bytes_per_s=0.8 * accelerator.inter_node_bandwidth,
                    latency_s=20e-6, optimizer_s_per_element=36 / (0.8 * accelerator.memory_bandwidth),
-                   overhead_s_per_layer_microbatch=20e-6)
+                   overhead_s_per_layer_microbatch=20e-6, scheduling_wait_s=1e-3)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -21,7 +21,12 @@ all-reduce between the first and the last stage; and the Adam step over this ran
 TP traffic uses the intra-node link when a TP group fits in a node, DP and pipeline traffic
 likewise for their groups (ranks are ordered TP, then DP, then PP, as Megatron). CPU ranks beyond
 a node's cores share them: the iteration lasts at least the node's CPU work over its cores (the
-schedule's waiting, bubble and communication, lets the other ranks run).
+schedule's waiting, bubble and communication, lets the other ranks run); and each blocking
+message (every collective or transfer the model charges a latency for) then also waits for a
+core: the rank sleeps in it, and once its partner's data arrives it is runnable behind the ranks
+that hold the cores. That costs `scheduling_wait_s` per message and per extra rank per core
+((ranks - cores) / cores: the ranks ahead of it on its core; measured at 2 ranks per core), on
+top of the rest: while ranks wait for each other the cores are not all doing work.
 """
 
 import dataclasses
@@ -52,12 +57,13 @@ class TimeEstimate:
     pipeline_transfers: float
     data_parallel: float       # the exposed part
     optimizer: float
-    core_sharing: float = 0.0  # CPU ranks waiting for a core
+    core_sharing: float = 0.0     # CPU ranks waiting for a core
+    scheduling_wait: float = 0.0  # CPU ranks beyond the cores: blocking messages waiting for a core
 
     @property
     def total(self) -> float:
         return (self.compute + self.tensor_parallel + self.overhead + self.pipeline_bubble + self.pipeline_transfers
-                + self.data_parallel + self.optimizer + self.core_sharing)
+                + self.data_parallel + self.optimizer + self.core_sharing + self.scheduling_wait)
 
 
 def _ring(volume: float, ranks: int, messages: int, bandwidth: float, latency: float) -> float:
@@ -93,17 +99,18 @@ def iteration_time(args, dims: ParallelDims, stages: list[StageWork], cluster: C
         if args.recompute_granularity == "selective":  # the attention scores and context once more (not model FLOPs)
             flops += m * n * stage.layers * 4 * args.seq_length * args.hidden_size / t
         compute = flops / constants.flops_per_s
-        tp_time = 0.0
+        tp_time, tp_messages = 0.0, 0
         if t > 1:
             activation = n * args.hidden_size * dtype_bytes
             reductions = stage.layers * (6 if args.recompute_granularity == "full" else 4)
             reductions += stage.embedding + stage.output_layer
             messages = reductions * (2 if args.sequence_parallel else 1) + 3 * stage.output_layer  # + the loss's
             tp_time = m * _ring(2 * reductions * activation, t, messages, tp_bandwidth, constants.latency_s)
+            tp_messages = m * messages
         overhead = m * stage.layers * constants.overhead_s_per_layer_microbatch
-        per_stage.append((compute, tp_time, overhead))
-    slowest = max(range(len(stages)), key=lambda i: sum(per_stage[i]))
-    compute, tp_time, overhead = per_stage[slowest]
+        per_stage.append((compute, tp_time, overhead, tp_messages))
+    slowest = max(range(len(stages)), key=lambda i: sum(per_stage[i][:3]))
+    compute, tp_time, overhead, messages = per_stage[slowest]
     busy = compute + tp_time + overhead
     bubble = busy * (p - 1) / (v * m)
 
@@ -113,35 +120,47 @@ def iteration_time(args, dims: ParallelDims, stages: list[StageWork], cluster: C
         message = rows * args.hidden_size * dtype_bytes
         pp_bandwidth = bandwidth[_intra_node(t * d * 2, cluster)]
         transfers = 2 * (v * m + p - 1) * (constants.latency_s + message / pp_bandwidth)
+        messages += 2 * (v * m + p - 1)
 
-    dp_time = max(_data_parallel_time(args, stage, d, bandwidth[_intra_node(t * d, cluster)], constants, busy / m)
-                  for stage in stages)
+    dp_time, dp_messages = max(_data_parallel_time(args, stage, d, bandwidth[_intra_node(t * d, cluster)], constants,
+                                                   busy / m) for stage in stages)
+    messages += dp_messages
     if p > 1 and not args.untie_embeddings_and_output_weights:  # tied embeddings: first + last stage sum gradients
         embedding_bytes = padded_vocab_size // t * args.hidden_size * 4
         dp_time += _ring(2 * embedding_bytes, 2, 1, bandwidth[_intra_node(dims.world_size, cluster)],
                          constants.latency_s)
+        messages += 1
     optimizer = max(stage.state.main_elements for stage in stages) * constants.optimizer_s_per_element
     optimizer += 2 * constants.latency_s  # the gradient norm's all-reduces
+    messages += 2
     estimate = TimeEstimate(compute, tp_time, overhead, bubble, transfers, dp_time, optimizer)
-    return dataclasses.replace(estimate, core_sharing=_core_sharing(estimate, dims, cluster))
+    extra_ranks_per_core = _extra_ranks_per_core(dims, cluster)
+    return dataclasses.replace(estimate, core_sharing=_core_sharing(estimate, extra_ranks_per_core),
+                               scheduling_wait=messages * extra_ranks_per_core * constants.scheduling_wait_s)
 
 
-def _core_sharing(estimate: TimeEstimate, dims: ParallelDims, cluster: Cluster) -> float:
-    """CPU ranks beyond a node's cores take turns on them: the iteration lasts at least the node's CPU work
-    (each rank's compute, overhead and optimizer step) over its cores. Waiting in the schedule (the bubble,
-    communication) is no CPU work: another rank runs meanwhile, so what exceeds the schedule's time is added."""
+def _extra_ranks_per_core(dims: ParallelDims, cluster: Cluster) -> float:
+    """(ranks - cores) / cores of a node of CPU ranks that outnumber its cores; else 0 (GPUs: cores_per_node None)."""
     ranks_per_node = min(cluster.devices_per_node, dims.world_size)
     if not cluster.cores_per_node or ranks_per_node <= cluster.cores_per_node:
         return 0.0
+    return ranks_per_node / cluster.cores_per_node - 1
+
+
+def _core_sharing(estimate: TimeEstimate, extra_ranks_per_core: float) -> float:
+    """CPU ranks beyond a node's cores take turns on them: the iteration lasts at least the node's CPU work
+    (each rank's compute, overhead and optimizer step) over its cores. Waiting in the schedule (the bubble,
+    communication) is no CPU work: another rank runs meanwhile, so what exceeds the schedule's time is added."""
     work = estimate.compute + estimate.overhead + estimate.optimizer
-    return max(0.0, work * ranks_per_node / cluster.cores_per_node - estimate.total)
+    return max(0.0, work * (1 + extra_ranks_per_core) - estimate.total) if extra_ranks_per_core else 0.0
 
 
 def _data_parallel_time(args, stage: StageWork, d: int, bandwidth: float, constants: SpeedConstants,
-                        microbatch_time: float) -> float:
-    """Exposed seconds of a stage's DP gradient reduction (and the distributed optimizer's all-gather)."""
+                        microbatch_time: float) -> tuple[float, int]:
+    """Exposed seconds of a stage's DP gradient reduction (and the distributed optimizer's all-gather), and the
+    number of its collectives."""
     if d == 1:
-        return 0.0
+        return 0.0, 0
     buckets, gradients = stage.state.buckets, stage.state.gradients
     if args.use_distributed_optimizer:
         reduce = _ring(gradients, d, buckets, bandwidth, constants.latency_s)
@@ -154,4 +173,4 @@ def _data_parallel_time(args, stage: StageWork, d: int, bandwidth: float, consta
     if args.overlap_param_gather:  # hidden behind the next iteration's first forward (1/3 of its compute, 1/4 recomputing)
         forward = microbatch_time * (0.25 if args.recompute_granularity == "full" else 1 / 3)
         gather = max(0.0, gather - forward)
-    return reduce + gather
+    return reduce + gather, buckets * (2 if args.use_distributed_optimizer else 1)

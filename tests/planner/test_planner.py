@@ -25,7 +25,7 @@ from megatronish.planner.calibration import (
     load_profile,
     predicted_seconds,
 )
-from megatronish.planner.cluster import SpeedConstants
+from megatronish.planner.cluster import SpeedConstants, cpu_accelerator
 from megatronish.planner.parameters import chunk_parameters, state_bytes, total_parameters
 from megatronish.planner.search import Layout, plan_layout
 from megatronish.testing import run_distributed
@@ -39,6 +39,10 @@ import plan as plan_tool  # noqa: E402
 # 3 layers and 6 heads: PP 2 and 4, TP 4 and uneven batches are rejected, for several reasons.
 ODD = ["--num-layers", "3", "--hidden-size", "48", "--num-attention-heads", "6", "--seq-length", "30",
        "--micro-batch-size", "2", "--global-batch-size", "12"]
+SMALL = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+         "--micro-batch-size", "4", "--global-batch-size", "16"]
+CONSTANTS = SpeedConstants(flops_per_s=3e9, intra_node_bytes_per_s=0.5e9, inter_node_bytes_per_s=1e9, latency_s=3e-4,
+                           optimizer_s_per_element=2e-8, overhead_s_per_layer_microbatch=1e-3, scheduling_wait_s=2e-3)
 GPT2_345M = ["--num-layers", "24", "--hidden-size", "1024", "--num-attention-heads", "16", "--seq-length", "1024",
              "--max-position-embeddings", "1024", "--micro-batch-size", "4", "--global-batch-size", "512", "--bf16",
              "--tokenizer-type", "GPT2BPETokenizer", "--vocab-size", "50257"]
@@ -156,27 +160,53 @@ def test_overlapped_param_gather_hides_the_gather_behind_a_forward():
     argv = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
             "--micro-batch-size", "4", "--global-batch-size", "16", "--use-distributed-optimizer"]
     layout = Layout(1, 1, 2, None, 4, None, True, False)
-    constants = SpeedConstants(flops_per_s=3e9, intra_node_bytes_per_s=0.5e9, inter_node_bytes_per_s=1e9,
-                               latency_s=3e-4, optimizer_s_per_element=2e-8, overhead_s_per_layer_microbatch=1e-3)
-    synchronous, overlapped = (plan_layout(parse_args(argv + extra), layout, cpu_cluster(2), 258, constants).time
+    synchronous, overlapped = (plan_layout(parse_args(argv + extra), layout, cpu_cluster(2), 258, CONSTANTS).time
                                for extra in ([], ["--overlap-param-gather"]))
     assert 0 < overlapped.data_parallel < synchronous.data_parallel  # the reduce-scatter stays exposed
     assert dataclasses.replace(overlapped, data_parallel=synchronous.data_parallel) == synchronous
 
 
-def test_fit_recovers_the_constants_that_made_the_times():
-    args = parse_args(["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
-                       "--micro-batch-size", "4", "--global-batch-size", "16"])
-    truth = SpeedConstants(flops_per_s=3e9, intra_node_bytes_per_s=0.5e9, inter_node_bytes_per_s=1e9, latency_s=3e-4,
-                           optimizer_s_per_element=2e-8, overhead_s_per_layer_microbatch=1e-3)
+def test_scheduling_wait_only_when_cpu_ranks_outnumber_the_cores():
+    args = parse_args(SMALL)
+    tp2 = Layout(2, 1, 1, None, 4, None, False, False)
+
+    def estimate(cluster, layout=tp2, constants=CONSTANTS):
+        return plan_layout(args, layout, cluster, 258, constants).time
+
+    cpu = cpu_accelerator(4)
+    shared = estimate(Cluster(cpu, devices_per_node=2, cores_per_node=1))
+    # 2 ranks on 1 core: one extra rank per core; every blocking message waits: 4 micro-batches x (4 layers x 4
+    # all-reduces + the embedding's + the output layer's + the loss's 3) + the gradient norm's 2
+    assert shared.scheduling_wait == pytest.approx((4 * (4 * 4 + 1 + 1 + 3) + 2) * 2e-3)
+    without = dataclasses.replace(CONSTANTS, scheduling_wait_s=0.0)
+    assert dataclasses.replace(shared, scheduling_wait=0.0) == estimate(Cluster(cpu, devices_per_node=2,
+                                                                                cores_per_node=1), constants=without)
+    assert estimate(Cluster(cpu, devices_per_node=2, cores_per_node=2)).scheduling_wait == 0.0  # a core each
+    assert estimate(Cluster(PRESETS["H100"], devices_per_node=8)).scheduling_wait == 0.0  # GPUs: no cores to share
+    # 4 ranks on 1 core: 3 extra ranks per core wait 3 times as long per message as 2 ranks on 1 core do
+    dp2 = Layout(2, 1, 2, None, 4, None, False, False)
+    per_message = [estimate(Cluster(cpu, devices_per_node=4, cores_per_node=cores), dp2).scheduling_wait
+                   for cores in (1, 2)]
+    assert per_message[0] == pytest.approx(3 * per_message[1]) and per_message[1] > 0
+
+
+def test_fit_recovers_the_constants_that_made_the_times(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # 2 cores: the 4-rank layouts share them
+    args = parse_args(SMALL)
     start = cpu_cluster(1).speed("fp32")
     layouts = [Layout(tp, pp, dp, None, 4, None, False, False)
                for tp, pp, dp in [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2)]]
-    points = [MeasuredPoint(lay, predicted_seconds(args, lay, truth, 258), {}) for lay in layouts]
+    points = [MeasuredPoint(lay, predicted_seconds(args, lay, CONSTANTS, 258), {}) for lay in layouts]
     fitted = fit_constants(args, points, start, 258, prior_weight=0.002)
     for point in points:
         assert predicted_seconds(args, point.layout, fitted, 258) == pytest.approx(point.seconds, rel=0.02)
     assert predicted_seconds(args, layouts[0], start, 258) != pytest.approx(points[0].seconds, rel=0.2)
+    assert fitted.scheduling_wait_s == pytest.approx(CONSTANTS.scheduling_wait_s, rel=0.1)
+    # a cost this machine does not have stays 0, and the others still fit
+    no_overhead = fit_constants(args, points, dataclasses.replace(start, overhead_s_per_layer_microbatch=0.0), 258)
+    assert no_overhead.overhead_s_per_layer_microbatch == 0.0
+    for point in points:
+        assert predicted_seconds(args, point.layout, no_overhead, 258) == pytest.approx(point.seconds, rel=0.25)
 
 
 def test_goodput_profile_round_trip_and_best_point(tmp_path, capsys):
@@ -209,6 +239,14 @@ def test_profile_measures_fits_and_writes_a_profile_the_planner_then_uses(tmp_pa
     assert profile.best_point("cpu", 2)["devices"] == 2
     plan_tool.main(tiny + ["--accelerator", "cpu", "--devices-per-node", "2", "--goodput-profile", path])
     assert "speed constants: calibrated" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_scheduling_wait_micro_benchmark_runs_pairs_and_an_odd_rank():
+    from megatronish.planner.calibration import measure_scheduling_wait
+
+    wait = measure_scheduling_wait(parse_args(SMALL), 258, CONSTANTS, ranks=3, cores=2, repeats=2, iterations=4)
+    assert 0 < wait < 1.0  # seconds per message: a time slice is milliseconds
 
 
 def test_choose_layout_for_a_new_world_size_keeps_the_other_choices(tmp_path):
