@@ -13,10 +13,12 @@ micro-batch, recompute, distributed optimizer, sequence parallelism), rejects th
 would reject (with its message), predicts each one's memory per rank, itemized, and its time per
 iteration, and prints them ranked by tokens/s with a one-line recommendation (--json: all of it).
 
---profile runs a few iterations of each TP x PP x DP layout (TP, PP, DP in {1, 2}, at most --max-ranks
-ranks) on this machine's CPU, prints measured against predicted ms/iteration before and after
-calibration, and writes the goodput profile (default $MEGATRONISH_CACHE/goodput_profile.json) whose
-constants later plans for this accelerator kind use.
+--profile measures the time model's constants with micro-benchmarks (FLOP/s, per-layer overhead, Adam,
+all-reduce latency and bandwidth, and, when --max-ranks exceeds the cores, the wait of a blocking
+message for a core), runs a few iterations of each TP x PP x DP layout (TP, PP, DP in {1, 2}, at most
+--max-ranks ranks) on this machine's CPU, fits the constants to them, prints measured against predicted
+ms/iteration before and after calibration, and writes the goodput profile (default
+$MEGATRONISH_CACHE/goodput_profile.json) whose constants later plans for this accelerator kind use.
 """
 
 import argparse
