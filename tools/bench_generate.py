@@ -11,10 +11,10 @@
    - plain KV-cached decoding vs transformers' generate of the exported target, batch 1 and 8,
      greedy: tokens/s and the ratio;
    - at temperature 0 and 0.6, batch 1 over every prompt: plain decoding, a draft chain of
-     --chain-length tokens and the Sequoia tree (acceptance measured on the training text at the
-     run's temperature and length, size and depth chosen for this machine), next to transformers'
-     assisted generation with the exported pair: tokens/s, speed-up over plain, tokens per target
-     forward.
+     --chain-length tokens and the Sequoia tree (acceptance measured on held-out text between the
+     prompts, at the run's temperature and length; size and depth chosen for this machine), next to
+     transformers' assisted generation with the exported pair: tokens/s, speed-up over plain, tokens
+     per target forward.
 Every number is printed with what it compares against; nothing is asserted.
 """
 
@@ -58,7 +58,7 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------- setup
 
 def prepare_data(text_path: str, work: Path) -> tuple[str, str, str]:
-    """(data prefix of the training part, the training text, the held-out text)."""
+    """(data prefix of the training part, the held-out text)."""
     text = Path(text_path).read_text()
     cut = int(len(text) * 0.9)
     train, held_out = text[:cut], text[cut:]
@@ -71,7 +71,7 @@ def prepare_data(text_path: str, work: Path) -> tuple[str, str, str]:
             for document in train.split("\n\n"):
                 f.write(json.dumps({"text": document + "\n\n"}) + "\n")
         preprocess_jsonl(str(jsonl), str(work / "train"), TokenizerSpec("ByteTokenizer"), append_eod=False)
-    return str(prefix), train, held_out
+    return str(prefix), held_out
 
 
 def train(name: str, shape: dict, iters: int, data_prefix: str, work: Path, threads: int) -> str:
@@ -145,7 +145,7 @@ def report(label: str, seconds: float, tokens: int, reference: float | None = No
     return rate
 
 
-def bench(args, target_dir: str, draft_dir: str, target_hf: str, draft_hf: str, held_out: str, train_text: str):
+def bench(args, target_dir: str, draft_dir: str, target_hf: str, draft_hf: str, held_out: str):
     import torch.distributed as dist
     import transformers
     from transformers import GPT2LMHeadModel
@@ -180,7 +180,11 @@ def bench(args, target_dir: str, draft_dir: str, target_hf: str, draft_hf: str, 
         report(f"megatronish generate, batch {batch}", t_ours, batch * n, hf_rate,
                f" of transformers ({same}/{batch} rows token-identical)")
 
-    calibration = [list(train_text[i * 997:i * 997 + args.prompt_tokens].encode()) for i in range(4)]
+    # Acceptance is calibrated on held-out text between the prompts (never on the prompts themselves): on training
+    # text the target recalls what it memorized and the draft cannot, which understates greedy acceptance
+    # (0.73 top-1 there, where the chain accepts 4.89 of 5 tokens on held-out prompts).
+    calibration = [list(held_out[i * step + step // 2:i * step + step // 2 + args.prompt_tokens].encode())
+                   for i in range(4)]
     for temperature in (0.0, 0.6):
         sampling = SamplingParams(temperature=temperature)
         print(f"speculative decoding at temperature {temperature}, batch 1, all prompts:")
@@ -197,7 +201,7 @@ def bench(args, target_dir: str, draft_dir: str, target_hf: str, draft_hf: str, 
             seconds, out = best_of(args.repeats, lambda tree=tree: ours(target, prompts, n, sampling, draft, tree))
             report(label, seconds, len(prompts) * n, plain,
                    f" of plain, {out.stats.tokens_per_forward:.2f} tokens per target forward")
-        print(f"    (acceptance by candidate rank, measured on training text: "
+        print(f"    (acceptance by candidate rank, measured on held-out text: "
               f"[{', '.join(f'{a:.2f}' for a in acceptance)}]; planned {plan.expected_tokens:.2f} tokens per forward)")
         t_hf, _ = best_of(args.repeats, lambda: theirs(target_theirs, prompts, n, temperature, batched=False))
         hf = report("transformers generate", t_hf, len(prompts) * n, plain, " of megatronish plain")
@@ -210,8 +214,8 @@ if __name__ == "__main__":
     args = parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    data_prefix, train_text, held_out = prepare_data(args.text, work)
+    data_prefix, held_out = prepare_data(args.text, work)
     target_dir = train("target", TARGET, args.target_iters, data_prefix, work, args.threads)
     draft_dir = train("draft", DRAFT, args.draft_iters, data_prefix, work, args.threads)
     target_hf, draft_hf = export_hf(target_dir, work, "target"), export_hf(draft_dir, work, "draft")
-    bench(args, target_dir, draft_dir, target_hf, draft_hf, held_out, train_text)
+    bench(args, target_dir, draft_dir, target_hf, draft_hf, held_out)
