@@ -155,3 +155,20 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_pretrain(argv: list[str]) -> dict:
+    """pretrain_gpt.py's training for `argv` in this rank (call it inside run_distributed), as the numbers
+    tests compare across layouts: per-iteration losses and gradient norms, validation losses, the final
+    validation loss, the iteration reached and the samples consumed."""
+    from megatronish import parallel_state
+    from megatronish.training.arguments import parse_args
+    from megatronish.training.training import pretrain
+
+    try:
+        result = pretrain(parse_args(argv))
+    finally:
+        parallel_state.destroy_model_parallel()
+    return {"losses": result.losses, "grad_norms": result.grad_norms, "valid": result.validation_losses,
+            "final_valid": result.final_valid_loss, "iteration": result.progress.iteration,
+            "consumed": result.progress.consumed_train_samples}

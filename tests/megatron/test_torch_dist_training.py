@@ -20,13 +20,10 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from megatronish import parallel_state
-from megatronish.testing import load_tool, run_distributed
+from megatronish.testing import load_tool, run_distributed, run_pretrain
 from megatronish.training import megatron_checkpoint
-from megatronish.training.arguments import parse_args
 from megatronish.training.checkpoint_manifest import MANIFEST_FILENAME, why_incomplete
 from megatronish.training.checkpointing import newest_complete_checkpoint
-from megatronish.training.training import pretrain
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DATA = Path(__file__).parents[1] / "data" / "fixtures"
@@ -48,15 +45,6 @@ def _argv(tmp_path, *extra: str) -> list[str]:
             "--eval-interval", "1000", "--eval-iters", "1", "--num-workers", "0", "--log-interval", "1000", *extra]
 
 
-def _run(argv: list[str]) -> dict:
-    try:
-        result = pretrain(parse_args(argv))
-    finally:
-        parallel_state.destroy_model_parallel()
-    return {"losses": result.losses, "grad_norms": result.grad_norms, "final_valid": result.final_valid_loss,
-            "iteration": result.progress.iteration, "consumed": result.progress.consumed_train_samples}
-
-
 def _metadata(folder, keep=lambda key: True) -> dict:
     metadata = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     return {key: (tuple(meta.size), meta.properties.dtype) if hasattr(meta, "size") else "bytes"
@@ -72,10 +60,10 @@ def _megatron_keys(key: str) -> bool:
 def llama(tmp_path_factory):
     """The uninterrupted run (TP=1 x PP=1) and the run saved at PP=2 x TP=2 halfway."""
     tmp = tmp_path_factory.mktemp("llama")
-    (reference,) = run_distributed(_run, 1, args=(_argv(tmp, *LLAMA),), timeout=300)
+    (reference,) = run_distributed(run_pretrain, 1, args=(_argv(tmp, *LLAMA),), timeout=300)
     assert reference["losses"][-1] < reference["losses"][0] - 0.2  # it trains
     save = tmp / "ckpt"
-    saved = run_distributed(_run, 4, timeout=300, args=(_argv(
+    saved = run_distributed(run_pretrain, 4, timeout=300, args=(_argv(
         tmp, *LLAMA, "--pp", "2", "--tp", "2", "--ckpt-format", "torch_dist", "--save", str(save), "--save-interval",
         "1", "--exit-interval", str(ITERS // 2), "--async-save"),))[0]
     assert saved["iteration"] == ITERS // 2
@@ -87,7 +75,7 @@ def llama(tmp_path_factory):
                          ids=["TP=1 x PP=1", "DP=2 distributed optimizer"])
 def test_torch_dist_save_at_pp2_tp2_resumes_on_the_trajectory(llama, world_size, layout):
     reference = llama["reference"]
-    resumed = run_distributed(_run, world_size, timeout=300,
+    resumed = run_distributed(run_pretrain, world_size, timeout=300,
                               args=(_argv(llama["tmp"], *LLAMA, *layout, "--load", str(llama["save"])),))[0]
     assert resumed["iteration"] == ITERS and resumed["consumed"] == ITERS * 4
     assert resumed["losses"] == pytest.approx(reference["losses"][ITERS // 2:], rel=REL)
@@ -162,7 +150,7 @@ def test_torch_dist_save_is_published_like_ours(llama, tmp_path):
 
 def test_tied_gpt_saved_at_pp2_tp2_has_megatrons_layout(tmp_path):
     save = tmp_path / "ckpt"
-    run_distributed(_run, 4, timeout=300, args=(_argv(tmp_path, "--pp", "2", "--tp", "2", "--train-iters", "1",
+    run_distributed(run_pretrain, 4, timeout=300, args=(_argv(tmp_path, "--pp", "2", "--tp", "2", "--train-iters", "1",
                                                       "--lr-warmup-iters", "0", "--ckpt-format", "torch_dist", "--save", str(save)),))
     folder = save / "iter_0000001"
     assert _metadata(folder, _megatron_keys) == _metadata(FIXTURES / "gpt_tp2_torch_dist" / "iter_0000010",

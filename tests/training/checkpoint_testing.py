@@ -7,11 +7,9 @@ import time
 
 import numpy as np
 
-from megatronish import parallel_state
 from megatronish.data.indexed_dataset import IndexedDatasetBuilder
+from megatronish.testing import run_pretrain
 from megatronish.training import training
-from megatronish.training.arguments import parse_args
-from megatronish.training.training import pretrain
 
 
 def build_corpus(root) -> str:
@@ -65,12 +63,9 @@ def run_pretrains(argvs: list[list[str]], faults: list | None = None) -> list[di
     for argv, fault in zip(argvs, faults or [None] * len(argvs)):
         training.train_step = FaultyTrainStep(*fault) if fault else real_train_step
         try:
-            result = pretrain(parse_args(argv))
+            results.append(run_pretrain(argv))
         finally:
-            parallel_state.destroy_model_parallel()
             training.train_step = real_train_step
-        results.append({"losses": result.losses, "valid": result.validation_losses,
-                        "final_valid": result.final_valid_loss, "iteration": result.progress.iteration})
     return results
 
 

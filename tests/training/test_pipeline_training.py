@@ -15,10 +15,8 @@ from checkpoint_testing import build_corpus
 from param_gather_testing import slow_param_gathers
 
 from megatronish import parallel_state
-from megatronish.testing import run_distributed
-from megatronish.training.arguments import parse_args
+from megatronish.testing import run_distributed, run_pretrain
 from megatronish.training.checkpointing import load_model_for_inference, read_full_model_state
-from megatronish.training.training import pretrain
 
 ITERS = 8
 REL = 1e-5  # fp32: only the order of additions differs between layouts
@@ -34,18 +32,9 @@ def _argv(corpus: str, *extra: str, iters: int = ITERS) -> list[str]:
             "--eval-interval", "4", "--eval-iters", "1", "--num-workers", "0", *extra]
 
 
-def _run(argv: list[str]) -> dict:
-    try:
-        result = pretrain(parse_args(argv))
-    finally:
-        parallel_state.destroy_model_parallel()
-    return {"losses": result.losses, "grad_norms": result.grad_norms, "valid": result.validation_losses,
-            "final_valid": result.final_valid_loss, "iteration": result.progress.iteration}
-
-
 def _runs(argvs: list[list[str]]) -> list[dict]:
     with slow_param_gathers():  # changes only the runs with --overlap-param-gather
-        return [_run(argv) for argv in argvs]
+        return [run_pretrain(argv) for argv in argvs]
 
 
 @pytest.fixture(scope="module")
