@@ -60,10 +60,9 @@ class ParallelAttention(nn.Module):
         self.groups_per_rank = divide(config.query_groups, tp, "num_query_groups")
         self.heads_per_group = config.num_attention_heads // config.query_groups
         self.head_dim = config.head_dim
-        qkv_width = (config.num_attention_heads + 2 * config.query_groups) * self.head_dim
-        self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_width, gather_output=False,
+        self.linear_qkv = ColumnParallelLinear(config.hidden_size, config.qkv_width, gather_output=False,
                                                tp_group=tp_group, **config.linear_kwargs())
-        self.linear_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+        self.linear_proj = RowParallelLinear(config.attention_width, config.hidden_size,
                                              input_is_parallel=True, skip_bias_add=config.defer_residual_bias(tp),
                                              tp_group=tp_group, **config.linear_kwargs())
 

@@ -106,6 +106,21 @@ class TransformerConfig:
         return self.num_query_groups or self.num_attention_heads
 
     @property
+    def attention_width(self) -> int:
+        """Width of the queries and of the attention output (linear_proj's input): heads x head dim."""
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        """Width of the keys (and of the values): one head dim per key/value group."""
+        return self.query_groups * self.head_dim
+
+    @property
+    def qkv_width(self) -> int:
+        """Width of the fused QKV projection: the queries, keys and values of every group."""
+        return self.attention_width + 2 * self.kv_width
+
+    @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.rotary_percent)
 

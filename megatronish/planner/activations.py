@@ -66,7 +66,9 @@ class _Shape:
     s: int
     b: int
     h: int
-    ht: int        # h / t: this rank's attention width
+    qt: int        # attention_width / t: this rank's query (and attention output) width
+    qkvt: int      # qkv_width / t: this rank's slice of the fused QKV projection
+    grouped: bool  # grouped-query attention: fewer key/value heads than query heads
     ft: int        # ffn / t
     at: int        # heads / t
     e: int         # bytes of the model dtype
@@ -76,7 +78,8 @@ class _Shape:
 def _shape(config: TransformerConfig, seq_length: int, micro_batch_size: int, tp: int, device: str) -> _Shape:
     n = seq_length * micro_batch_size
     return _Shape(n=n, n_res=n // tp if config.sequence_parallel else n, s=seq_length, b=micro_batch_size,
-                  h=config.hidden_size, ht=config.hidden_size // tp, ft=config.ffn_hidden_size // tp,
+                  h=config.hidden_size, qt=config.attention_width // tp, qkvt=config.qkv_width // tp,
+                  grouped=config.query_groups != config.num_attention_heads, ft=config.ffn_hidden_size // tp,
                   at=config.num_attention_heads // tp, e=torch.empty((), dtype=config.params_dtype).element_size(),
                   cuda=device == "cuda")
 
@@ -100,22 +103,30 @@ def _attention_core(c: _Shape, config: TransformerConfig) -> tuple[int, int]:
         # row sums; with dropout its bool mask (ops.dropout)
         dropout_mask = scores * BOOL if config.attention_dropout > 0 else 0
         exponentials = 0 if c.cuda else scores * FP32 + c.s * c.s * BOOL + c.b * c.at * c.s * (FP32 + BOOL)
-        return 3 * c.n * c.ht * c.e + scores * c.e + exponentials + dropout_mask, False
+        return 3 * c.n * c.qt * c.e + scores * c.e + exponentials + dropout_mask, False
     if config.attention_dropout > 0 and not c.cuda:
         # the math path on CPU, in fp32 whatever the model dtype: copies of q (scaled), k^T, v and three s x s tensors
-        return 3 * c.n * c.ht * FP32 + 3 * scores * FP32, False
-    return c.n * c.ht * c.e + c.b * c.at * c.s * FP32, True  # flash-style: the output and the log-sum-exp
+        return 3 * c.n * c.qt * FP32 + 3 * scores * FP32, False
+    return c.n * c.qt * c.e + c.b * c.at * c.s * FP32, True  # flash-style: the output and the log-sum-exp
 
 
 def layer_activation_bytes(config: TransformerConfig, seq_length: int, micro_batch_size: int, tp: int,
                            device: str = "cpu") -> ActivationBytes:
     """One transformer layer, one micro-batch, one TP rank."""
     c = _shape(config, seq_length, micro_batch_size, tp, device)
-    qkv_buffer = 3 * c.n * c.ht * c.e
-    rope = 2 * c.n * c.ht * c.e if config.position_embedding_type == "rope" else 0  # rotated q and k
+    rotary = config.position_embedding_type == "rope"
     core, keeps_qkv_buffer = _attention_core(c, config)
     # Flash-style attention on rotated q, k writes its output in the layout the projection wants: no copy.
-    proj_input = 0 if (rope and keeps_qkv_buffer) else c.n * c.ht * c.e
+    proj_input = 0 if (rotary and keeps_qkv_buffer) else c.n * c.qt * c.e
+    if not c.grouped:
+        qkv_buffer = c.n * c.qkvt * c.e
+        rope = 2 * c.n * c.qt * c.e if rotary else 0  # rotated q and k
+    else:
+        # The core gets q (rotated, or copied out of the group-interleaved buffer) and k, v repeated once per
+        # query head: the rotated k is dropped once repeated, and the buffer is not what the core keeps.
+        # Without RoPE one more query-width copy stays (measured, tests/planner/test_measured_memory.py).
+        rope = 0
+        qkv_buffer = (3 if rotary else 4) * c.n * c.qt * c.e if keeps_qkv_buffer else 0
     dropout_masks = 2 * c.n_res * c.h * BOOL if config.hidden_dropout > 0 and not c.cuda else 0
     if c.cuda:
         mlp = (3 if config.activation == "swiglu" else 2) * c.n * c.ft * c.e  # kernel input (gate+up) and output
@@ -131,7 +142,7 @@ def layer_activation_bytes(config: TransformerConfig, seq_length: int, micro_bat
         shared = c.n_res * c.h * c.e if config.sequence_parallel and (c.cuda or c.e == FP32) else 0
         return ActivationBytes(layers=c.n_res * c.h * c.e, transient=full - shared)
     if config.recompute_granularity == "selective":  # the core's inputs (q, k, v) stay; its insides are recomputed
-        context = c.n * c.ht * c.e if rope and keeps_qkv_buffer else 0  # now a copy again: the core's output is gone
+        context = c.n * c.qt * c.e if rotary and keeps_qkv_buffer else 0  # now a copy again: the core's output is gone
         return ActivationBytes(layers=without_core + qkv_buffer + context, transient=core)
     return ActivationBytes(layers=full)
 

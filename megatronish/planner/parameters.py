@@ -66,9 +66,10 @@ def _linear_parameters(config: TransformerConfig, prefix: str, rows: int, column
 def _layer_parameters(config: TransformerConfig, t: int, prefix: str) -> list:
     h, f = config.hidden_size, config.ffn_hidden_size
     fc1_rows = (2 * f if config.activation == "swiglu" else f) // t
+    qkv_rows = config.qkv_width // t
     return (_norm_parameters(config, prefix + "input_layernorm.")
-            + _linear_parameters(config, prefix + "self_attention.linear_qkv.", 3 * h // t, h, 3 * h // t)
-            + _linear_parameters(config, prefix + "self_attention.linear_proj.", h, h // t, h)
+            + _linear_parameters(config, prefix + "self_attention.linear_qkv.", qkv_rows, h, qkv_rows)
+            + _linear_parameters(config, prefix + "self_attention.linear_proj.", h, config.attention_width // t, h)
             + _norm_parameters(config, prefix + "pre_mlp_layernorm.")
             + _linear_parameters(config, prefix + "mlp.linear_fc1.", fc1_rows, h, fc1_rows)
             + _linear_parameters(config, prefix + "mlp.linear_fc2.", h, f // t, h))

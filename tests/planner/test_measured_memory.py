@@ -2,7 +2,7 @@
 
 Each valid layout the planner lists for a tiny GPT on 4 CPU ranks (and a few more configurations
 on 1, 2 and 3 ranks: bf16, selective recompute, dropout, SwiGLU/RMSNorm/untied, the explicit
-attention backend, DP 3 whose buckets need padding) trains two iterations through pretrain(); on
+attention backend, grouped-query attention with its own head dim, DP 3 whose buckets need padding) trains two iterations through pretrain(); on
 every rank the parameter, gradient and optimizer bytes equal the prediction exactly, and the peak
 bytes saved for backward are within 10% of the predicted activation bytes. So every layout the
 planner calls valid also starts.
@@ -96,7 +96,12 @@ def test_every_valid_layout_of_four_ranks_starts_and_its_memory_is_predicted():
     (2, [("TP 2, SP, bf16", _argv(MEDIUM, "--tp", "2", "--sequence-parallel", "--bf16")),
          ("PP 2 interleaved, explicit attention with dropout, rope", _argv(
              SMALL, "--pp", "2", "--virtual-pipeline-model-parallel-size", "2", "--attention-backend", "explicit",
-             "--attention-dropout", "0.1", "--position-embedding-type", "rope"))]),
+             "--attention-dropout", "0.1", "--position-embedding-type", "rope")),
+         ("TP 2, grouped-query attention (4 heads, 2 groups), head dim 24 != h/heads", _argv(
+             SMALL, "--tp", "2", "--group-query-attention", "--num-query-groups", "2", "--kv-channels", "24")),
+         ("TP 2, SP, grouped-query attention, head dim 8, rope", _argv(
+             SMALL, "--tp", "2", "--sequence-parallel", "--group-query-attention", "--num-query-groups", "2",
+             "--kv-channels", "8", "--position-embedding-type", "rope"))]),
     (3, [("DP 3 (buckets padded), distributed optimizer, bf16, full recompute", _argv(
         SMALL, "--use-distributed-optimizer", "--bf16", "--recompute-granularity", "full", "--global-batch-size", "6")),
          ("DP 3, plain optimizer", _argv(MEDIUM, "--global-batch-size", "6"))]),
