@@ -26,6 +26,7 @@ from megatronish.training.checkpoint_format import DCP_METADATA_FILE, read_metad
 from megatronish.training.checkpointing import (
     _fsync_dir,
     _publish,
+    _write_bytes_durably,
     _write_json_durably,
     checkpoint_dir,
     publish_checkpoint,
@@ -70,10 +71,7 @@ def assemble(save_dir: str, iteration: int, num_stages: int) -> str | None:
         data_file = f"__{stage}_0.distcp"
         os.link(os.path.join(folder, DATA_FILENAME), os.path.join(temporary, data_file))
         metadata = _merge_metadata(metadata, read_metadata(folder), data_file)
-    with open(os.path.join(temporary, DCP_METADATA_FILE), "wb") as f:
-        pickle.dump(metadata, f)
-        f.flush()
-        os.fsync(f.fileno())
+    _write_bytes_durably(os.path.join(temporary, DCP_METADATA_FILE), pickle.dumps(metadata))
     common = _merged_common(stages)
     final = publish_checkpoint(temporary, save_dir, common)
     shutil.rmtree(parts, ignore_errors=True)

@@ -71,7 +71,6 @@ def dht_main(argv=None) -> int:
     parser.add_argument("--announce-host", help="the address other machines reach this one at")
     parser.add_argument("--address-file", help="write the multiaddr to give peers as --initial-peers here")
     args = parser.parse_args(argv)
-    args.call_timeout = 30.0
     _import_hivemind()
     _setup_logging()
     asyncio.run(_serve_dht(args))

@@ -16,7 +16,6 @@ hivemind 1.1.12), and the table must not forget live peers because of it.
 
 import asyncio
 import logging
-import time
 from dataclasses import asdict, dataclass
 
 from hivemind.dht.node import DHTNode
@@ -147,12 +146,3 @@ class PeerTable:
         per_stage = [self.stage_iteration(stage) for stage in range(self.num_stages)]
         return None if None in per_stage else min(per_stage)
 
-
-class Timer:
-    """Seconds since a start, for log lines."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def __call__(self) -> float:
-        return time.perf_counter() - self.start

@@ -302,11 +302,11 @@ class SwarmTrainer:
                 break
         norm = math.sqrt(sum(norms))
         await asyncio.gather(*(self._apply(stage, step, attempt, peers, norm)
-                               for stage, (attempt, peers, _) in enumerate(prepared)))
+                               for stage, (attempt, peers) in enumerate(prepared)))
         return {stage: _samples_per_holder(micro_batches, stage) for stage in range(self.num_stages)}
 
     async def _prepare(self, stage: int, step: int, micro_batches: list, report: StepReport):
-        """Every live peer of `stage` sums the holders' parts. Returns (attempt, {peer: reply meta}, holders)."""
+        """Every live peer of `stage` sums the holders' parts. Returns (attempt, {peer: reply meta})."""
         attempt = 0
         while True:
             await self._replay_lost(stage, micro_batches, report)
@@ -331,7 +331,7 @@ class SwarmTrainer:
                 elif not reply.meta.get("applied"):
                     ready[peer_id] = reply.meta
             if ready and not any(self.balancer.lost(mb, stage) for mb in micro_batches):
-                return attempt, ready, holders
+                return attempt, ready
             await asyncio.sleep(0.1)
 
     async def _replay_lost(self, stage: int, micro_batches: list, report: StepReport) -> None:
@@ -354,12 +354,12 @@ class SwarmTrainer:
         """Each stage's share of the squared global norm; the tied embeddings' exchange first where needed.
         None when an exchange found no partner (prepare again)."""
         norms = []
-        for stage, (attempt, ready, _) in enumerate(prepared):
+        for stage, (attempt, ready) in enumerate(prepared):
             if not any(meta.get("needs_exchange") for meta in ready.values()):
                 norms.append(next(iter(ready.values()))["squared_norm"])
                 continue
             other = 0 if stage == self.num_stages - 1 else self.num_stages - 1
-            other_attempt, partners, _ = prepared[other]
+            other_attempt, partners = prepared[other]
             norm = await self._exchange(stage, step, attempt, ready, other, other_attempt, list(partners))
             if norm is None:
                 return None
