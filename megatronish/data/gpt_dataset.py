@@ -283,14 +283,24 @@ def build_gpt_datasets(data_path: list[str] | None, config: GPTDatasetConfig, nu
         raise ValueError(f"num_samples {num_samples} must give three counts: (train, valid, test)")
 
     def build():
+        opened = {}  # each prefix opened once for all splits (with --no-mmap-bin-files its tokens are read once)
+
+        def open_indexed(prefix):
+            if prefix not in opened:
+                opened[prefix] = (MockIndexedDataset(config.mock_vocab_size, config.eod_id) if prefix is None
+                                  else IndexedDataset(prefix, mmap=config.mmap_bin_files))
+            return opened[prefix]
+
         if config.mock_vocab_size is not None:
-            return tuple(_build_split(([None], None), config.split_matrix, i, n, config) for i, n in enumerate(num_samples))
+            return tuple(_build_split(([None], None), config.split_matrix, i, n, config, open_indexed)
+                         for i, n in enumerate(num_samples))
         if data_path_per_split is None:
             blend, matrix = parse_data_path(data_path), config.split_matrix
-            return tuple(_build_split(blend, matrix, i, n, config) for i, n in enumerate(num_samples))
+            return tuple(_build_split(blend, matrix, i, n, config, open_indexed) for i, n in enumerate(num_samples))
         whole = [None, None, None]
         return tuple(None if path is None else
-                     _build_split(parse_data_path(path), whole[:i] + [(0.0, 1.0)] + whole[i + 1:], i, n, config)
+                     _build_split(parse_data_path(path), whole[:i] + [(0.0, 1.0)] + whole[i + 1:], i, n, config,
+                                  open_indexed)
                      for i, (path, n) in enumerate(zip(data_path_per_split, num_samples)))
 
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -304,7 +314,7 @@ def build_gpt_datasets(data_path: list[str] | None, config: GPTDatasetConfig, nu
     return build()
 
 
-def _build_split(blend, matrix: list, split_index: int, num_samples: int, config: GPTDatasetConfig):
+def _build_split(blend, matrix: list, split_index: int, num_samples: int, config: GPTDatasetConfig, open_indexed):
     prefixes, weights = blend
     name = SPLIT_NAMES[split_index]
     if num_samples <= 0 or matrix[split_index] is None:
@@ -312,16 +322,16 @@ def _build_split(blend, matrix: list, split_index: int, num_samples: int, config
     if weights is not None:
         weights = normalize(weights)
     if len(prefixes) == 1 and weights is None:
-        return _gpt_dataset(prefixes[0], matrix, split_index, num_samples, config)
+        return _gpt_dataset(prefixes[0], matrix, split_index, num_samples, config, open_indexed)
     if weights is None:  # each member one epoch; blended in proportion to their sizes
-        members = [_gpt_dataset(p, matrix, split_index, None, config) for p in prefixes]
+        members = [_gpt_dataset(p, matrix, split_index, None, config, open_indexed) for p in prefixes]
         present = [m for m in members if m is not None]
         weights = [len(m) for m in present]
         size = min(num_samples, sum(weights))
     else:
         targets = [int(np.ceil(num_samples * w)) for w in weights]
         buffers = [int(np.ceil(t * (1 + config.mid_level_dataset_surplus))) for t in targets]
-        members = [_gpt_dataset(p, matrix, split_index, n, config) for p, n in zip(prefixes, buffers)]
+        members = [_gpt_dataset(p, matrix, split_index, n, config, open_indexed) for p, n in zip(prefixes, buffers)]
         present = [m for m in members if m is not None]
         weights = [w for w, m in zip(weights, members) if m is not None]
         size = sum(t for t, m in zip(targets, members) if m is not None)
@@ -334,13 +344,10 @@ def _build_split(blend, matrix: list, split_index: int, num_samples: int, config
 
 
 def _gpt_dataset(prefix: str, matrix: list, split_index: int, num_samples: int | None,
-                 config: GPTDatasetConfig) -> GPTDataset | None:
-    """Split `split_index` of one prefix, or None when it holds fewer than two tokens (Megatron would loop
-    forever looking for them)."""
-    if prefix is None:
-        indexed = MockIndexedDataset(config.mock_vocab_size, config.eod_id)
-    else:
-        indexed = IndexedDataset(prefix, mmap=config.mmap_bin_files)
+                 config: GPTDatasetConfig, open_indexed) -> GPTDataset | None:
+    """Split `split_index` of one prefix (None: the mock data; opened by `open_indexed`), or None when it
+    holds fewer than two tokens (Megatron would loop forever looking for them)."""
+    indexed = open_indexed(prefix)
     if indexed.num_tokens < 2:
         raise ValueError(f"--data-path {prefix} holds no tokens ({indexed.num_tokens}); a GPT dataset needs some")
     start, stop = sequence_range(matrix[split_index], len(indexed))
