@@ -314,7 +314,6 @@ class LoadedCheckpoint:
     progress: TrainingProgress
     folder: str
     saved_layout: str           # the layout it was saved at, e.g. "TP=2 x PP=1 x DP=2"
-    rng_restored: bool
     seconds: float
     node_local: bool = False    # a local checkpoint (local_checkpoint.py), not one under --load
 
@@ -346,7 +345,7 @@ def load_newest_checkpoint(load_dir: str, model, optimizer, scheduler, **options
         progress, what = megatron_checkpoint.load_for_training(load_dir, _chunks(model), optimizer, scheduler,
                                                                finetune=options.get("finetune", False))
         print_rank_0(f"loaded checkpoint {load_dir} at iteration {progress.iteration}: {what}")
-        return LoadedCheckpoint(progress, megatron[0], "a Megatron-LM layout", False, time.perf_counter() - start)
+        return LoadedCheckpoint(progress, megatron[0], "a Megatron-LM layout", time.perf_counter() - start)
     iteration = agreed_checkpoint_iteration(load_dir)
     if iteration is None:
         if options.get("finetune"):
@@ -421,7 +420,7 @@ def load_checkpoint_folder(folder: str, model, optimizer, scheduler, *, load_opt
         + (", RNG" if restore_rng else ""))
     seconds = time.perf_counter() - start
     print_rank_0(f"loaded checkpoint {folder} at iteration {iteration}: {what} ({seconds:.2f} s)")
-    return LoadedCheckpoint(progress, folder, _describe(_layout_record_filled(common["layout"])), restore_rng, seconds)
+    return LoadedCheckpoint(progress, folder, _describe(_layout_record_filled(common["layout"])), seconds)
 
 
 def _rederive_rng(seed: int, iteration: int, layout: ParallelLayout) -> None:

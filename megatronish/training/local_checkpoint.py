@@ -252,8 +252,10 @@ def resume(local: LocalCheckpoints | None, args, model, optimizer, scheduler) ->
 
 
 def _read_file(path: str) -> torch.Tensor:
+    data = bytearray(os.path.getsize(path))  # read into place: data files hold gigabytes of optimizer state
     with open(path, "rb") as f:
-        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        f.readinto(data)
+    return torch.frombuffer(data, dtype=torch.uint8)
 
 
 def _wait_all(works) -> None:
