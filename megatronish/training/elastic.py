@@ -94,14 +94,18 @@ def resolve_layout_or_wait(args: argparse.Namespace, world_size: int) -> None:
     (without it, validate_args reports the layout's problems with the rest: pretrain_gpt.py exits 2)."""
     if getattr(args, "argument_errors", None):
         return  # flags that did not parse: validate_args reports them with everything else
+    if args.layout != "auto" and not args.wait_for_nodes_minutes:
+        return  # nothing to choose or wait for: validate_args checks the given layout with everything else
     try:
         resolve_layout(args, world_size)
-    except ArgumentError as error:
-        if isinstance(error, LayoutDoesNotFit) and args.wait_for_nodes_minutes:
-            _wait_for_more_nodes(error.needs(), args.wait_for_nodes_minutes, job_store())
-        elif args.layout == "auto":
+    except LayoutDoesNotFit as error:
+        if not args.wait_for_nodes_minutes:
+            raise  # --layout auto, and no waiting asked for
+        _wait_for_more_nodes(error.needs(), args.wait_for_nodes_minutes, job_store())
+    except ArgumentError:
+        if args.layout == "auto":
             raise
-        # a given layout that does not fit: validate_args reports it with every other problem of the command line
+        # a given layout that no world fits: validate_args reports it with every other problem of the command line
     if args.wait_for_nodes_minutes and int(os.environ.get("RANK", 0)) == 0:
         store = job_store()
         if store is not None:
