@@ -290,6 +290,8 @@ class DistributedDataParallel(nn.Module):
     def _wait_for_params_of(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: the buckets of the parameters `module` owns, or is handed (whole or a view), are
         gathered before it runs. Each bucket is waited for once; later calls find nothing running."""
+        if all(bucket.param_gather is None for bucket in self.buckets):
+            return  # every forward after the first of an iteration (and evaluation's): nothing in flight
         handed = (value._base if value._base is not None else value
                   for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor))
         for param in (*module.parameters(recurse=False), *handed):
