@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from megatronish.planner.cluster import PRESETS, Accelerator, Cluster, GiB, MiB, cpu_accelerator
+from megatronish.planner.cluster import PRESETS, Accelerator, Cluster, GiB, MiB
 from megatronish.planner.search import LayoutPlan, SearchSpace, model_parameters, plan_given_layout, plan_layouts
 
 GPT2_VOCAB_SIZE = 50257
@@ -146,7 +146,9 @@ def local_cluster(world_size: int) -> Cluster:
     if torch.cuda.is_available():
         properties = torch.cuda.get_device_properties(0)
         return Cluster(gpu_preset(properties.name, properties.total_memory), 1, world_size)
-    return Cluster(cpu_accelerator(world_size), 1, world_size, cores_per_node=len(os.sched_getaffinity(0)))
+    from megatronish.planner.calibration import cpu_cluster
+
+    return cpu_cluster(world_size)
 
 
 def choose_layout(args, world_size: int, space: SearchSpace | None = None,
@@ -171,12 +173,8 @@ def dry_run(args, world_size: int) -> str:
 
     cluster = local_cluster(world_size)
     vocab_size = vocab_size_of(args)
-    plan = plan_given_layout(args, cluster, vocab_size, constants_for(cluster, args))
-    return (f"plan on {cluster.describe()} (speed constants: {constants_source(cluster, args)}); model "
+    constants = constants_for(cluster, args)
+    plan = plan_given_layout(args, cluster, vocab_size, constants)
+    source = "from the goodput profile" if constants is not None else "datasheet defaults"
+    return (f"plan on {cluster.describe()} (speed constants: {source}); model "
             f"{model_parameters(args, vocab_size):,} parameters\n" + plan_details(plan))
-
-
-def constants_source(cluster: Cluster, args) -> str:
-    from megatronish.planner.calibration import constants_for
-
-    return "from the goodput profile" if constants_for(cluster, args) is not None else "datasheet defaults"
