@@ -57,7 +57,7 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------------- setup
 
-def prepare_data(text_path: str, work: Path) -> tuple[str, str, str]:
+def prepare_data(text_path: str, work: Path) -> tuple[str, str]:
     """(data prefix of the training part, the held-out text)."""
     text = Path(text_path).read_text()
     cut = int(len(text) * 0.9)
@@ -187,8 +187,7 @@ def bench(args, target_dir: str, draft_dir: str, target_hf: str, draft_hf: str, 
     for temperature in (0.0, 0.6):
         sampling = SamplingParams(temperature=temperature)
         print(f"speculative decoding at temperature {temperature}, batch 1, all prompts:")
-        # Calibrated as the benchmark decodes (same temperature and length; greedy continuations of small
-        # models settle into text both models predict alike), on training text, not the benchmark's prompts.
+        # Calibrated as the benchmark decodes: the same temperature and length.
         acceptance = sequoia.measure_acceptance(
             target, draft, [Request(p, n, sampling, seed=i) for i, p in enumerate(calibration)], width=8)
         plan = sequoia.plan_for_machine(target, draft, acceptance, args.tree_size, args.tree_depth)
