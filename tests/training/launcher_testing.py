@@ -165,7 +165,13 @@ class SlurmCluster:
         return subprocess.run(command, capture_output=True, text=True, env=self.env, check=check, timeout=60)
 
     def job_field(self, job_id: str, field: str) -> str:
-        text = self.run("scontrol", "show", "job", job_id, check=False).stdout
+        return self._field("job", job_id, field)
+
+    def node_field(self, field: str) -> str:
+        return self._field("node", self.host, field)
+
+    def _field(self, kind: str, name: str, field: str) -> str:
+        text = self.run("scontrol", "show", kind, name, check=False).stdout
         return next((item.split("=", 1)[1] for item in text.split() if item.startswith(field + "=")), "")
 
     def stop(self) -> None:

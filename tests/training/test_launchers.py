@@ -147,10 +147,15 @@ def test_slurm_job_saves_at_the_stop_signal_requeues_itself_and_resumes(corpus, 
                     *tiny_argv(corpus, "--num-workers", "2", "--save-interval", "1000", iters=20, tp=2)).stdout.strip()
     wait_for_file_value(progress, 3, [], timeout=180)
     slurm.run("scancel", "--batch", "--signal=USR1", job)
-    deadline = time.monotonic() + 240
+    deadline, idle_since = time.monotonic() + 240, None
     while slurm.job_field(job, "JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-        if slurm.job_field(job, "JobState") == "PENDING" and slurm.job_field(job, "Restarts") == "1":
-            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip SLURM's requeue hold-off
+        # Skip SLURM's requeue hold-off, but only once the node has been idle a while after the stopped run:
+        # released at once, slurmd refuses the job id it is still cleaning up ("Job 1 already killed, do not
+        # launch batch job") and the job FAILS.
+        requeued = slurm.job_field(job, "JobState") == "PENDING" and slurm.job_field(job, "Restarts") == "1"
+        idle_since = (idle_since or time.monotonic()) if requeued and slurm.node_field("State") == "IDLE" else None
+        if idle_since is not None and time.monotonic() - idle_since >= 5:
+            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
         assert time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(1)
     output = log.read_text()  # both runs of the job: --open-mode=append
